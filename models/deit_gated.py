@@ -1,0 +1,141 @@
+"""DeiT with SAViT's multiplicative 0/1 gates (SAVIT_METHOD.md section 1).
+
+Three kinds of gate, each a `Gate` whose `weight` holds one scalar per unit:
+  * `blocks.N.attn.attn_gate`   -- per head, on softmax(qk^T)v before the heads are merged;
+  * `blocks.N.mlp.hidden_gate1` -- per MLP neuron, on the output of fc1 (before GELU);
+  * `res_gate`                  -- ONE vector over the embedding channels shared by the
+    whole model, applied after pos_embed and after both residual additions of every
+    block. Each block holds the same module, so the state dict also carries the
+    reference's alias `blocks.N.res_gate.weight`.
+Gates are parameters with `requires_grad=False`: no optimizer ever updates them; the
+pruning pass switches their gradients on (and the weights' off) itself.
+"""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.deit_base import DeiTArch, DeiTBase, optional_drop_path, stochastic_depth_rates
+
+
+class Gate(nn.Module):
+    """Multiplies its input by `weight`, one value per unit along dimension `dim`."""
+
+    def __init__(self, num_units: int, dim: int = -1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_units), requires_grad=False)
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[self.dim] = -1
+        return x * self.weight.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"units={self.weight.numel()}"
+
+
+def layer_norm_over_kept(x: torch.Tensor, norm: nn.LayerNorm, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    """LayerNorm whose statistics use only the channels where `keep` is 1; pruned channels output 0.
+
+    With `keep=None` it is the plain LayerNorm (the reference's behaviour: statistics over
+    all D channels, zeroed ones included). The masked form equals the deploy model's
+    LayerNorm over the kept channels.
+    """
+    if keep is None:
+        return norm(x)
+    count = keep.sum()
+    mean = (x * keep).sum(-1, keepdim=True) / count
+    centred = (x - mean) * keep
+    var = (centred * centred).sum(-1, keepdim=True) / count
+    y = centred * torch.rsqrt(var + norm.eps)
+    return (y * norm.weight + norm.bias) * keep
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, head_dim: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = head_dim ** -0.5
+        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.attn_gate = Gate(num_heads, dim=1)
+        self.proj = nn.Linear(num_heads * head_dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if torch.is_grad_enabled():
+            # explicit form: twice differentiable, needed for the gate Hessian
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            out = self.attn_drop(attn.softmax(dim=-1)) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        out = self.attn_gate(out)  # (B, heads, N, head_dim): one gate per head
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+
+
+class GatedMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.hidden_gate1 = Gate(hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop1(self.act(self.hidden_gate1(self.fc1(x))))
+        return self.drop2(self.fc2(x))
+
+
+class GatedBlock(nn.Module):
+    def __init__(self, arch: DeiTArch, res_gate: Gate, drop_path: float):
+        super().__init__()
+        dim = arch.embed_dim
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = GatedAttention(dim, arch.num_heads, arch.head_dim, arch.attn_drop_rate, arch.drop_rate)
+        self.drop_path1 = optional_drop_path(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = GatedMlp(dim, arch.mlp_hidden, arch.drop_rate)
+        self.drop_path2 = optional_drop_path(drop_path)
+        self.res_gate = res_gate  # shared with the model: the reference's per-block alias
+
+    def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.res_gate(x + self.drop_path1(self.attn(layer_norm_over_kept(x, self.norm1, keep))))
+        x = self.res_gate(x + self.drop_path2(self.mlp(layer_norm_over_kept(x, self.norm2, keep))))
+        return x
+
+
+class GatedDeiT(DeiTBase):
+    """DeiT with SAViT gates. Set `mask_aware_norm = True` for the exact pruned network."""
+
+    def __init__(self, arch: DeiTArch, mask_aware_norm: bool = False):
+        super().__init__(arch, arch.embed_dim)
+        self.res_gate = Gate(arch.embed_dim)
+        rates = stochastic_depth_rates(arch)
+        self.blocks = nn.ModuleList([GatedBlock(arch, self.res_gate, rates[i]) for i in range(arch.depth)])
+        self.mask_aware_norm = mask_aware_norm
+        self.init_weights()
+
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        keep = self.res_gate.weight if self.mask_aware_norm else None
+        x = self.res_gate(x)
+        for block in self.blocks:
+            x = block(x, keep)
+        return layer_norm_over_kept(x, self.norm, keep)
+
+    # -- gate access -------------------------------------------------------------
+    def head_gates(self):
+        return [b.attn.attn_gate for b in self.blocks]
+
+    def mlp_gates(self):
+        return [b.mlp.hidden_gate1 for b in self.blocks]
+
+    def gate_parameters(self):
+        """All distinct gate weights: heads per block, MLP per block, then the embedding gate."""
+        return [g.weight for g in self.head_gates()] + [g.weight for g in self.mlp_gates()] + [self.res_gate.weight]

@@ -1,0 +1,151 @@
+"""FLOPs (multiply-accumulates, the DeiT papers' "FLOPs") and parameter counts.
+
+Two independent counts:
+  * `analytic_macs` -- closed form of a (gated or deploy) DeiT from its structure;
+  * `ptflops_macs`  -- ptflops' module hooks on a real deploy model, plus a hook for
+    the attention matmuls and softmax inside SDPA, which ptflops does not see.
+Both follow ptflops' conventions: a Linear costs rows * (in * out + out), a conv
+positions * (k*k*in*out + out), a LayerNorm 1 per element (ptflops' norm hook looks for
+`affine`, which LayerNorm lacks), GELU 1 per element, the
+attention 2 * h * N^2 * head_dim for q k^T and attn v plus h * N^2 for the softmax.
+
+Run `python -m pruning.flops --model deit_base_patch16_224 [--mask FILE]` to print the
+table before/after pruning.
+"""
+import argparse
+import sys
+from typing import Dict, List, Optional
+
+import torch
+
+from models.deit_base import DeiTArch
+from pruning.mask import PruneMask
+
+
+def analytic_macs(arch: DeiTArch, width: Optional[int] = None, heads: Optional[List[int]] = None,
+                  hidden: Optional[List[int]] = None) -> Dict[str, int]:
+    """MACs of one image, split 'attn' (norm1..proj), 'mlp' (norm2..fc2), 'other' (stem,
+    final norm, classifiers) and 'total'. Defaults describe the unpruned model."""
+    d = arch.embed_dim if width is None else width
+    heads = [arch.num_heads] * arch.depth if heads is None else heads
+    hidden = [arch.mlp_hidden] * arch.depth if hidden is None else hidden
+    n, hd, p = arch.num_tokens, arch.head_dim, arch.patch_size
+    attn = mlp = 0
+    for h, m in zip(heads, hidden):
+        if h:
+            a = h * hd
+            attn += n * d                          # norm1
+            attn += n * (d * 3 * a + 3 * a)        # qkv
+            attn += 2 * h * n * n * hd + h * n * n  # q k^T, attn v, softmax
+            attn += n * (a * d + d)                # proj
+        if m:
+            mlp += n * d + n * (d * m + m) + n * m + n * (m * d + d)  # norm2, fc1, GELU, fc2
+    heads_out = 2 if arch.distilled else 1
+    other = arch.num_patches * (arch.in_chans * p * p * d + d)  # patch embedding
+    other += n * d                                              # final norm
+    other += heads_out * (d * arch.num_classes + arch.num_classes)
+    return {"attn": attn, "mlp": mlp, "other": other, "total": attn + mlp + other}
+
+
+def mask_macs(arch: DeiTArch, mask: Optional[PruneMask] = None) -> Dict[str, int]:
+    """Analytic MACs of the gated model under `mask` (= those of its deploy model)."""
+    if mask is None:
+        return analytic_macs(arch)
+    return analytic_macs(arch, len(mask.embed), [len(h) for h in mask.heads], [len(m) for m in mask.mlp])
+
+
+def analytic_params(arch: DeiTArch, width: Optional[int] = None, heads: Optional[List[int]] = None,
+                    hidden: Optional[List[int]] = None) -> int:
+    """Parameters of the deploy model (gates excluded)."""
+    d = arch.embed_dim if width is None else width
+    heads = [arch.num_heads] * arch.depth if heads is None else heads
+    hidden = [arch.mlp_hidden] * arch.depth if hidden is None else hidden
+    total = arch.in_chans * arch.patch_size ** 2 * d + d          # patch embedding
+    total += arch.num_prefix_tokens * d + arch.num_tokens * d     # cls/dist tokens, pos_embed
+    for h, m in zip(heads, hidden):
+        a = h * arch.head_dim
+        if h:
+            total += 2 * d + d * 3 * a + 3 * a + a * d + d
+        if m:
+            total += 2 * d + d * m + m + m * d + d
+    total += 2 * d + (2 if arch.distilled else 1) * (d * arch.num_classes + arch.num_classes)
+    return total
+
+
+def mask_params(arch: DeiTArch, mask: Optional[PruneMask] = None) -> int:
+    if mask is None:
+        return analytic_params(arch)
+    return analytic_params(arch, len(mask.embed), [len(h) for h in mask.heads], [len(m) for m in mask.mlp])
+
+
+def _attention_core_hook(module, inputs, output) -> None:
+    q, k, _ = inputs[:3]
+    b, h, n, hd = q.shape
+    m = k.shape[-2]
+    module.__flops__ += int(b * h * n * m * (2 * hd + 1))
+
+
+def ptflops_macs(model: torch.nn.Module, arch: DeiTArch) -> Dict[str, int]:
+    """ptflops count of a deploy (or timm-like) model for one image: {'total', 'params'}."""
+    from ptflops import get_model_complexity_info
+
+    from models.deit_deploy import AttentionCore
+
+    was_training = model.training
+    macs, params = get_model_complexity_info(
+        model, (arch.in_chans, arch.img_size, arch.img_size), as_strings=False, print_per_layer_stat=False,
+        custom_modules_hooks={AttentionCore: _attention_core_hook},
+        backend="pytorch", backend_specific_config={"count_functional": False},
+    )
+    model.train(was_training)
+    if macs is None:
+        raise RuntimeError("ptflops failed to count the model")
+    return {"total": int(macs), "params": int(params)}
+
+
+def format_table(arch: DeiTArch, mask: Optional[PruneMask]) -> List[str]:
+    """Lines comparing the unpruned and the pruned model (analytic count)."""
+    before, after = mask_macs(arch), mask_macs(arch, mask)
+    p_before, p_after = mask_params(arch), mask_params(arch, mask)
+    lines = [f"{'':8s}{'before':>12s}{'after':>12s}{'reduction':>11s}"]
+    for part in ("attn", "mlp", "total"):
+        red = 1 - after[part] / before[part] if before[part] else 0.0
+        lines.append(f"{part + ' GMACs':14s}{before[part] / 1e9:6.3f}{after[part] / 1e9:12.3f}{red:10.2%}")
+    lines.append(f"{'params (M)':14s}{p_before / 1e6:6.3f}{p_after / 1e6:12.3f}{1 - p_after / p_before:10.2%}")
+    return lines
+
+
+def _main(argv=None) -> None:
+    from models import arch_of, gated_name_of, list_models
+    from utils import UserError
+
+    parser = argparse.ArgumentParser(description="Print FLOPs (MACs) and params of a DeiT before/after pruning.")
+    parser.add_argument("--model", default="deit_base_patch16_224", help="gated or _deploy model name")
+    parser.add_argument("--mask", default="", help="mask JSON or gated checkpoint (checkpoint_pruned_00.pth)")
+    parser.add_argument("--input-size", type=int, default=None, help="image size (default: the model's)")
+    parser.add_argument("--nb-classes", type=int, default=None, help="classes of the classifier (default: the model's)")
+    parser.add_argument("--ptflops", action="store_true", help="also count the deploy model with ptflops")
+    args = parser.parse_args(argv)
+    name = gated_name_of(args.model)
+    if name not in list_models():
+        raise UserError(f"--model {args.model!r} is not a DeiT of this project; choose from {', '.join(list_models())}")
+    arch = arch_of(name, img_size=args.input_size, num_classes=args.nb_classes)
+    mask = PruneMask.load(args.mask) if args.mask else None
+    if mask is not None:
+        mask.check_fits(arch)
+    print(f"model {name}  tokens {arch.num_tokens}  mask {args.mask or '(none: unpruned)'}")
+    for line in format_table(arch, mask):
+        print(line)
+    if args.ptflops:
+        from models.deit_deploy import DeployDeiT
+        from pruning.deploy import deploy_structure
+
+        model = DeployDeiT(arch, **deploy_structure(mask)) if mask is not None else DeployDeiT(arch)
+        counted = ptflops_macs(model.eval(), arch)
+        print(f"ptflops: {counted['total'] / 1e9:.3f} GMACs, {counted['params'] / 1e6:.3f} M params (deploy model)")
+
+
+if __name__ == "__main__":
+    from utils import cli_entry
+
+    cli_entry(_main)(sys.argv[1:])
