@@ -31,7 +31,18 @@ def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, path
         if pos.shape[-1] != own["pos_embed"].shape[-1]:
             raise UserError(f"checkpoint {path!r}: pos_embed width {pos.shape[-1]} does not match the model's "
                             f"{own['pos_embed'].shape[-1]} (another DeiT size?)")
-        sd["pos_embed"] = resample_abs_pos_embed(pos, [grid, grid], num_prefix_tokens=prefix)
+        theirs = 2 if "dist_token" in sd else 1
+        if theirs != prefix:
+            kind = {1: "a plain DeiT (no distillation token)", 2: "a distilled DeiT (with a distillation token)"}
+            raise UserError(f"checkpoint {path!r} is {kind[theirs]} but the model is {kind[prefix]}: "
+                            f"choose the matching model name")
+        side = int(round((pos.shape[1] - prefix) ** 0.5))
+        if side * side != pos.shape[1] - prefix:
+            raise UserError(f"checkpoint {path!r}: pos_embed has {pos.shape[1] - prefix} patch tokens, "
+                            f"not a square grid")
+        # DeiT's fine-tuning recipe: plain bicubic, align_corners=False, no antialiasing
+        # (timm's default antialias=True gives other values, even when upsampling)
+        sd["pos_embed"] = resample_abs_pos_embed(pos, [grid, grid], num_prefix_tokens=prefix, antialias=False)
         logger.info("resampled pos_embed %s -> %s (bicubic, prefix tokens kept)", tuple(pos.shape),
                     tuple(sd["pos_embed"].shape))
     for head in ("head", "head_dist"):

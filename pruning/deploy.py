@@ -2,7 +2,7 @@
 
 `deploy_state_dict` is a pure function: it slices tensors and touches no model.
 """
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 
@@ -34,7 +34,11 @@ def deploy_state_dict(mask: PruneMask, gated: Dict[str, Tensor]) -> Dict[str, Te
     """Slice a gated (or plain DeiT) state dict down to the kept heads, neurons and channels.
 
     Gate entries are dropped; every other tensor keeps its key. A block branch whose
-    units are all pruned loses all its tensors (its norm included).
+    units are all pruned loses all its tensors (its norm included), but not its effect:
+    the gated model still adds that branch's output bias (`proj(0) = proj.bias`, and
+    `fc2(GELU(0)) = fc2.bias`). Nothing reads the residual stream between the previous
+    writer and that branch, so the bias is folded into the previous kept branch's output
+    bias (or into `pos_embed` before block 0): exact in eval mode, no extra layer.
     """
     e = torch.tensor(mask.embed, dtype=torch.long)
     hd, H = mask.head_dim, mask.num_heads
@@ -52,9 +56,18 @@ def deploy_state_dict(mask: PruneMask, gated: Dict[str, Tensor]) -> Dict[str, Te
     if "dist_token" in gated:
         take("dist_token", {2: e})
     take("pos_embed", {2: e})
+    writer = "pos_embed"  # last tensor that adds a constant to the residual stream
+
+    def fold_bias(key: str) -> None:
+        bias = gated[key].index_select(0, e).to(out[writer].dtype)
+        out[writer] = out[writer] + (bias if writer != "pos_embed" else bias.view(1, 1, -1))
+
     for i in range(mask.depth):
         p = f"blocks.{i}."
-        if mask.heads[i]:
+        # in stream order: attention branch, then MLP branch
+        if not mask.heads[i]:
+            fold_bias(p + "attn.proj.bias")
+        else:
             rows = _qkv_rows(mask.heads[i], hd, H)
             take(p + "norm1.weight", {0: e})
             take(p + "norm1.bias", {0: e})
@@ -62,7 +75,10 @@ def deploy_state_dict(mask: PruneMask, gated: Dict[str, Tensor]) -> Dict[str, Te
             take(p + "attn.qkv.bias", {0: rows})
             take(p + "attn.proj.weight", {0: e, 1: _proj_cols(mask.heads[i], hd)})
             take(p + "attn.proj.bias", {0: e})
-        if mask.mlp[i]:
+            writer = p + "attn.proj.bias"
+        if not mask.mlp[i]:
+            fold_bias(p + "mlp.fc2.bias")
+        else:
             n = torch.tensor(mask.mlp[i], dtype=torch.long)
             take(p + "norm2.weight", {0: e})
             take(p + "norm2.bias", {0: e})
@@ -70,6 +86,7 @@ def deploy_state_dict(mask: PruneMask, gated: Dict[str, Tensor]) -> Dict[str, Te
             take(p + "mlp.fc1.bias", {0: n})
             take(p + "mlp.fc2.weight", {0: e, 1: n})
             take(p + "mlp.fc2.bias", {0: e})
+            writer = p + "mlp.fc2.bias"
     take("norm.weight", {0: e})
     take("norm.bias", {0: e})
     for head in ("head", "head_dist"):
@@ -85,3 +102,37 @@ def build_deploy_model(arch: DeiTArch, mask: PruneMask, gated_state_dict: Dict[s
     model = DeployDeiT(arch, **deploy_structure(mask))
     model.load_state_dict(deploy_state_dict(mask, gated_state_dict), strict=True)
     return model
+
+
+def load_masked_model(arch: DeiTArch, masked_model: str, weights: str = "") -> Tuple[PruneMask, DeployDeiT]:
+    """The deploy model of `--masked_model`, with its weights.
+
+    Args:
+        arch: architecture of the unpruned model the mask was made for.
+        masked_model: a gated checkpoint (ours or the reference's `checkpoint_pruned_00.pth`:
+            mask and weights in one file) or a mask JSON file.
+        weights: with a mask JSON, the file holding the gated or plain DeiT weights to slice.
+
+    Returns:
+        (mask, model).
+    """
+    from models.deit_gated import GatedDeiT
+    from models.loading import adapt_state_dict, check_keys
+    from utils import UserError, load_torch_file, state_dict_of
+
+    if masked_model.endswith(".json"):
+        if not weights:
+            raise UserError(f"--masked_model {masked_model!r} is a mask JSON: pass the weights to slice with --finetune")
+        mask = PruneMask.load(masked_model)
+        source = weights
+        checkpoint = load_torch_file(source, "weights")
+    else:
+        source = masked_model
+        checkpoint = load_torch_file(source, "--masked_model")
+        mask = PruneMask.from_checkpoint(checkpoint, source)
+    mask.check_fits(arch)
+    # the weights go through the same checks and pos_embed/classifier adaptation as any DeiT checkpoint
+    reference = GatedDeiT(arch)
+    sd = adapt_state_dict(state_dict_of(checkpoint, source), reference, source)
+    check_keys(sd, reference, source)
+    return mask, build_deploy_model(arch, mask, sd)

@@ -14,7 +14,7 @@ It can also be read from a gated checkpoint (gate values 0/1, e.g. the reference
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
@@ -68,23 +68,31 @@ class PruneMask:
         if depth == 0:
             raise UserError(f"{where}: no gate '{HEAD_GATE_KEY.format(0)}' -- not a gated (pruned) SAViT checkpoint")
 
-        def kept(key: str) -> List[int]:
+        embed_dim = state_dict[EMBED_GATE_KEY].numel()
+        num_heads = state_dict[HEAD_GATE_KEY.format(0)].numel()
+        mlp_hidden = state_dict[MLP_GATE_KEY.format(0)].numel() if MLP_GATE_KEY.format(0) in state_dict else 0
+
+        def kept(key: str, size: int) -> List[int]:
             if key not in state_dict:
                 raise UserError(f"{where}: missing gate '{key}'")
             g = state_dict[key].detach().float().flatten()
+            if g.numel() != size:
+                raise UserError(f"{where}: gate '{key}' has {g.numel()} values, expected {size}")
             if not torch.all((g == 0) | (g == 1)):
                 raise UserError(f"{where}: gate '{key}' has values other than 0 and 1")
             return torch.nonzero(g).flatten().tolist()
 
-        embed = kept(EMBED_GATE_KEY)
-        heads = [kept(HEAD_GATE_KEY.format(i)) for i in range(depth)]
-        mlp = [kept(MLP_GATE_KEY.format(i)) for i in range(depth)]
-        embed_dim = state_dict[EMBED_GATE_KEY].numel()
-        num_heads = state_dict[HEAD_GATE_KEY.format(0)].numel()
+        embed = kept(EMBED_GATE_KEY, embed_dim)
+        heads = [kept(HEAD_GATE_KEY.format(i), num_heads) for i in range(depth)]
+        mlp = [kept(MLP_GATE_KEY.format(i), mlp_hidden) for i in range(depth)]
+        for i in range(depth):  # the reference's per-block alias must agree with the shared gate
+            alias = state_dict.get(EMBED_GATE_ALIAS_KEY.format(i))
+            if alias is not None and kept(EMBED_GATE_ALIAS_KEY.format(i), embed_dim) != embed:
+                raise UserError(f"{where}: gate '{EMBED_GATE_ALIAS_KEY.format(i)}' differs from '{EMBED_GATE_KEY}'")
         qkv = state_dict.get("blocks.0.attn.qkv.weight")
         head_dim = qkv.shape[0] // (3 * num_heads) if qkv is not None else embed_dim // num_heads
         mask = cls(embed_dim=embed_dim, depth=depth, num_heads=num_heads, head_dim=head_dim,
-                   mlp_hidden=state_dict[MLP_GATE_KEY.format(0)].numel(), heads=heads, mlp=mlp, embed=embed,
+                   mlp_hidden=mlp_hidden, heads=heads, mlp=mlp, embed=embed,
                    model=model, source=source)
         mask.validate()
         return mask
@@ -120,10 +128,14 @@ class PruneMask:
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise UserError(f"mask file {path!r} is not valid JSON ({err})")
             return cls.from_dict(d, source=path)
-        checkpoint = load_torch_file(path, "masked model")
+        return cls.from_checkpoint(load_torch_file(path, "masked model"), source=path)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, source: str = "") -> "PruneMask":
+        """The mask of a loaded checkpoint: its explicit 'mask' entry, else its 0/1 gates."""
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get("mask"), dict):
-            return cls.from_dict(checkpoint["mask"], source=path)
-        return cls.from_gate_state_dict(state_dict_of(checkpoint, path), source=path)
+            return cls.from_dict(checkpoint["mask"], source=source)
+        return cls.from_gate_state_dict(state_dict_of(checkpoint, source), source=source)
 
     # -- output ------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -204,7 +216,3 @@ def _check_indices(idx: List[int], n: int, what: str) -> None:
         raise UserError(f"{what}: duplicate indices")
     if list(idx) != sorted(idx):
         raise UserError(f"{what}: indices must be sorted")
-
-
-def mask_for_arch(mask: Optional[PruneMask], arch) -> PruneMask:
-    return PruneMask.full(arch) if mask is None else mask

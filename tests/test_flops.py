@@ -1,0 +1,114 @@
+"""FLOPs (MACs) and params: analytic count vs ptflops on the deploy model, the paper's numbers, the CLI."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from models import DeployDeiT, arch_of
+from pruning.deploy import deploy_structure
+from pruning.flops import analytic_macs, mask_macs, mask_params, ptflops_macs
+from pruning.mask import PruneMask
+from test_mask import MASK_CASES, mask_case
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def deploy_of(arch, mask) -> DeployDeiT:
+    return DeployDeiT(arch, **deploy_structure(mask)).eval()
+
+
+@pytest.mark.parametrize("embed", [False, True], ids=["blocks_only", "with_embed"])
+@pytest.mark.parametrize("case", list(MASK_CASES))
+@pytest.mark.parametrize("name", ["deit_test_patch8_32", "deit_test_distilled_patch8_32", "deit_demo_patch4_32"])
+def test_analytic_matches_ptflops_tiny(name, case, embed):
+    arch = arch_of(name)
+    mask = mask_case(arch, case, embed=embed)
+    model = deploy_of(arch, mask)
+    analytic, counted = mask_macs(arch, mask), ptflops_macs(model, arch)
+    assert abs(analytic["total"] / counted["total"] - 1) < 0.005, (analytic, counted)
+    params = sum(p.numel() for p in model.parameters())
+    assert mask_params(arch, mask) == params == counted["params"]
+
+
+@pytest.mark.parametrize("case", ["random0", "emptied"])
+def test_analytic_matches_ptflops_deit_small(case):
+    arch = arch_of("deit_small_patch16_224")
+    mask = mask_case(arch, case, embed=True)
+    model = deploy_of(arch, mask)
+    analytic, counted = mask_macs(arch, mask), ptflops_macs(model, arch)
+    assert abs(analytic["total"] / counted["total"] - 1) < 0.005, (analytic, counted)
+    assert mask_params(arch, mask) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name, gmacs, mparams", [
+    ("deit_tiny_patch16_224", 1.25, 5.7),
+    ("deit_small_patch16_224", 4.60, 22.1),
+    ("deit_base_patch16_224", 17.57, 86.6),
+])
+def test_unpruned_totals_match_the_papers(name, gmacs, mparams):
+    arch = arch_of(name)
+    total = mask_macs(arch)["total"]
+    assert abs(total / 1e9 / gmacs - 1) < 0.01, total
+    assert abs(mask_params(arch) / 1e6 / mparams - 1) < 0.01  # DeiT paper: 5.7 / 22 / 86 M
+    assert mask_params(arch) == sum(p.numel() for p in DeployDeiT(arch).parameters())
+
+
+def test_split_and_emptied_branches_cost_nothing():
+    arch = arch_of("deit_demo_patch4_32")
+    full = mask_macs(arch)
+    assert full["attn"] + full["mlp"] + full["other"] == full["total"]
+    empty = mask_case(arch, "all_emptied")
+    counted = mask_macs(arch, empty)
+    assert counted["attn"] == 0 and counted["mlp"] == 0 and counted["other"] == full["other"]
+    # independent closed form of one unpruned block (N tokens, width D, hidden 4D, h heads, h*d = D):
+    # attention: norm1 ND + qkv 3ND^2+3ND + q k^T and attn v 2N^2 D + softmax hN^2 + proj ND^2+ND
+    # MLP: norm2 ND + fc1 4ND^2+4ND + GELU 4ND + fc2 4ND^2+ND
+    n, d, h = arch.num_tokens, arch.embed_dim, arch.num_heads
+    block = 12 * n * d * d + 15 * n * d + 2 * n * n * d + h * n * n
+    assert full["attn"] + full["mlp"] == arch.depth * block
+    # the cost of a mask depends only on its counts, not on which units are kept
+    mask = PruneMask(embed_dim=96, depth=6, num_heads=6, head_dim=16, mlp_hidden=384, heads=[[0, 2, 5]] * 6,
+                     mlp=[list(range(100, 200))] * 6, embed=list(range(50, 90)))
+    assert mask_macs(arch, mask) == analytic_macs(arch, 40, [3] * 6, [100] * 6)
+
+
+# -- the command ------------------------------------------------------------------------
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pruning.flops", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_flops_command_prints_before_and_after(tmp_path):
+    arch = arch_of("deit_small_patch16_224")
+    mask = mask_case(arch, "random1", embed=True)
+    path = tmp_path / "mask.json"
+    mask.save_json(str(path))
+    proc = run_cli("--model", "deit_small_patch16_224", "--mask", str(path), "--ptflops")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert re.search(r"before\s+after", out)
+    before, after = mask_macs(arch)["total"] / 1e9, mask_macs(arch, mask)["total"] / 1e9
+    assert re.search(rf"total GMACs\s+{before:.3f}\s+{after:.3f}", out), out
+    p_before, p_after = mask_params(arch) / 1e6, mask_params(arch, mask) / 1e6
+    assert re.search(rf"params \(M\)\s+{p_before:.3f}\s+{p_after:.3f}", out), out
+    counted = re.search(r"ptflops: ([0-9.]+) GMACs", out)
+    assert counted and abs(float(counted.group(1)) - after) <= 0.0015, out
+
+
+def test_flops_command_unknown_model_is_one_clean_line():
+    proc = run_cli("--model", "nope")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "'nope'" in lines[0] and "deit_small_patch16_224" in lines[0]
+
+
+def test_flops_command_mask_of_another_model(tmp_path):
+    path = tmp_path / "mask.json"
+    mask_case(arch_of("deit_test_patch8_32"), "random0").save_json(str(path))
+    proc = run_cli("--model", "deit_demo_patch4_32", "--mask", str(path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert str(path) in proc.stderr and "mask is for" in proc.stderr
