@@ -107,11 +107,12 @@ def format_table(arch: DeiTArch, mask: Optional[PruneMask]) -> List[str]:
     """Lines comparing the unpruned and the pruned model (analytic count)."""
     before, after = mask_macs(arch), mask_macs(arch, mask)
     p_before, p_after = mask_params(arch), mask_params(arch, mask)
-    lines = [f"{'':8s}{'before':>12s}{'after':>12s}{'reduction':>11s}"]
+    unit, scale = ("GMACs", 1e9) if before["total"] >= 1e9 else ("MMACs", 1e6)
+    lines = [f"{'':14s}{'before':>10s}{'after':>12s}{'reduction':>11s}"]
     for part in ("attn", "mlp", "total"):
         red = 1 - after[part] / before[part] if before[part] else 0.0
-        lines.append(f"{part + ' GMACs':14s}{before[part] / 1e9:6.3f}{after[part] / 1e9:12.3f}{red:10.2%}")
-    lines.append(f"{'params (M)':14s}{p_before / 1e6:6.3f}{p_after / 1e6:12.3f}{1 - p_after / p_before:10.2%}")
+        lines.append(f"{part + ' ' + unit:14s}{before[part] / scale:10.3f}{after[part] / scale:12.3f}{red:10.2%}")
+    lines.append(f"{'params (M)':14s}{p_before / 1e6:10.3f}{p_after / 1e6:12.3f}{1 - p_after / p_before:10.2%}")
     return lines
 
 
@@ -142,7 +143,7 @@ def _main(argv=None) -> None:
 
         model = DeployDeiT(arch, **deploy_structure(mask)) if mask is not None else DeployDeiT(arch)
         counted = ptflops_macs(model.eval(), arch)
-        print(f"ptflops: {counted['total'] / 1e9:.3f} GMACs, {counted['params'] / 1e6:.3f} M params (deploy model)")
+        print(f"ptflops: {counted['total'] / 1e9:.4f} GMACs, {counted['params'] / 1e6:.3f} M params (deploy model)")
 
 
 if __name__ == "__main__":

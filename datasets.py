@@ -1,0 +1,444 @@
+"""Data sets, transforms, samplers and loaders, the DeiT way.
+
+`build_dataset(is_train, args)` gives `(dataset, num_classes)` for
+IMNET (any ImageFolder tree with train/ and val/), CIFAR (CIFAR-100), INAT / INAT19
+(iNaturalist 2018 / 2019 json files) and DIGITS (scikit-learn's 8x8 handwritten
+digits upscaled to RGB: an offline demo set that runs the real pipeline).
+`build_loaders` picks the samplers: repeated augmentation (`RASampler`) or a
+seeded shuffling sampler for training, an exact shard sampler for `--dist-eval`.
+Every training sampler has `set_epoch(epoch)`: call it before each epoch.
+"""
+import json
+import math
+import os
+from functools import lru_cache
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.data import Mixup, create_transform
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
+from torchvision import transforms
+from torchvision.datasets.folder import default_loader
+
+from utils import UserError, get_rank, get_world_size
+
+DEFAULT_CROP_PCT = 224 / 256  # DeiT evaluation: resize to 256/224 of the input size, centre-crop
+SMALL_INPUT = 32  # at or below this size DeiT trains with RandomCrop(padding=4) instead of RandomResizedCrop
+
+
+def _mean_std(args) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    if getattr(args, "not_imagenet_default_mean_and_std", False):
+        return IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+    return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+
+def _posterize_zero_bits_black(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's RandAugment posterize, with 0 bits kept giving a black image.
+
+    'PosterizeIncreasing' keeps `4 - int(m / 10 * 4)` bits, i.e. 0 bits when the
+    noisy magnitude of `rand-m9-mstd0.5` is clipped at 10 (about 2% of draws).
+    Older Pillow turned that into an all-black image (every bit masked off), which
+    is what DeiT trained with; recent Pillow (13.0 here) raises ValueError instead,
+    which would stop a run within a few hundred images.
+    """
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    from timm.data.auto_augment import posterize
+
+    return posterize(img, bits_to_keep, **kwargs)
+
+
+def _make_posterize_safe(transform) -> None:
+    """Swap `_posterize_zero_bits_black` into every RandAugment/AutoAugment posterize op of `transform`."""
+    from timm.data import auto_augment
+
+    for t in getattr(transform, "transforms", []):
+        ops = getattr(t, "ops", None)
+        if ops is None and hasattr(t, "policy"):  # AutoAugment: a list of sub-policies
+            ops = [op for sub_policy in t.policy for op in sub_policy]
+        for op in ops or []:
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = _posterize_zero_bits_black
+
+
+def build_transform(is_train: bool, args) -> Callable:
+    """DeiT's transforms: timm's `create_transform` for training, resize + centre crop for evaluation.
+
+    Training: RandomResizedCrop (bicubic by default), flip, colour jitter / RandAugment
+    (`--aa`), normalisation and random erasing (`--reprob --remode --recount`);
+    RandAugment's posterize is made safe for current Pillow (see
+    `_posterize_zero_bits_black`). At input sizes <= 32 the crop is DeiT's
+    `RandomCrop(size, padding=4)`, after resizing the image to the input size (a
+    no-op for 32x32 images such as CIFAR).
+    Evaluation: resize the short side to `input_size / crop_pct` (crop_pct 224/256
+    by default) and centre-crop; at sizes <= 32 resize to the input size itself.
+
+    Args:
+        is_train: training or evaluation transform.
+        args: namespace with input_size, color_jitter, aa, train_interpolation,
+            reprob, remode, recount, crop_pct and not_imagenet_default_mean_and_std.
+    """
+    size = args.input_size
+    mean, std = _mean_std(args)
+    if is_train:
+        transform = create_transform(
+            input_size=size, is_training=True, color_jitter=args.color_jitter,
+            auto_augment=args.aa or None, interpolation=args.train_interpolation,
+            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, mean=mean, std=std)
+        _make_posterize_safe(transform)
+        if size <= SMALL_INPUT:
+            transform.transforms[0] = transforms.Compose([
+                transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.RandomCrop(size, padding=4),
+            ])
+        return transform
+    crop_pct = getattr(args, "crop_pct", None) or DEFAULT_CROP_PCT
+    resize = int(size / crop_pct) if size > SMALL_INPUT else size
+    return transforms.Compose([
+        transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+# ---------------------------------------------------------------------------
+# DIGITS: scikit-learn's handwritten digits as a tiny offline image data set
+# ---------------------------------------------------------------------------
+
+DIGITS_NUM_TRAIN = 1500  # of 1797; the remaining 297 are the validation split
+DIGITS_SPLIT_SEED = 0
+
+
+@lru_cache(maxsize=1)
+def _digits_arrays():
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)  # 0..16 -> 0..255
+    order = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(len(images))
+    return images, digits.target.astype(np.int64), order
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 1797 handwritten digits (8x8 grey), as RGB PIL images of `image_size`.
+
+    A fixed permutation (seed 0) splits them into 1500 training and 297 validation
+    images, the same on every call and machine. Items are `(transform(img), label)`.
+
+    Args:
+        train: the training or the validation split.
+        image_size: side of the upscaled (bilinear) square image.
+        transform: applied to the PIL image; None returns the PIL image.
+    """
+
+    num_classes = 10
+
+    def __init__(self, train: bool, image_size: int, transform: Optional[Callable] = None):
+        images, labels, order = _digits_arrays()
+        self.indices = order[:DIGITS_NUM_TRAIN] if train else order[DIGITS_NUM_TRAIN:]
+        self.images, self.labels = images, labels
+        self.image_size = image_size
+        self.transform = transform
+        self.targets = [int(labels[i]) for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        k = self.indices[index]
+        img = Image.fromarray(self.images[k], mode="L")
+        img = img.resize((self.image_size, self.image_size), Image.BILINEAR).convert("RGB")
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.labels[k])
+
+
+# ---------------------------------------------------------------------------
+# ImageFolder (IMNET), CIFAR-100, iNaturalist
+# ---------------------------------------------------------------------------
+
+def _class_folders(root: str) -> List[str]:
+    if not os.path.isdir(root):
+        raise UserError(f"--data-path: folder {root!r} not found (--data-set IMNET expects train/ and val/ "
+                        f"folders with one sub-folder per class)")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise UserError(f"--data-path: folder {root!r} has no class sub-folders")
+    return classes
+
+
+def _image_folder(data_path: str, is_train: bool, transform: Callable):
+    from torchvision.datasets import ImageFolder
+
+    if not data_path:
+        raise UserError("--data-path is required for --data-set IMNET (a folder with train/ and val/)")
+    train_classes = _class_folders(os.path.join(data_path, "train"))
+    root = os.path.join(data_path, "train" if is_train else "val")
+    if not is_train:
+        val_classes = _class_folders(root)
+        if val_classes != train_classes:
+            only_train = sorted(set(train_classes) - set(val_classes))[:5]
+            only_val = sorted(set(val_classes) - set(train_classes))[:5]
+            raise UserError(f"--data-path: the class folders of {root!r} differ from those of train/ "
+                            f"(only in train: {only_train}, only in val: {only_val})")
+    try:
+        dataset = ImageFolder(root, transform=transform)
+    except FileNotFoundError as err:
+        raise UserError(f"--data-path: no images in {root!r} ({err})") from None
+    if len(dataset) == 0:
+        raise UserError(f"--data-path: no images in {root!r}")
+    return dataset, len(train_classes)
+
+
+def _cifar100(data_path: str, is_train: bool, transform: Callable):
+    from torchvision.datasets import CIFAR100
+
+    if not data_path:
+        raise UserError("--data-path is required for --data-set CIFAR (the folder holding cifar-100-python/)")
+    try:
+        return CIFAR100(data_path, train=is_train, transform=transform, download=False), 100
+    except RuntimeError:
+        raise UserError(f"--data-set CIFAR: no CIFAR-100 in {data_path!r} (expected {data_path}/cifar-100-python/; "
+                        f"nothing is downloaded)") from None
+
+
+class INatDataset(Dataset):
+    """iNaturalist 2018 / 2019 from the official json files, as DeiT reads it.
+
+    `{root}/train{year}.json`, `{root}/val{year}.json` (COCO-style `images` and
+    `annotations`) and `{root}/categories.json`. Labels are the distinct values of
+    the chosen taxonomy level (`--inat-category`), numbered in the order they first
+    appear among the training annotations (DeiT's numbering). Image paths are the
+    json `file_name`s relative to `root` (DeiT rebuilt them without the
+    super-category folder; the official archives keep it).
+
+    Args:
+        root: folder with the json files and the extracted images.
+        train: training or validation split.
+        year: 2018 or 2019.
+        category: taxonomy level, e.g. 'name' or 'genus'.
+        transform: applied to the PIL image.
+    """
+
+    def __init__(self, root: str, train: bool, year: int, category: str = "name",
+                 transform: Optional[Callable] = None):
+        self.transform = transform
+        self.loader = default_loader
+
+        def read(name: str):
+            path = os.path.join(root, name)
+            if not os.path.isfile(path):
+                raise UserError(f"--data-set INAT{'' if year == 2018 else '19'}: {path!r} not found "
+                                f"(expected train{year}.json, val{year}.json and categories.json in --data-path)")
+            with open(path) as f:
+                return json.load(f)
+
+        categories = {int(c["id"]): c for c in read("categories.json")}
+        train_json = read(f"train{year}.json")
+        split_json = train_json if train else read(f"val{year}.json")
+
+        def level(category_id: int) -> str:
+            if category_id not in categories or category not in categories[category_id]:
+                raise UserError(f"categories.json has no {category!r} for category id {category_id}")
+            return categories[category_id][category]
+
+        label_of = {}
+        for ann in train_json["annotations"]:
+            label_of.setdefault(level(int(ann["category_id"])), len(label_of))
+        self.nb_classes = len(label_of)
+        category_of_image = {int(a["image_id"]): int(a["category_id"]) for a in split_json["annotations"]}
+        self.samples = []
+        for image in split_json["images"]:
+            name = level(category_of_image[int(image["id"])])
+            if name not in label_of:
+                raise UserError(f"validation {category} {name!r} never occurs in train{year}.json")
+            self.samples.append((os.path.join(root, image["file_name"]), label_of[name]))
+        self.targets = [t for _, t in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        img = self.loader(path)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, target
+
+
+def build_dataset(is_train: bool, args) -> Tuple[Dataset, int]:
+    """The training or validation set named by `--data-set`, with DeiT's transforms.
+
+    Args:
+        is_train: training split (with training transforms) or validation split.
+        args: namespace with data_set, data_path, input_size, inat_category and the
+            augmentation flags read by `build_transform`.
+
+    Returns:
+        `(dataset, num_classes)`; for IMNET the class count is that of train/.
+
+    Raises:
+        UserError: missing or empty folders or files, naming them.
+    """
+    transform = build_transform(is_train, args)
+    name = args.data_set
+    if name == "IMNET":
+        return _image_folder(args.data_path, is_train, transform)
+    if name == "CIFAR":
+        return _cifar100(args.data_path, is_train, transform)
+    if name in ("INAT", "INAT19"):
+        if not args.data_path:
+            raise UserError(f"--data-path is required for --data-set {name}")
+        dataset = INatDataset(args.data_path, train=is_train, year=2018 if name == "INAT" else 2019,
+                              category=args.inat_category, transform=transform)
+        return dataset, dataset.nb_classes
+    if name == "DIGITS":
+        return DigitsDataset(train=is_train, image_size=args.input_size, transform=transform), 10
+    raise UserError(f"--data-set {name!r} is not one of IMNET, CIFAR, INAT, INAT19, DIGITS")
+
+
+# ---------------------------------------------------------------------------
+# Samplers and loaders
+# ---------------------------------------------------------------------------
+
+class RASampler(Sampler):
+    """Repeated-augmentation sampler (DeiT; Hoffer et al. 2020, Berman et al. 2019).
+
+    Each epoch shuffles the indices (seeded by `seed + epoch`), repeats each index
+    `num_repeats` times in a row, pads by wrapping to a multiple of the replica
+    count and deals the list round-robin, so the copies of one image land on
+    different ranks (with different augmentations). Each rank then keeps only the
+    first `floor(len(dataset) // 256 * 256 / num_replicas)` indices, so an epoch
+    still shows about `len(dataset)` samples in total; when that rounding leaves
+    nothing (data sets under 256 images) it keeps `ceil(len(dataset) / num_replicas)`.
+
+    Args:
+        dataset: anything with `len`.
+        num_replicas: number of ranks (default: the process group's size).
+        rank: this rank (default: the process group's rank).
+        shuffle: shuffle before repeating.
+        num_repeats: copies of each index (DeiT: 3).
+        seed: added to the epoch for the shuffle (DeiT: 0).
+        selected_round: per-epoch total rounded down to a multiple of this (DeiT: 256).
+    """
+
+    def __init__(self, dataset: Sequence, num_replicas: Optional[int] = None, rank: Optional[int] = None,
+                 shuffle: bool = True, num_repeats: int = 3, seed: int = 0, selected_round: int = 256):
+        self.num_replicas = get_world_size() if num_replicas is None else num_replicas
+        self.rank = get_rank() if rank is None else rank
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank {self.rank} outside [0, {self.num_replicas})")
+        self.dataset_len = len(dataset)
+        self.shuffle = shuffle
+        self.num_repeats = num_repeats
+        self.seed = seed
+        self.epoch = 0
+        self.num_samples = math.ceil(self.dataset_len * num_repeats / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+        selected = self.dataset_len // selected_round * selected_round // self.num_replicas if selected_round else 0
+        self.num_selected_samples = selected or math.ceil(self.dataset_len / self.num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.dataset_len, generator=g)
+        else:
+            order = torch.arange(self.dataset_len)
+        indices = torch.repeat_interleave(order, self.num_repeats).tolist()
+        indices += indices[: self.total_size - len(indices)]  # wrap-around padding
+        mine = indices[self.rank:self.total_size:self.num_replicas]
+        return iter(mine[: self.num_selected_samples])
+
+    def __len__(self) -> int:
+        return self.num_selected_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class ShardSampler(Sampler):
+    """Rank r takes indices r, r + R, r + 2R, ... in order, without padding.
+
+    For distributed evaluation: unlike `DistributedSampler` no sample is counted
+    twice, so metrics summed over ranks are exact for any data set size.
+    """
+
+    def __init__(self, dataset: Sequence, num_replicas: Optional[int] = None, rank: Optional[int] = None):
+        self.num_replicas = get_world_size() if num_replicas is None else num_replicas
+        self.rank = get_rank() if rank is None else rank
+        self.dataset_len = len(dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.dataset_len, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.dataset_len, self.num_replicas))
+
+    def set_epoch(self, epoch: int) -> None:  # same shards every epoch
+        pass
+
+
+def build_loaders(args, dataset_train: Optional[Dataset], dataset_val: Optional[Dataset],
+                  distributed: bool) -> Tuple[Optional[DataLoader], Optional[DataLoader]]:
+    """Training and validation loaders (either set may be None, giving None).
+
+    Training sampler: `RASampler` with `--repeated-aug` (also with one process, as
+    the SAViT reference does), otherwise a `DistributedSampler` over the ranks
+    (with one process: a shuffle seeded by `--seed` + epoch). Both need
+    `loader.sampler.set_epoch(epoch)` before each epoch. Batches of `--batch-size`,
+    last partial batch dropped (DeiT). Validation: `ShardSampler` with
+    `--dist-eval` in a distributed run, otherwise every rank reads the whole set in
+    order; batches of 2 x `--batch-size` (the reference's choice).
+
+    Args:
+        args: namespace with batch_size, num_workers, pin_mem, repeated_aug,
+            dist_eval, seed and device.
+        dataset_train: training set or None.
+        dataset_val: validation set or None.
+        distributed: shard over `get_world_size()` ranks.
+
+    Raises:
+        UserError: a rank would get no full training batch.
+    """
+    world, rank = (get_world_size(), get_rank()) if distributed else (1, 0)
+    pin = bool(args.pin_mem) and torch.device(args.device).type == "cuda"
+    loader_train = loader_val = None
+    if dataset_train is not None:
+        if args.repeated_aug:
+            sampler_train = RASampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+        else:
+            sampler_train = DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True,
+                                               seed=args.seed)
+        if len(sampler_train) < args.batch_size:
+            raise UserError(f"--batch-size {args.batch_size} is larger than the {len(sampler_train)} training "
+                            f"samples each of the {world} process(es) gets per epoch "
+                            f"({len(dataset_train)} images); lower --batch-size")
+        loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
+                                  num_workers=args.num_workers, pin_memory=pin, drop_last=True)
+    if dataset_val is not None:
+        if distributed and args.dist_eval:
+            sampler_val = ShardSampler(dataset_val, num_replicas=world, rank=rank)
+        else:
+            sampler_val = SequentialSampler(dataset_val)
+        loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=2 * args.batch_size,
+                                num_workers=args.num_workers, pin_memory=pin, drop_last=False)
+    return loader_train, loader_val
+
+
+def build_mixup(args, num_classes: int) -> Optional[Mixup]:
+    """timm's Mixup/CutMix with label smoothing, or None when both are off (DeiT's rule).
+
+    Args:
+        args: namespace with the mixup flags and `smoothing`.
+        num_classes: classes of the data set (for the soft targets).
+    """
+    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        return None
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=num_classes)
