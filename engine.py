@@ -175,3 +175,124 @@ def evaluate(data_loader, model: nn.Module, device: torch.device, amp: bool = Tr
     metric_logger.print_fn(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} "
                            f"({int(count)} images)")
     return stats
+
+
+def measure_throughput(model: nn.Module, batch_size: int, img_size: int, device: torch.device, *,
+                       train_step: bool = False, warmup: int = 3, iters: int = 10, in_chans: int = 3,
+                       amp: bool = False) -> float:
+    """Images per second of inference (or of a forward+backward+SGD step) on random input.
+
+    Args:
+        model: the network (its train/eval mode and weights are restored afterwards).
+        batch_size: images per call.
+        img_size: square input size.
+        device: where to run.
+        train_step: time forward + backward + optimiser step instead of inference.
+        warmup: untimed calls first.
+        iters: timed calls.
+        in_chans: input channels.
+        amp: autocast to float16 (CUDA only).
+
+    Returns:
+        images per second (median over the timed calls).
+    """
+    import copy
+    import time
+
+    device = torch.device(device)
+    images = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
+    net = copy.deepcopy(model).to(device) if train_step else model.to(device)
+    was_training = model.training
+    net.train(train_step)
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-6) if train_step else None
+    use_amp = amp and device.type == "cuda"
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            if train_step:
+                out = net(images)
+                loss = sum(o.float().mean() for o in out) if isinstance(out, tuple) else out.float().mean()
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                with torch.inference_mode():
+                    net(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    model.train(was_training)
+    times.sort()
+    return batch_size / times[len(times) // 2]
+
+
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+def checkpoint_state(model: nn.Module, mask, optimizer, lr_scheduler, loss_scaler, model_ema, epoch: int,
+                     max_accuracy: float, args) -> dict:
+    """Everything `--resume` needs to continue a fine-tuning run (timm/DeiT keys plus the mask)."""
+    return {
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "model": model.state_dict(),
+        "mask": mask.to_dict(),
+        "arch": model.arch.to_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "scaler": loss_scaler.state_dict() if loss_scaler is not None else None,
+        "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
+        "epoch": epoch,
+        "max_accuracy": max_accuracy,
+        "args": vars(args),
+    }
+
+
+def load_resume_weights(checkpoint: dict, path: str, model: nn.Module, mask) -> None:
+    """Check that a `--resume` checkpoint belongs to this model and mask, then load its weights.
+
+    Raises:
+        UserError: the checkpoint was written for another model or mask (nothing is loaded then).
+    """
+    from pruning.mask import PruneMask
+
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise UserError(f"--resume {path!r} is not a training checkpoint (no 'model' entry)")
+    if isinstance(checkpoint.get("mask"), dict) and PruneMask.from_dict(checkpoint["mask"], path) != mask:
+        raise UserError(f"--resume {path!r} was written for another pruned model (its mask differs from "
+                        f"--masked_model's)")
+    own = model.state_dict()
+    theirs = checkpoint["model"]
+    bad = [k for k in own if k not in theirs or theirs[k].shape != own[k].shape]
+    extra = [k for k in theirs if k not in own]
+    if bad or extra:
+        raise UserError(f"--resume {path!r} does not fit --model (first mismatching keys: {(bad + extra)[:3]})")
+    model.load_state_dict(theirs)
+
+
+def restore_training_state(checkpoint: dict, optimizer, lr_scheduler, loss_scaler=None,
+                           model_ema=None) -> "tuple[int, float]":
+    """Restore optimiser, scheduler, scaler and EMA from a `checkpoint_state` dict.
+
+    Returns:
+        (the epoch to start from, the best accuracy so far).
+    """
+    epoch = checkpoint.get("epoch")
+    best = float(checkpoint.get("max_accuracy", 0.0))
+    if epoch is None:  # weights only
+        return 0, best
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    if loss_scaler is not None and checkpoint.get("scaler") is not None:
+        loss_scaler.load_state_dict(checkpoint["scaler"])
+    if model_ema is not None:
+        ema_state = checkpoint.get("model_ema")
+        model_ema.module.load_state_dict(ema_state if ema_state is not None else checkpoint["model"])
+    lr_scheduler.step(epoch + 1)
+    return epoch + 1, best
