@@ -91,6 +91,8 @@ def augmentation_args() -> argparse.ArgumentParser:
     p = _parser()
     g = p.add_argument_group("augmentation")
     g.add_argument("--color-jitter", type=float, default=0.4, metavar="PCT", help="colour jitter (default: 0.4)")
+    g.add_argument("--hflip", type=float, default=0.5, metavar="PCT",
+                   help="horizontal flip probability (default: 0.5, as DeiT; 0 for digits or text)")
     g.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
                    help='AutoAugment / RandAugment policy, "" for none (default: rand-m9-mstd0.5-inc1)')
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
@@ -263,6 +265,7 @@ def validate_common(args) -> None:
     _check(0 < args.model_ema_decay < 1, f"--model-ema-decay must be in (0, 1), got {args.model_ema_decay}")
     _check(_in_unit(args.smoothing, closed_top=False), f"--smoothing must be in [0, 1), got {args.smoothing}")
     _check(_in_unit(args.reprob), f"--reprob must be in [0, 1], got {args.reprob}")
+    _check(_in_unit(args.hflip), f"--hflip must be in [0, 1], got {args.hflip}")
     _check(args.recount >= 1, f"--recount must be >= 1, got {args.recount}")
     _check(math.isfinite(args.color_jitter) and args.color_jitter >= 0,
            f"--color-jitter must be >= 0, got {args.color_jitter}")

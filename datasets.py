@@ -84,7 +84,7 @@ def build_transform(is_train: bool, args) -> Callable:
     mean, std = _mean_std(args)
     if is_train:
         transform = create_transform(
-            input_size=size, is_training=True, color_jitter=args.color_jitter,
+            input_size=size, is_training=True, color_jitter=args.color_jitter, hflip=getattr(args, "hflip", 0.5),
             auto_augment=args.aa or None, interpolation=args.train_interpolation,
             re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, mean=mean, std=std)
         _make_posterize_safe(transform)

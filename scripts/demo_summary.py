@@ -1,0 +1,88 @@
+"""Summary table of scripts/demo.sh: accuracy, FLOPs, params and CPU throughput, before/after.
+
+Reads the three step folders of the demo's output dir, evaluates each model on the
+DIGITS validation split with the project's own `engine.evaluate`, counts FLOPs with
+`pruning.flops` and times inference with `engine.measure_throughput`, then prints
+the table and writes it to `{output_dir}/summary.md`.
+"""
+import argparse
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from datasets import build_dataset, build_loaders  # noqa: E402
+from engine import evaluate, measure_throughput  # noqa: E402
+from models import DeployDeiT, arch_of  # noqa: E402
+from pruning.deploy import deploy_structure, load_masked_model  # noqa: E402
+from pruning.flops import mask_macs, mask_params  # noqa: E402
+from pruning.mask import PruneMask  # noqa: E402
+from utils import atomic_write_text, load_torch_file, state_dict_of  # noqa: E402
+
+
+def load_trained(arch, path: str) -> DeployDeiT:
+    """A deploy model from a main_deploy.py training checkpoint (its mask decides the structure)."""
+    checkpoint = load_torch_file(path, "checkpoint")
+    mask = PruneMask.from_dict(checkpoint["mask"], path) if "mask" in checkpoint else PruneMask.full(arch)
+    model = DeployDeiT(arch, **deploy_structure(mask))
+    model.load_state_dict(state_dict_of(checkpoint, path))
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="deit_demo_patch8_32", help="gated model name used by the demo")
+    parser.add_argument("--output_dir", default="output/demo")
+    parser.add_argument("--batch-sizes", default="1,32", help="throughput batch sizes")
+    args = parser.parse_args()
+    out = args.output_dir
+    data_args = SimpleNamespace(data_set="DIGITS", data_path="", input_size=32, batch_size=64, num_workers=0,
+                                pin_mem=False, dist_eval=False, repeated_aug=False, seed=0, device="cpu",
+                                crop_pct=None, not_imagenet_default_mean_and_std=False)
+    dataset_val, num_classes = build_dataset(False, data_args)
+    _, loader = build_loaders(data_args, None, dataset_val, distributed=False)
+    arch = arch_of(args.model, num_classes=num_classes)
+    device = torch.device("cpu")
+
+    unpruned = load_trained(arch, os.path.join(out, "1_pretrain", "best_checkpoint.pth"))
+    mask, pruned = load_masked_model(arch, os.path.join(out, "2_prune", "checkpoint_pruned_00.pth"))
+    finetuned = load_trained(arch, os.path.join(out, "3_finetune", "best_checkpoint.pth"))
+
+    def top1(model) -> float:
+        return evaluate(loader, model.eval(), device, amp=False, print_fn=lambda _: None)["acc1"]
+
+    acc = {"unpruned": top1(unpruned), "pruned": top1(pruned), "finetuned": top1(finetuned)}
+    macs_before, macs_after = mask_macs(arch)["total"], mask_macs(arch, mask)["total"]
+    params_before, params_after = mask_params(arch), mask_params(arch, mask)
+    kept, total = mask.kept_counts(), mask.total_counts()
+    rows = [
+        "| | unpruned | SAViT 50% |",
+        "|---|---|---|",
+        f"| top-1 (DIGITS val, {len(dataset_val)} images) | {acc['unpruned']:.2f}% | "
+        f"{acc['pruned']:.2f}% right after pruning (exact, mask-aware) -> {acc['finetuned']:.2f}% after fine-tuning |",
+        f"| MMACs | {macs_before / 1e6:.2f} | {macs_after / 1e6:.2f} ({1 - macs_after / macs_before:.1%} fewer) |",
+        f"| params (M) | {params_before / 1e6:.3f} | {params_after / 1e6:.3f} ({1 - params_after / params_before:.1%} fewer) |",
+        f"| heads / MLP neurons / embedding channels | {total['heads']} / {total['mlp']} / {total['embed']} | "
+        f"{kept['heads']} / {kept['mlp']} / {kept['embed']} |",
+    ]
+    threads = torch.get_num_threads()
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        # alternate the two models so that machine noise hits both alike
+        speeds = {"unpruned": [], "pruned": []}
+        for _ in range(3):
+            speeds["unpruned"].append(measure_throughput(unpruned, batch, arch.img_size, device, iters=20))
+            speeds["pruned"].append(measure_throughput(finetuned, batch, arch.img_size, device, iters=20))
+        u, p = sorted(speeds["unpruned"])[1], sorted(speeds["pruned"])[1]
+        rows.append(f"| CPU throughput, batch {batch}, {threads} thread(s) | {u:.0f} img/s | {p:.0f} img/s "
+                    f"(speedup {p / u:.2f}x; FLOPs ratio {macs_before / macs_after:.2f}x) |")
+    table = "\n".join(rows)
+    print(table)
+    atomic_write_text(table + "\n", os.path.join(out, "summary.md"))
+    print(f"\nall artefacts (checkpoints, logs, TensorBoard) are under {out}/; table saved to {out}/summary.md")
+
+
+if __name__ == "__main__":
+    main()
