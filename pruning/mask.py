@@ -18,7 +18,7 @@ from typing import Dict, List
 
 import torch
 
-from utils import UserError, atomic_write_json, load_torch_file, state_dict_of
+from utils import UserError, atomic_write_text, load_torch_file, state_dict_of
 
 MASK_FORMAT = "savit-mask"
 MASK_VERSION = 1
@@ -144,8 +144,19 @@ class PruneMask:
                 "head_dim": self.head_dim, "mlp_hidden": self.mlp_hidden,
                 "heads": self.heads, "mlp": self.mlp, "embed": self.embed}
 
+    def to_json(self) -> str:
+        """JSON text with one line per block (index lists are long: 3072 neurons a block in DeiT-B)."""
+        fields = []
+        for key, value in self.to_dict().items():
+            if key in ("heads", "mlp"):
+                blocks = ",\n  ".join(json.dumps(b) for b in value)
+                fields.append(f' "{key}": [\n  {blocks}\n ]')
+            else:
+                fields.append(f" {json.dumps(key)}: {json.dumps(value)}")
+        return "{\n" + ",\n".join(fields) + "\n}\n"
+
     def save_json(self, path: str) -> None:
-        atomic_write_json(self.to_dict(), path)
+        atomic_write_text(self.to_json(), path)
 
     def gate_vectors(self) -> Dict[str, torch.Tensor]:
         """0/1 gate tensors under the gated model's state-dict keys (alias keys included)."""
