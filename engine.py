@@ -276,23 +276,41 @@ def load_resume_weights(checkpoint: dict, path: str, model: nn.Module, mask) -> 
     model.load_state_dict(theirs)
 
 
-def restore_training_state(checkpoint: dict, optimizer, lr_scheduler, loss_scaler=None,
-                           model_ema=None) -> "tuple[int, float]":
+def restore_training_state(checkpoint: dict, optimizer, lr_scheduler, loss_scaler=None, model_ema=None, *,
+                           path: str = "") -> "tuple[int, float]":
     """Restore optimiser, scheduler, scaler and EMA from a `checkpoint_state` dict.
 
+    The scheduler is then stepped to the next epoch, as the training loop does after
+    each epoch, so a resumed run sets the same learning rates as an uninterrupted one.
+
+    Args:
+        checkpoint: the loaded `--resume` file (its model weights already loaded).
+        optimizer: the freshly built optimiser.
+        lr_scheduler: the freshly built timm scheduler.
+        loss_scaler: the AMP scaler or None.
+        model_ema: the timm ModelEma* or None (a checkpoint without EMA keeps the EMA built from the
+            resumed model).
+        path: the file, for error messages.
+
     Returns:
-        (the epoch to start from, the best accuracy so far).
+        (the epoch to start from, the best accuracy so far); (0, best) for a weights-only checkpoint.
+
+    Raises:
+        UserError: the optimiser, scheduler, scaler or EMA state does not fit this run.
     """
     epoch = checkpoint.get("epoch")
     best = float(checkpoint.get("max_accuracy", 0.0))
     if epoch is None:  # weights only
         return 0, best
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-    if loss_scaler is not None and checkpoint.get("scaler") is not None:
-        loss_scaler.load_state_dict(checkpoint["scaler"])
-    if model_ema is not None:
-        ema_state = checkpoint.get("model_ema")
-        model_ema.module.load_state_dict(ema_state if ema_state is not None else checkpoint["model"])
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        if loss_scaler is not None and checkpoint.get("scaler") is not None:
+            loss_scaler.load_state_dict(checkpoint["scaler"])
+        if model_ema is not None and checkpoint.get("model_ema") is not None:
+            model_ema.module.load_state_dict(checkpoint["model_ema"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
+        raise UserError(f"--resume {path!r}: its training state does not fit this run (same --opt, --sched and "
+                        f"model flags needed): {type(err).__name__}: {' '.join(str(err).split())[:300]}") from None
     lr_scheduler.step(epoch + 1)
     return epoch + 1, best

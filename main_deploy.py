@@ -9,8 +9,8 @@ Without --masked_model a `_deploy` model is the unpruned network (to train basel
 `--resume ft/checkpoint.pth` continues a run (model, optimiser, scheduler, scaler, EMA, epoch).
 """
 import argparse
+import datetime
 import json
-import math
 import os
 import sys
 import time
@@ -28,7 +28,7 @@ from losses import DistillationLoss, build_base_criterion, build_teacher
 from models import DeployDeiT, arch_of, gated_name_of, is_deploy_name, list_models
 from models.loading import load_pretrained
 from pruning.deploy import deploy_structure, load_masked_model
-from pruning.flops import mask_macs, ptflops_macs
+from pruning.flops import ptflops_macs
 from pruning.mask import PruneMask
 from utils import (TensorboardLogger, UserError, append_json_line, atomic_torch_save, cleanup_distributed,
                    cli_entry, init_distributed_mode, is_main_process, load_torch_file, set_seed, setup_logging)
@@ -47,22 +47,33 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def validate_deploy_args(args) -> None:
+    """Checks of main_deploy.py's own flags that need no file to be read."""
     if not is_deploy_name(args.model) or gated_name_of(args.model) not in list_models():
         raise UserError(f"--model {args.model!r}: main_deploy.py builds a _deploy DeiT; choose from "
                         f"{', '.join(n for n in list_models() if is_deploy_name(n))}")
-    if args.resume and not os.path.isfile(args.resume):
-        raise UserError(f"--resume: checkpoint not found: {args.resume!r}")
-    if args.masked_model and not os.path.isfile(args.masked_model):
-        raise UserError(f"--masked_model: file not found: {args.masked_model!r}")
+    for flag, path in (("--resume", args.resume), ("--masked_model", args.masked_model), ("--finetune", args.finetune)):
+        if path and not os.path.isfile(path):
+            raise UserError(f"{flag}: file not found: {path!r}")
+    if args.masked_model and args.finetune and not args.masked_model.endswith(".json"):
+        raise UserError(f"--finetune is read only with a mask JSON --masked_model, but {args.masked_model!r} is a "
+                        f"checkpoint that carries its own weights (drop --finetune or pass the mask JSON)")
 
 
 def build_student(args, arch, resume_checkpoint):
     """(mask, deploy model) from --masked_model, --resume or --finetune (in that order of authority)."""
     if args.masked_model:
-        mask, model = load_masked_model(arch, args.masked_model, args.finetune)
+        try:
+            mask, model = load_masked_model(arch, args.masked_model, args.finetune)
+        except UserError as err:  # name the flags: the file may be fine, just not for this --model
+            if str(err).startswith("--masked_model"):
+                raise
+            raise UserError(f"--masked_model (with --model {args.model}): {err}") from None
     elif resume_checkpoint is not None and isinstance(resume_checkpoint.get("mask"), dict):
         mask = PruneMask.from_dict(resume_checkpoint["mask"], source=args.resume)
-        mask.check_fits(arch)
+        try:
+            mask.check_fits(arch)
+        except UserError as err:
+            raise UserError(f"--resume (with --model {args.model}): {err}") from None
         model = DeployDeiT(arch, **deploy_structure(mask))
     else:
         mask = PruneMask.full(arch, model=gated_name_of(args.model))
@@ -86,32 +97,36 @@ def log_complexity(model, arch, mask, log) -> dict:
     return {"gmacs": ours["total"] / 1e9, "params": ours["params"], "gmacs_unpruned": full["total"] / 1e9}
 
 
-def run_throughput(args, model, arch, device, log) -> None:
-    for name, net in (("unpruned", DeployDeiT(arch)), ("deploy", model)):
-        ips = measure_throughput(net, args.batch_size, arch.img_size, device, amp=args.amp)
-        log(f"throughput {name}: {ips:.1f} images/s (batch {args.batch_size}, {device})")
+def run_throughput(args, model, arch, complexity, device, log) -> None:
+    """Images/s of the unpruned and the deploy model side by side: inference, then a training step."""
+    unpruned = DeployDeiT(arch)
+    for train_step, kind in ((False, "inference"), (True, "training step")):
+        ips = [measure_throughput(net, args.batch_size, arch.img_size, device, train_step=train_step, amp=args.amp)
+               for net in (unpruned, model)]
+        log(f"throughput ({kind}, batch {args.batch_size}, {device}): unpruned {ips[0]:.1f} images/s, "
+            f"deploy {ips[1]:.1f} images/s; speedup {ips[1] / ips[0]:.2f}x "
+            f"(FLOPs ratio {complexity['gmacs_unpruned'] / complexity['gmacs']:.2f}x)")
 
 
-def fine_tune(args, model, mask, arch, dataset_train, dataset_val, num_classes, resume_checkpoint, complexity,
-              device, log) -> None:
+def fine_tune(args, model, mask, arch, loader_train, loader_val, num_classes, teacher, resume_checkpoint,
+              complexity, device, log) -> None:
     """The DeiT training loop with per-epoch evaluation, checkpoints, log.txt and TensorBoard."""
     out = args.output_dir
+    model_without_ddp = model
+    if args.distributed:  # DDP broadcasts rank 0's weights: wrap before the EMA copies them
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None)
     model_ema = None
     if args.model_ema:
-        model_ema = ModelEmaV2(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None)
-    model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
-    loader_train, loader_val = build_loaders(args, dataset_train, dataset_val, args.distributed)
+        model_ema = ModelEmaV2(model_without_ddp, decay=args.model_ema_decay,
+                               device="cpu" if args.model_ema_force_cpu else None)
     # DeiT: learning rate scaled linearly with the total batch size (reference 512)
     args.lr = args.lr * args.batch_size * args.world_size / 512.0
     optimizer = create_optimizer_v2(model_without_ddp, **optimizer_kwargs(cfg=args))
     loss_scaler = make_loss_scaler(device, args.amp)
     lr_scheduler, _ = create_scheduler(args, optimizer)
     mixup_fn = build_mixup(args, num_classes)
-    teacher = None
-    if args.distillation_type != "none":
-        teacher = build_teacher(args.teacher_model, args.teacher_path, num_classes, device)
+    if teacher is not None:
         log(f"distillation: teacher {args.teacher_model} from {args.teacher_path}, {args.distillation_type} loss, "
             f"alpha {args.distillation_alpha}, tau {args.distillation_tau}; "
             f"{'dist head' if arch.distilled else 'class head'} of the student is distilled")
@@ -122,7 +137,7 @@ def fine_tune(args, model, mask, arch, dataset_train, dataset_val, num_classes, 
     max_accuracy = 0.0
     if resume_checkpoint is not None:
         args.start_epoch, max_accuracy = restore_training_state(resume_checkpoint, optimizer, lr_scheduler,
-                                                                loss_scaler, model_ema)
+                                                                loss_scaler, model_ema, path=args.resume)
         log(f"resumed from {args.resume}: next epoch {args.start_epoch}, best top-1 so far {max_accuracy:.2f}%")
 
     tb = TensorboardLogger(out)
@@ -158,45 +173,56 @@ def fine_tune(args, model, mask, arch, dataset_train, dataset_val, num_classes, 
         tb.update(epoch, "test", acc1=test_stats["acc1"], acc5=test_stats["acc5"], loss=test_stats["loss"])
         tb.flush()
     tb.close()
-    hours = (time.time() - start) / 3600
+    elapsed = datetime.timedelta(seconds=int(time.time() - start))
     log(f"done: best top-1 {max_accuracy:.2f}% ({complexity['gmacs']:.4f} GMACs, {complexity['params'] / 1e6:.3f} M "
-        f"params) after {args.epochs} epochs; training time {hours:.2f} h")
+        f"params) after {args.epochs} epochs; training time {elapsed}")
 
 
 @cli_entry
 def main(args) -> None:
+    # every input (flags, data, mask, weights, teacher, resume checkpoint) is checked before
+    # anything is written: bad input leaves --output_dir untouched
     validate_common(args)
     validate_deploy_args(args)
     init_distributed_mode(args)
     device = torch.device(args.device)
     set_seed(args.seed + args.rank)
+    training = not (args.eval or args.throughput)
+    dataset_val, num_classes = build_dataset(False, args) if not args.throughput else (None, None)
+    dataset_train = build_dataset(True, args)[0] if training else None
+    arch = arch_of(args.model, img_size=args.input_size, num_classes=num_classes, drop_rate=args.drop,
+                   drop_path_rate=args.drop_path)
+    resume_checkpoint = load_torch_file(args.resume, "--resume checkpoint") if args.resume else None
+    if resume_checkpoint is not None and not isinstance(resume_checkpoint, dict):
+        raise UserError(f"--resume {args.resume!r} is not a training checkpoint (expected a dict)")
+    mask, model = build_student(args, arch, resume_checkpoint)
+    if resume_checkpoint is not None:
+        load_resume_weights(resume_checkpoint, args.resume, model, mask)
+        del resume_checkpoint["model"]  # loaded; no second copy of the weights for the whole run
+    teacher = None
+    if training and args.distillation_type != "none":
+        teacher = build_teacher(args.teacher_model, args.teacher_path, num_classes, device)
+    loader_train, loader_val = build_loaders(args, dataset_train, dataset_val, args.distributed)
+
     logger = setup_logging(args.output_dir if args.log == "same" else args.log, "savit.deploy")
     log = logger.info
     log("command: " + " ".join(sys.argv))
     log("configuration: " + json.dumps(vars(args), sort_keys=True, default=str))
-
-    training = not (args.eval or args.throughput)
-    dataset_val, num_classes = build_dataset(False, args) if not args.throughput else (None, None)
-    dataset_train = None
-    if training:
-        dataset_train, num_classes = build_dataset(True, args)
-    arch = arch_of(args.model, img_size=args.input_size, num_classes=num_classes, drop_rate=args.drop,
-                   drop_path_rate=args.drop_path)
-    resume_checkpoint = load_torch_file(args.resume, "--resume checkpoint") if args.resume else None
-    mask, model = build_student(args, arch, resume_checkpoint)
-    if resume_checkpoint is not None:
-        load_resume_weights(resume_checkpoint, args.resume, model, mask)
     complexity = log_complexity(model.eval(), arch, mask, log)
-    if args.throughput:
-        run_throughput(args, model, arch, device, log)
-    elif args.eval:
-        _, loader_val = build_loaders(args, None, dataset_val, args.distributed)
-        stats = evaluate(loader_val, model.to(device), device, amp=args.amp, print_freq=args.log_period, print_fn=log)
-        log(f"accuracy of the deploy model on {len(dataset_val)} images: top-1 {stats['acc1']:.2f}%  "
-            f"top-5 {stats['acc5']:.2f}%  loss {stats['loss']:.4f}")
-    else:
-        fine_tune(args, model.to(device), mask, arch, dataset_train, dataset_val, num_classes,
-                  resume_checkpoint, complexity, device, log)
+    try:
+        if args.throughput:
+            run_throughput(args, model, arch, complexity, device, log)
+        elif args.eval:
+            stats = evaluate(loader_val, model.to(device), device, amp=args.amp, print_freq=args.log_period,
+                             print_fn=log)
+            log(f"accuracy of the deploy model on {len(dataset_val)} images: top-1 {stats['acc1']:.2f}%  "
+                f"top-5 {stats['acc5']:.2f}%  loss {stats['loss']:.4f}")
+        else:
+            fine_tune(args, model.to(device), mask, arch, loader_train, loader_val, num_classes, teacher,
+                      resume_checkpoint, complexity, device, log)
+    except UserError as err:  # e.g. a non-finite loss: record it in the log file too
+        logger.error(f"error: {err}")
+        raise
     cleanup_distributed()
 
 
