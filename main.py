@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from args import common_parents, mixup_active, validate_common
+from args import common_parents, validate_common
 from datasets import build_dataset, build_loaders, build_mixup
 from engine import evaluate
 from losses import build_base_criterion
@@ -93,15 +93,15 @@ def build_gated_model(args, num_classes: int):
     model = create_model(args.model, num_classes=num_classes, img_size=args.input_size, drop_rate=args.drop,
                          drop_path_rate=args.drop_path, mask_aware_norm=args.mask_aware_norm)
     if args.finetune:
-        load_pretrained(model, args.finetune)
+        try:
+            load_pretrained(model, args.finetune)
+        except UserError as err:  # name the flag in every loading error
+            raise UserError(str(err) if str(err).startswith("--finetune") else f"--finetune: {err}") from None
     return model
 
 
 def score(args, model, dataset_train, num_classes: int, device, log):
-    """The pruning pass (or its pickles): criteria dict and C (None in first-order mode)."""
-    if args.pruning_pickle_from:
-        log(f"loading criteria from {args.pruning_pickle_from}")
-        return load_pickles(args.pruning_pickle_from, args.pruning_method, model.arch, args.need_hessian)
+    """The pruning pass: criteria dict and C (None in first-order mode)."""
     mixup_fn = build_mixup(args, num_classes)
     criterion = build_base_criterion(mixup_fn is not None, args.smoothing)
     batches, mine, total = feed_batches(dataset_train, args.batch_size, args.pruning_feed_percent, args.seed,
@@ -134,9 +134,14 @@ def write_outputs(args, model, mask, report, criteria, interactions, log) -> Non
     log(f"wrote {os.path.join(out, CHECKPOINT_NAME)} (gated model, 0/1 gates) and {os.path.join(out, MASK_NAME)}")
 
 
-def run_pruning(args, model, dataset_train, num_classes, device, log) -> None:
+def run_pruning(args, model, dataset_train, num_classes, device, log, pickles=None) -> None:
+    """Score (or take `pickles`: (criteria, C) read by --pruning_pickle_from), search, report, write."""
     arch = model.arch
-    criteria, interactions = score(args, model, dataset_train, num_classes, device, log)
+    if pickles is not None:
+        log(f"criteria and interactions read from {args.pruning_pickle_from}: no data pass")
+        criteria, interactions = pickles
+    else:
+        criteria, interactions = score(args, model, dataset_train, num_classes, device, log)
     if args.pruning_normalize_by_layer:
         criteria = normalize_by_layer(criteria, args.pruning_normalize_type)
     mask, report = prune(criteria, interactions, arch, SearchOptions.from_args(args), model_name=args.model)
@@ -169,39 +174,47 @@ def run_pruning(args, model, dataset_train, num_classes, device, log) -> None:
 
 @cli_entry
 def main(args) -> None:
+    # every input is checked before anything is written: a bad flag, file or data folder
+    # leaves --output_dir untouched
     validate_common(args)
     validate_pruning_args(args)
     init_distributed_mode(args)
     device = torch.device(args.device)
     set_seed(args.seed)
+    arch = arch_of(args.model, img_size=args.input_size)
+    prune_now = args.finetune_op == 2
+    pickles = None
+    if prune_now:  # before any data is read
+        check_target_reachable(arch, args.pruning_flops_percentage, args.pruning_layers, args.pruning_protect)
+        if args.pruning_pickle_from:
+            pickles = load_pickles(args.pruning_pickle_from, args.pruning_method, arch, args.need_hessian)
+    dataset_train = dataset_val = num_classes = None
+    if prune_now and pickles is None:
+        dataset_train, num_classes = build_dataset(True, args)
+    if args.eval or num_classes is None:  # from pickles the classifier size still comes from the data
+        dataset_val, num_classes = build_dataset(False, args)
+    model = build_gated_model(args, num_classes).to(device)
+
     logger = setup_logging(args.output_dir if args.log == "same" else args.log, "savit.prune")
     log = logger.info
     log("command: " + " ".join(sys.argv))
     log("configuration: " + json.dumps(vars(args), sort_keys=True, default=str))
-    arch = arch_of(args.model, img_size=args.input_size)
-    if args.finetune_op == 2:  # before any data is read
-        check_target_reachable(arch, args.pruning_flops_percentage, args.pruning_layers, args.pruning_protect)
-        if args.pruning_pickle_from:
-            load_pickles(args.pruning_pickle_from, args.pruning_method, arch, args.need_hessian)
-    need_train = args.finetune_op == 2 and not args.pruning_pickle_from
-    dataset_train, num_classes = build_dataset(True, args) if need_train else (None, None)
-    dataset_val = None
-    if args.eval:
-        dataset_val, num_classes = build_dataset(False, args)
-    if num_classes is None:  # pruning from pickles: the classifier size still comes from the data
-        _, num_classes = build_dataset(False, args)
-    model = build_gated_model(args, num_classes).to(device)
     log(f"model {args.model}: {mask_params(model.arch) / 1e6:.2f} M parameters, "
         f"{mask_macs(model.arch)['total'] / 1e9:.3f} GMACs, {num_classes} classes")
-    if args.eval:
-        _, loader_val = build_loaders(args, None, dataset_val, args.distributed)
-        stats = evaluate(loader_val, model, device, amp=args.amp, print_freq=args.log_period, print_fn=log)
-        log(f"accuracy of the gated model ({'mask-aware' if args.mask_aware_norm else 'reference'} LayerNorm) "
-            f"on {len(dataset_val)} images: top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%")
-    if args.finetune_op == 2:
-        start = time.time()
-        run_pruning(args, model, dataset_train, num_classes, device, log)
-        log(f"pruning done in {time.time() - start:.1f} s")
+    try:
+        if args.eval:
+            _, loader_val = build_loaders(args, None, dataset_val, args.distributed)
+            stats = evaluate(loader_val, model, device, amp=args.amp, print_freq=args.log_period, print_fn=log)
+            log(f"accuracy of the gated model ({'mask-aware' if args.mask_aware_norm else 'reference'} LayerNorm) "
+                f"on {len(dataset_val)} images: top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%  "
+                f"loss {stats['loss']:.4f}")
+        if prune_now:
+            start = time.time()
+            run_pruning(args, model, dataset_train, num_classes, device, log, pickles)
+            log(f"pruning done in {time.time() - start:.1f} s")
+    except UserError as err:  # e.g. a non-finite loss: record it in the log too, write nothing else
+        logger.error(f"error: {err}")
+        raise
     cleanup_distributed()
 
 
