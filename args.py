@@ -172,7 +172,7 @@ def run_args() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default="./output", help="where to save; empty for no saving (default: ./output)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device: cuda, cuda:N or cpu (default: cuda when available, else cpu)")
-    g.add_argument("--seed", default=0, type=int, help="random seed; each rank uses seed + rank (default: 0)")
+    g.add_argument("--seed", default=0, type=int, help="random seed (default: 0); fine-tuning ranks use seed + rank, the pruning pass one seed for all")
     g.add_argument("--resume", default="", help="resume from this checkpoint")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch (set by --resume)")
     g.add_argument("--eval", action="store_true", help="evaluate only")

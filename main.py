@@ -26,6 +26,7 @@ from pruning.deploy import deploy_structure
 from pruning.feed import feed_batches
 from pruning.flops import format_table, mask_macs, mask_params, ptflops_macs
 from pruning.importance import PruningScorer, all_reduce_state, load_pickles, save_pickles
+from pruning.mask import PruneMask
 from pruning.search import SearchOptions, check_target_reachable, normalize_by_layer, prune
 from utils import (UserError, atomic_torch_save, atomic_write_json, cleanup_distributed, cli_entry, init_distributed_mode,
                    is_main_process, set_seed, setup_logging)
@@ -199,8 +200,9 @@ def main(args) -> None:
     log = logger.info
     log("command: " + " ".join(sys.argv))
     log("configuration: " + json.dumps(vars(args), sort_keys=True, default=str))
-    log(f"model {args.model}: {mask_params(model.arch) / 1e6:.2f} M parameters, "
-        f"{mask_macs(model.arch)['total'] / 1e9:.3f} GMACs, {num_classes} classes")
+    gates = PruneMask.from_gate_state_dict(model.state_dict())  # all ones unless --finetune is a pruned model
+    log(f"model {args.model}: {mask_params(model.arch, gates) / 1e6:.2f} M parameters, "
+        f"{mask_macs(model.arch, gates)['total'] / 1e9:.4f} GMACs under its gates, {num_classes} classes")
     try:
         if args.eval:
             _, loader_val = build_loaders(args, None, dataset_val, args.distributed)

@@ -55,24 +55,30 @@ def mask_macs(arch: DeiTArch, mask: Optional[PruneMask] = None) -> Dict[str, int
 
 
 def analytic_params(arch: DeiTArch, width: Optional[int] = None, heads: Optional[List[int]] = None,
-                    hidden: Optional[List[int]] = None) -> int:
-    """Parameters of the deploy model (gates excluded)."""
+                    hidden: Optional[List[int]] = None) -> Dict[str, int]:
+    """Parameters of the deploy model (gates excluded), split like `analytic_macs`."""
     d = arch.embed_dim if width is None else width
     heads = [arch.num_heads] * arch.depth if heads is None else heads
     hidden = [arch.mlp_hidden] * arch.depth if hidden is None else hidden
-    total = arch.in_chans * arch.patch_size ** 2 * d + d          # patch embedding
-    total += arch.num_prefix_tokens * d + arch.num_tokens * d     # cls/dist tokens, pos_embed
+    attn = mlp = 0
     for h, m in zip(heads, hidden):
         a = h * arch.head_dim
         if h:
-            total += 2 * d + d * 3 * a + 3 * a + a * d + d
+            attn += 2 * d + d * 3 * a + 3 * a + a * d + d  # norm1, qkv, proj
         if m:
-            total += 2 * d + d * m + m + m * d + d
-    total += 2 * d + (2 if arch.distilled else 1) * (d * arch.num_classes + arch.num_classes)
-    return total
+            mlp += 2 * d + d * m + m + m * d + d          # norm2, fc1, fc2
+    other = arch.in_chans * arch.patch_size ** 2 * d + d           # patch embedding
+    other += arch.num_prefix_tokens * d + arch.num_tokens * d      # cls/dist tokens, pos_embed
+    other += 2 * d + (2 if arch.distilled else 1) * (d * arch.num_classes + arch.num_classes)  # norm, heads
+    return {"attn": attn, "mlp": mlp, "other": other, "total": attn + mlp + other}
 
 
 def mask_params(arch: DeiTArch, mask: Optional[PruneMask] = None) -> int:
+    """Total parameters of the deploy model of `mask` (the unpruned model without one)."""
+    return mask_param_parts(arch, mask)["total"]
+
+
+def mask_param_parts(arch: DeiTArch, mask: Optional[PruneMask] = None) -> Dict[str, int]:
     if mask is None:
         return analytic_params(arch)
     return analytic_params(arch, len(mask.embed), [len(h) for h in mask.heads], [len(m) for m in mask.mlp])
@@ -104,15 +110,16 @@ def ptflops_macs(model: torch.nn.Module, arch: DeiTArch) -> Dict[str, int]:
 
 
 def format_table(arch: DeiTArch, mask: Optional[PruneMask]) -> List[str]:
-    """Lines comparing the unpruned and the pruned model (analytic count)."""
+    """Lines comparing the unpruned and the pruned model (analytic counts): MACs and params,
+    attention / MLP / total."""
     before, after = mask_macs(arch), mask_macs(arch, mask)
-    p_before, p_after = mask_params(arch), mask_params(arch, mask)
+    p_before, p_after = mask_param_parts(arch), mask_param_parts(arch, mask)
     unit, scale = ("GMACs", 1e9) if before["total"] >= 1e9 else ("MMACs", 1e6)
-    lines = [f"{'':14s}{'before':>10s}{'after':>12s}{'reduction':>11s}"]
-    for part in ("attn", "mlp", "total"):
-        red = 1 - after[part] / before[part] if before[part] else 0.0
-        lines.append(f"{part + ' ' + unit:14s}{before[part] / scale:10.3f}{after[part] / scale:12.3f}{red:10.2%}")
-    lines.append(f"{'params (M)':14s}{p_before / 1e6:10.3f}{p_after / 1e6:12.3f}{1 - p_after / p_before:10.2%}")
+    lines = [f"{'':16s}{'before':>10s}{'after':>12s}{'reduction':>11s}"]
+    for label, b, a, s in ((unit, before, after, scale), ("params (M)", p_before, p_after, 1e6)):
+        for part in ("attn", "mlp", "total"):
+            red = 1 - a[part] / b[part] if b[part] else 0.0
+            lines.append(f"{part + ' ' + label:16s}{b[part] / s:10.3f}{a[part] / s:12.3f}{red:10.2%}")
     return lines
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from models import DeployDeiT, arch_of
 from pruning.deploy import deploy_structure
-from pruning.flops import analytic_macs, mask_macs, mask_params, ptflops_macs
+from pruning.flops import analytic_macs, mask_macs, mask_param_parts, mask_params, ptflops_macs
 from pruning.mask import PruneMask
 from test_mask import MASK_CASES, mask_case
 
@@ -30,6 +30,12 @@ def test_analytic_matches_ptflops_tiny(name, case, embed):
     assert abs(analytic["total"] / counted["total"] - 1) < 0.005, (analytic, counted)
     params = sum(p.numel() for p in model.parameters())
     assert mask_params(arch, mask) == params == counted["params"]
+    parts = mask_param_parts(arch, mask)
+    branch = {"attn": ("norm1", "attn"), "mlp": ("norm2", "mlp")}
+    for part, prefixes in branch.items():
+        numel = sum(p.numel() for n, p in model.named_parameters()
+                    if n.startswith("blocks.") and n.split(".")[2] in prefixes)
+        assert parts[part] == numel, part
 
 
 @pytest.mark.parametrize("case", ["random0", "emptied"])
