@@ -21,7 +21,7 @@ def deploy_of(arch, mask) -> DeployDeiT:
 
 @pytest.mark.parametrize("embed", [False, True], ids=["blocks_only", "with_embed"])
 @pytest.mark.parametrize("case", list(MASK_CASES))
-@pytest.mark.parametrize("name", ["deit_test_patch8_32", "deit_test_distilled_patch8_32", "deit_demo_patch4_32"])
+@pytest.mark.parametrize("name", ["deit_test_patch8_32", "deit_test_distilled_patch8_32", "deit_demo_patch8_32"])
 def test_analytic_matches_ptflops_tiny(name, case, embed):
     arch = arch_of(name)
     mask = mask_case(arch, case, embed=embed)
@@ -62,7 +62,7 @@ def test_unpruned_totals_match_the_papers(name, gmacs, mparams):
 
 
 def test_split_and_emptied_branches_cost_nothing():
-    arch = arch_of("deit_demo_patch4_32")
+    arch = arch_of("deit_demo_patch8_32")
     full = mask_macs(arch)
     assert full["attn"] + full["mlp"] + full["other"] == full["total"]
     empty = mask_case(arch, "all_emptied")
@@ -115,6 +115,6 @@ def test_flops_command_unknown_model_is_one_clean_line():
 def test_flops_command_mask_of_another_model(tmp_path):
     path = tmp_path / "mask.json"
     mask_case(arch_of("deit_test_patch8_32"), "random0").save_json(str(path))
-    proc = run_cli("--model", "deit_demo_patch4_32", "--mask", str(path))
+    proc = run_cli("--model", "deit_demo_patch8_32", "--mask", str(path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert str(path) in proc.stderr and "mask is for" in proc.stderr

@@ -181,8 +181,8 @@ def test_build_teacher_loads_freezes_and_checks(tmp_path):
 
     with pytest.raises(UserError, match="predicts 7 classes but the data set has 10"):
         build_teacher("deit_test_patch8_32", str(path), 10, torch.device("cpu"))
-    with pytest.raises(UserError, match="does not fit --teacher-model deit_demo_patch4_32"):
-        build_teacher("deit_demo_patch4_32", str(path), 7, torch.device("cpu"))
+    with pytest.raises(UserError, match="does not fit --teacher-model deit_demo_patch8_32"):
+        build_teacher("deit_demo_patch8_32", str(path), 7, torch.device("cpu"))
     with pytest.raises(UserError, match="not found"):
         build_teacher("deit_test_patch8_32", str(tmp_path / "missing.pth"), 7, torch.device("cpu"))
     with pytest.raises(UserError, match="--teacher-path"):

@@ -448,14 +448,14 @@ def _snapshot(folder) -> dict:
 
 BAD_INPUTS = {
     "masked_model missing": (["--masked_model", "{work}/nope.pth"], "--masked_model"),
-    "masked_model of another model": (["--masked_model", "{pruned}", "--model", "deit_demo_patch4_32_deploy"],
+    "masked_model of another model": (["--masked_model", "{pruned}", "--model", "deit_demo_patch8_32_deploy"],
                                       "--masked_model"),
     "mask JSON without weights": (["--masked_model", "{prune_dir}/mask.json"], "--masked_model"),
     "finetune beside a checkpoint": (["--masked_model", "{pruned}", "--finetune", "{teacher}"], "--finetune"),
     "distillation without teacher": (["--masked_model", "{pruned}", "--distillation-type", "hard"],
                                      "--teacher-path"),
     "teacher of another model": (["--masked_model", "{pruned}", "--distillation-type", "soft", "--teacher-model",
-                                  "deit_demo_patch4_32_deploy", "--teacher-path", "{teacher}"], "--teacher-path"),
+                                  "deit_demo_patch8_32_deploy", "--teacher-path", "{teacher}"], "--teacher-path"),
     "resume of another mask": (["--masked_model", "{pruned}", "--resume", "{out}/checkpoint.pth"], "--resume"),
     "resume of a plain state dict": (["--resume", "{teacher}"], "--resume"),
     "not a deploy model": (["--model", "deit_test_patch8_32"], "--model"),
@@ -482,7 +482,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, work, pruned, 
 
 def test_bad_input_on_the_command_line_gives_no_traceback(work, pruned, previous_run):
     before = _snapshot(previous_run)
-    proc = _run(["main_deploy.py", "--model", "deit_demo_patch4_32_deploy", *DATA, "--num_workers", "0",
+    proc = _run(["main_deploy.py", "--model", "deit_demo_patch8_32_deploy", *DATA, "--num_workers", "0",
                  "--masked_model", pruned, "--output_dir", str(previous_run)], timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

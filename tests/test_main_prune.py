@@ -346,11 +346,11 @@ def _bad_cases(root, pretrained: str) -> Dict[str, tuple]:
     nan_sd = torch.load(pretrained, map_location="cpu")["model"]
     nan_sd["blocks.1.mlp.fc1.weight"][0, 0] = float("nan")
     torch.save({"model": nan_sd}, root / "nan.pth")
-    torch.save(create_model("deit_demo_patch4_32", num_classes=10, img_size=32).state_dict(), root / "other_size.pth")
+    torch.save(create_model("deit_demo_patch8_32", num_classes=10, img_size=32).state_dict(), root / "other_size.pth")
     torch.save({"conv1.weight": torch.randn(8, 3, 3, 3), "bn1.weight": torch.ones(8), "fc.weight": torch.randn(10, 8),
                 "fc.bias": torch.zeros(10)}, root / "resnet.pth")
     (root / "no_pickles").mkdir()
-    other = root / "other_pickles"  # pickles of deit_demo_patch4_32 (embed 96, depth 6, 6 heads)
+    other = root / "other_pickles"  # pickles of deit_demo_patch8_32 (embed 96, depth 6, 6 heads)
     other.mkdir()
     for layer, shape in enumerate([(6, 6), (6, 384), (96,)]):
         with open(other / f"criteria_m2l{layer}_final.pickle", "wb") as f:

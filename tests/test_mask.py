@@ -83,7 +83,7 @@ def gate_entries(state_dict: dict) -> dict:
 
 # -- round trips ------------------------------------------------------------------------
 
-ARCH_NAMES = ["deit_test_patch8_32", "deit_test_distilled_patch8_32", "deit_demo_patch4_32"]
+ARCH_NAMES = ["deit_test_patch8_32", "deit_test_distilled_patch8_32", "deit_demo_patch8_32"]
 
 
 @pytest.mark.parametrize("case", list(MASK_CASES))
@@ -232,7 +232,7 @@ def test_not_json_and_missing_mask(tmp_path):
 
 def test_mask_of_another_model_does_not_fit():
     mask = random_mask(arch_of("deit_test_patch8_32"), 0)
-    for other in ("deit_demo_patch4_32", "deit_tiny_patch16_224"):
+    for other in ("deit_demo_patch8_32", "deit_tiny_patch16_224"):
         with pytest.raises(UserError, match="mask is for.*but the model has"):
             mask.apply_to(create_model(other))
     with pytest.raises(UserError, match="depth"):

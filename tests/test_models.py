@@ -12,7 +12,7 @@ from utils import UserError
 
 ATOL = 1e-5
 
-TINY = ["deit_test_patch8_32", "deit_test_distilled_patch8_32", "deit_demo_patch4_32"]
+TINY = ["deit_test_patch8_32", "deit_test_distilled_patch8_32", "deit_demo_patch8_32"]
 
 
 def timm_twin(arch: DeiTArch) -> VisionTransformer:
@@ -170,7 +170,7 @@ def test_deploy_train_mode_distilled_pair():
 
 
 def test_emptied_branch_has_no_layers_and_slicing_is_pure():
-    arch = arch_of("deit_demo_patch4_32")
+    arch = arch_of("deit_demo_patch8_32")
     mask = mask_case(arch, "emptied", embed=True)
     gated = randomize_(GatedDeiT(arch), seed=4)
     before = {k: v.clone() for k, v in gated.state_dict().items()}

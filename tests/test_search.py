@@ -17,7 +17,7 @@ from pruning.search import (SearchOptions, check_target_reachable, counts_from_r
 from utils import UserError
 
 ARCHS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224", "deit_test_patch8_32",
-         "deit_demo_patch4_32"]
+         "deit_demo_patch8_32"]
 TARGETS = [0.235, 0.30, 0.50]
 
 
@@ -301,7 +301,7 @@ def test_counts_from_ratios_rounds_and_clips():
 
 @pytest.mark.parametrize("name,layers,target", [("deit_base_patch16_224", 0, 0.2), ("deit_small_patch16_224", 1, 0.3),
                                                 ("deit_small_patch16_224", 2, 0.3), ("deit_test_patch8_32", 1, 0.5),
-                                                ("deit_demo_patch4_32", 2, 0.235)])
+                                                ("deit_demo_patch8_32", 2, 0.235)])
 def test_single_component_prunes_only_that_component(name, layers, target):
     arch = arch_of(name)
     crit = random_criteria(arch, seed=layers)
