@@ -1,0 +1,164 @@
+"""Baseline criteria and masks for the ablation of SAViT (benchmarks/ablation.py).
+
+* `magnitude_criteria` -- L1 norm of the weights a unit owns (the classic magnitude criterion),
+  in the `{'heads', 'mlp', 'embed'}` format of `pruning.importance`, so it can go through
+  `pruning.search.prune` like the Taylor criteria. Only weight MATRICES (Linear and conv
+  weights) count; biases, LayerNorm affine parameters, tokens and `pos_embed` are per-channel
+  vectors, not connections between units, and are left out:
+    - head h of block l: its 3 * head_dim rows of `qkv.weight` (q, k and v) and its head_dim
+      columns of `proj.weight`;
+    - neuron j of block l: row j of `fc1.weight` and column j of `fc2.weight`;
+    - embedding channel d: output filter d of `patch_embed.proj.weight`, column d of every
+      `qkv.weight` and `fc1.weight` (they read the channel), row d of every `proj.weight` and
+      `fc2.weight` (they write it), and column d of the classifier(s).
+  These are exactly the matrix entries that the deploy model loses when the unit is pruned.
+* `mask_from_counts` -- prune k units per component, chosen by ONE global threshold over the
+  component's scores with the project's selection rule (`pruning.search.pruning_order`:
+  lowest first, protection of each block's top 5% by identity).
+* `random_mask` -- the same with random scores: k uniformly random units per component,
+  protection on by default (a random 5% of each block is kept), so no block loses more units
+  than SAViT's own rule allows and the FLOPs equal those of any mask with the same counts.
+* `uniform_mask` -- the same pruned fraction r of heads, MLP neurons and embedding channels,
+  r chosen by bisection on the exact MACs count (`pruning.flops.mask_macs`) to come closest
+  to the FLOPs target.
+"""
+from typing import Dict, Mapping, Tuple
+
+import numpy as np
+import torch
+
+from models.deit_base import DeiTArch
+from pruning.flops import mask_macs
+from pruning.mask import COMPONENTS, PruneMask
+from pruning.search import component_shapes, counts_from_ratios, max_prunable, pruning_order
+from utils import UserError
+
+Tensor = torch.Tensor
+
+
+def magnitude_criteria(state_dict: Mapping[str, Tensor], arch: DeiTArch) -> Dict[str, Tensor]:
+    """L1 norm of the weight-matrix entries each unit owns (see the module docstring).
+
+    Args:
+        state_dict: weights of a (gated or deploy, unpruned) DeiT of architecture `arch`.
+        arch: the unpruned architecture.
+
+    Returns:
+        {'heads': [depth, num_heads], 'mlp': [depth, mlp_hidden], 'embed': [embed_dim]}, float64.
+    """
+    H, hd, D = arch.num_heads, arch.head_dim, arch.embed_dim
+
+    def weight(key: str) -> Tensor:
+        if key not in state_dict:
+            raise UserError(f"magnitude criteria: the weights have no '{key}' (not an unpruned DeiT of this model?)")
+        return state_dict[key].detach().to("cpu", torch.float64).abs()
+
+    heads = torch.zeros(arch.depth, H, dtype=torch.float64)
+    mlp = torch.zeros(arch.depth, arch.mlp_hidden, dtype=torch.float64)
+    embed = weight("patch_embed.proj.weight").reshape(D, -1).sum(1)
+    for key in ("head.weight", "head_dist.weight"):
+        if key in state_dict:
+            embed = embed + weight(key).sum(0)
+    for i in range(arch.depth):
+        qkv, proj = weight(f"blocks.{i}.attn.qkv.weight"), weight(f"blocks.{i}.attn.proj.weight")
+        fc1, fc2 = weight(f"blocks.{i}.mlp.fc1.weight"), weight(f"blocks.{i}.mlp.fc2.weight")
+        # qkv rows are ordered (q|k|v, head, head_dim); proj columns (head, head_dim)
+        heads[i] = qkv.reshape(3, H, hd, D).sum(dim=(0, 2, 3)) + proj.reshape(D, H, hd).sum(dim=(0, 2))
+        mlp[i] = fc1.sum(1) + fc2.sum(0)
+        embed = embed + qkv.sum(0) + proj.sum(1) + fc1.sum(0) + fc2.sum(1)
+    return {"heads": heads, "mlp": mlp, "embed": embed}
+
+
+def mask_from_counts(scores: Mapping[str, Tensor], arch: DeiTArch, counts: Mapping[str, int], protect: bool = True,
+                     model: str = "") -> PruneMask:
+    """Prune `counts[c]` units of each component c: the lowest scores, one global threshold per component.
+
+    Args:
+        scores: {'heads': [depth, heads], 'mlp': [depth, hidden], 'embed': [D]}; larger = more important.
+        arch: the unpruned architecture.
+        counts: units to prune per component (missing = 0).
+        protect: never prune the top max(1, int(0.05 n)) units of a block (embedding: of the vector).
+        model: model name stored in the mask.
+    """
+    limit = max_prunable(arch, protect)
+    kept = {}
+    for c, (blocks, n) in component_shapes(arch).items():
+        k = int(counts.get(c, 0))
+        if not 0 <= k <= limit[c]:
+            raise UserError(f"cannot prune {k} {c}: at most {limit[c]} are prunable"
+                            f"{' with protection' if protect else ''}")
+        s = torch.as_tensor(scores[c]).detach().to("cpu", torch.float64).reshape(blocks, n).numpy()
+        order = pruning_order(s, protect, min_keep=1 if c == "embed" else 0)
+        pruned = np.zeros(blocks * n, dtype=bool)
+        pruned[order[:k]] = True
+        kept[c] = [np.flatnonzero(~row).tolist() for row in pruned.reshape(blocks, n)]
+    return PruneMask(embed_dim=arch.embed_dim, depth=arch.depth, num_heads=arch.num_heads, head_dim=arch.head_dim,
+                     mlp_hidden=arch.mlp_hidden, heads=kept["heads"], mlp=kept["mlp"], embed=kept["embed"][0],
+                     model=model)
+
+
+def pruned_counts(mask: PruneMask) -> Dict[str, int]:
+    """Units pruned per component by `mask`."""
+    kept, total = mask.kept_counts(), mask.total_counts()
+    return {c: total[c] - kept[c] for c in COMPONENTS}
+
+
+def random_mask(arch: DeiTArch, counts: Mapping[str, int], seed: int, protect: bool = True,
+                model: str = "") -> PruneMask:
+    """`counts[c]` units of each component chosen uniformly at random (seeded).
+
+    Args:
+        arch: the unpruned architecture.
+        counts: units to prune per component.
+        seed: seed of a private generator (same seed, same mask).
+        protect: keep a random max(1, int(0.05 n)) units of every block (as SAViT keeps its top ones).
+        model: model name stored in the mask.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    scores = {c: torch.rand(blocks, n, generator=g, dtype=torch.float64) for c, (blocks, n) in
+              component_shapes(arch).items()}
+    scores["embed"] = scores["embed"].reshape(-1)
+    return mask_from_counts(scores, arch, counts, protect, model)
+
+
+def uniform_mask(scores: Mapping[str, Tensor], arch: DeiTArch, target: float, protect: bool = True,
+                 model: str = "", iterations: int = 60) -> Tuple[PruneMask, float]:
+    """The same pruned fraction r of every component, r meeting the FLOPs target on the exact count.
+
+    The counts are `pruning.search.counts_from_ratios(r)` (round(r * total), clipped to what is
+    prunable), the units `mask_from_counts(scores, ...)`. The reduction is non-decreasing in r;
+    bisection finds the smallest r reaching the target and the closer of it and its predecessor
+    count is returned.
+
+    Args:
+        scores: criteria choosing the units (e.g. the first-order criteria of method 2).
+        arch: the unpruned architecture.
+        target: fraction of the FLOPs to remove, in (0, 1).
+        protect: protection (as in `mask_from_counts`).
+        model: model name stored in the mask.
+        iterations: bisection steps on r.
+
+    Returns:
+        (mask, r).
+    """
+    if not 0 < target < 1:
+        raise UserError(f"uniform mask: the FLOPs target must be in (0, 1), got {target!r}")
+    full = mask_macs(arch)["total"]
+
+    def build(r: float) -> Tuple[PruneMask, float]:
+        mask = mask_from_counts(scores, arch, counts_from_ratios(arch, {c: r for c in COMPONENTS}, protect),
+                                protect, model)
+        return mask, 1.0 - mask_macs(arch, mask)["total"] / full
+
+    lo, hi = 0.0, 1.0
+    if build(hi)[1] < target:
+        raise UserError(f"uniform mask: pruning every prunable unit removes only {build(hi)[1]:.2%} "
+                        f"of the FLOPs, less than the target {target:.2%}")
+    for _ in range(iterations):  # invariant: reduction(lo) < target <= reduction(hi)
+        mid = 0.5 * (lo + hi)
+        if build(mid)[1] >= target:
+            hi = mid
+        else:
+            lo = mid
+    (mask_lo, red_lo), (mask_hi, red_hi) = build(lo), build(hi)
+    return (mask_lo, lo) if abs(red_lo - target) < abs(red_hi - target) else (mask_hi, hi)
