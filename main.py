@@ -52,6 +52,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="estimate the interactions between components (SAViT); without it, first-order mode")
     g.add_argument("--hessian_embed", type=float, default=6.0,
                    help="scale of the embedding normaliser of the interactions (default: 6.0)")
+    g.add_argument("--pruning_micro_batch", type=int, default=0,
+                   help="score each batch in chunks of this many images: same criteria and C, peak memory "
+                        "about proportional to the chunk (0: whole batches; default: 0)")
     g.add_argument("--pruning_pickle_from", type=str, default="",
                    help="folder with criteria/hessian pickles of an earlier run: skip scoring")
     g.add_argument("--pruning_normalize_by_layer", action="store_true",
@@ -111,7 +114,8 @@ def score(args, model, dataset_train, num_classes: int, device, log):
     log(f"pruning pass: {total} batches of {args.batch_size} ({args.pruning_feed_percent:.1%} of the training set), "
         f"{mine} on this process; method {args.pruning_method}, interactions {'on' if args.need_hessian else 'off'}")
     scorer = PruningScorer(model, criterion, method=args.pruning_method, need_hessian=args.need_hessian,
-                           hessian_embed=args.hessian_embed, seed=args.seed)
+                           hessian_embed=args.hessian_embed, seed=args.seed,
+                           micro_batch=args.pruning_micro_batch)
     model.eval()
     if mine:
         scorer.score_batches(batches, mine, first_index=args.rank, index_stride=args.world_size,

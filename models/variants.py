@@ -23,7 +23,6 @@ ARCHS: Dict[str, DeiTArch] = {
     "deit_test_patch8_32": DeiTArch(embed_dim=64, depth=3, num_heads=4, img_size=32, patch_size=8, num_classes=10),
     "deit_test_distilled_patch8_32": DeiTArch(embed_dim=64, depth=3, num_heads=4, img_size=32, patch_size=8,
                                               num_classes=10, distilled=True),
-    "deit_demo_patch4_32": DeiTArch(embed_dim=96, depth=6, num_heads=6, img_size=32, patch_size=4, num_classes=10),
     "deit_demo_patch8_32": DeiTArch(embed_dim=96, depth=6, num_heads=6, img_size=32, patch_size=8, num_classes=10),
 }
 

@@ -32,6 +32,13 @@ batch index only, so batches sharded over processes see the same draws as in one
 
 Accumulators are tensors (`state()`), summed over processes by `all_reduce_state` and
 turned into criteria and C by `finalize`.
+
+Memory: the forward activations plus the graph that `create_graph` keeps dominate (on
+DeiT-S, batch 8, about half of a reference-style pass's peak). `micro_batch` splits each
+batch into chunks whose losses are weighted by chunk size / batch size; gradients, Taylor
+terms and Hessian-vector products then add up to exactly the whole batch's (for a
+criterion that averages per-sample losses, as all DeiT criteria do), with the same block
+draws, at a memory cost proportional to the chunk size.
 """
 import math
 import os
@@ -122,12 +129,18 @@ def gates_only_grad(model: nn.Module) -> Iterator[List[nn.Parameter]]:
 
 
 class _TaylorCapture:
-    """Per-(sample, token) Taylor terms t of every gate, from hooks on the gate outputs."""
+    """Per-unit statistics `reduce(t)` of the Taylor terms t[b, n, u] of every gate, from hooks.
 
-    def __init__(self, model: nn.Module):
+    A forward hook on each `Gate` puts a tensor hook on its output; the tensor hook gets
+    grad_output and forms t. Heads and MLP gates are reduced at once (t is not kept); the
+    shared embedding gate sums t over its applications first.
+    """
+
+    def __init__(self, model: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor]):
         self.depth = len(model.blocks)
+        self.reduce = reduce
         self.embed_t: Optional[torch.Tensor] = None  # (B, N, D): summed over the gate's applications
-        self.terms: Dict[Tuple[str, int], torch.Tensor] = {}  # (component, block) -> (B, N, units)
+        self.stats: Dict[Tuple[str, int], torch.Tensor] = {}  # (component, block) -> [units]
         self._tensor_hooks = []
         self._module_hooks = []
         for block, gate in enumerate(model.head_gates()):
@@ -146,11 +159,11 @@ class _TaylorCapture:
     def _grad_hook(self, component: str, block: int, output: torch.Tensor) -> Callable:
         def hook(grad: torch.Tensor) -> None:
             with torch.no_grad():
-                t = grad.detach() * output.detach()
-                if component == "heads":  # (B, heads, N, head_dim) -> (B, N, heads)
-                    self.terms[(component, block)] = t.sum(-1).transpose(1, 2)
+                t = grad.detach() * output.detach()  # grad_output * output
+                if component == "heads":  # (B, heads, N, head_dim) -> (B, N, heads): sum a head's channels
+                    self.stats[(component, block)] = self.reduce(t.sum(-1).transpose(1, 2))
                 elif component == "mlp":
-                    self.terms[(component, block)] = t
+                    self.stats[(component, block)] = self.reduce(t)
                 else:
                     self.embed_t = t if self.embed_t is None else self.embed_t + t
 
@@ -168,11 +181,11 @@ class _TaylorCapture:
             h.remove()
         self._tensor_hooks = []
 
-    def stacked(self, component: str) -> torch.Tensor:
-        """t of a component: (depth, B, N, units) for heads/mlp, (B, N, D) for embed."""
+    def result(self, component: str) -> torch.Tensor:
+        """The statistics of a component: [depth, units] for heads/mlp, [D] for embed."""
         if component == "embed":
-            return self.embed_t
-        return torch.stack([self.terms[(component, b)] for b in range(self.depth)])
+            return self.reduce(self.embed_t)
+        return torch.stack([self.stats[(component, b)] for b in range(self.depth)])
 
 
 class PruningScorer:
@@ -245,7 +258,7 @@ class PruningScorer:
                 torch.autocast(self.device.type, enabled=False):
             for start in range(0, batch, step):
                 chunk = slice(start, min(start + step, batch))
-                capture = _TaylorCapture(model) if self.method != 2 else None
+                capture = _TaylorCapture(model, self._taylor_statistic) if self.method != 2 else None
                 try:
                     outputs = model(images[chunk])
                     if capture is not None:
@@ -279,13 +292,15 @@ class PruningScorer:
                 gg = [(g.detach() * d.detach()).double() for g, d in zip(gates, grads)]
                 part = {"heads": torch.stack(gg[:depth]), "mlp": torch.stack(gg[depth:2 * depth]), "embed": gg[-1]}
             else:
-                part = {}
-                for c in COMPONENTS:
-                    t = capture.stacked(c).double()  # (..., B, N, units)
-                    part[c] = t.sum(-2).pow(2).sum(-2) if self.method == 3 else t.abs().sum((-3, -2))
-                sums["tokens"] = t.shape[-2]
+                part = {c: capture.result(c) for c in COMPONENTS}
+                sums["tokens"] = capture.embed_t.shape[1]
             for k, v in part.items():
                 sums[k] = v if k not in sums else sums[k] + v
+
+    def _taylor_statistic(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-unit sum over one chunk of t (B, N, units): of |t| (methods 1, 4) or of (sum_n t)^2 (3)."""
+        t = t.double()
+        return t.sum(1).pow(2).sum(0) if self.method == 3 else t.abs().sum((0, 1))
 
     def _close_batch(self, sums: Dict[str, torch.Tensor], batch: int) -> None:
         """Turn one batch's sums into its per-batch scores (section 2 table) and add them up."""

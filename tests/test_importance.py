@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from models import create_model
+from models import arch_of, create_model
 from pruning import importance
 from pruning.importance import (BlockDraw, PruningScorer, all_reduce_state, block_draw, criteria_filename,
                                 load_pickles, save_pickles, sum_states)
@@ -400,7 +400,7 @@ def test_pickles_round_trip_and_validation(tmp_path):
     assert load_pickles(str(tmp_path), 3, arch, need_hessian=False)[1] is None
     assert len(paths) == 4
 
-    other = create_model("deit_demo_patch4_32").arch
+    other = arch_of("deit_small_patch16_224")
     with pytest.raises(UserError, match=r"criteria_m3l0_final\.pickle.*another model"):
         load_pickles(str(tmp_path), 3, other)
     with pytest.raises(UserError, match=r"not found.*criteria_m2l0_final\.pickle"):
