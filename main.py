@@ -77,6 +77,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def validate_pruning_args(args) -> None:
+    if args.resume:
+        raise UserError("--resume: main.py prunes in one pass and has nothing to resume; "
+                        "resume fine-tuning with main_deploy.py --resume")
     if not 0 < args.pruning_feed_percent <= 1:
         raise UserError(f"--pruning_feed_percent must be in (0, 1], got {args.pruning_feed_percent}")
     if not args.pruning_flops_threshold > 0:

@@ -62,6 +62,16 @@ def atomic_write_text(text: str, path: str) -> None:
     _atomic_write(path, write)
 
 
+def atomic_write_pickle(obj: Any, path: str) -> None:
+    import pickle
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+    _atomic_write(path, write)
+
+
 def atomic_write_json(obj: Any, path: str) -> None:
     atomic_write_text(json.dumps(obj, indent=1) + "\n", path)
 

@@ -55,7 +55,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from models.deit_base import DeiTArch
-from utils import UserError, _atomic_write
+from utils import UserError, atomic_write_pickle
 
 COMPONENTS = ("heads", "mlp", "embed")  # component (layer) 0, 1, 2 of the reference
 METHODS = (1, 2, 3, 4)
@@ -423,14 +423,6 @@ def all_reduce_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 # -- pickles ---------------------------------------------------------------------------
-def _dump_pickle(obj, path: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-
-    _atomic_write(path, write)
-
-
 def save_pickles(output_dir: str, method: int, criteria: Dict[str, torch.Tensor],
                  interactions: Optional[torch.Tensor] = None) -> List[str]:
     """Write `criteria_m{method}l{0,1,2}_final.pickle` and, given C, `hessian.pickle` atomically.
@@ -450,11 +442,11 @@ def save_pickles(output_dir: str, method: int, criteria: Dict[str, torch.Tensor]
     paths = []
     for layer, c in enumerate(COMPONENTS):
         path = os.path.join(output_dir, criteria_filename(method, layer))
-        _dump_pickle(criteria[c].detach().cpu().double().numpy(), path)
+        atomic_write_pickle(criteria[c].detach().cpu().double().numpy(), path)
         paths.append(path)
     if interactions is not None:
         path = os.path.join(output_dir, HESSIAN_FILE)
-        _dump_pickle(interactions.detach().cpu().double().numpy(), path)
+        atomic_write_pickle(interactions.detach().cpu().double().numpy(), path)
         paths.append(path)
     return paths
 
