@@ -28,6 +28,12 @@ class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite; training stops."""
 
 
+def all_ranks_finite(value: float, device: torch.device) -> bool:
+    """Whether `value` is finite on every rank (one tiny all-reduce when distributed)."""
+    bad = torch.tensor([0.0 if math.isfinite(value) else 1.0], device=device)
+    return all_reduce_sum(bad).item() == 0
+
+
 def make_loss_scaler(device: torch.device, amp: bool):
     """timm's `NativeScaler` when AMP is on and the device is CUDA, else None (plain fp32 backward)."""
     if amp and torch.device(device).type == "cuda":
@@ -93,7 +99,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
             outputs = model(samples)
             loss = criterion(samples, outputs, targets)
         loss_value = loss.item()
-        if not math.isfinite(loss_value):
+        # every rank must stop together: a rank leaving alone would hang the others in DDP's all-reduce
+        if not all_ranks_finite(loss_value, device):
+            loss_value = loss_value if not math.isfinite(loss_value) else "non-finite on another process"
             raise NonFiniteLossError(f"the training loss is {loss_value} at epoch {epoch}, iteration {it + 1}/"
                                      f"{num_steps}; stopping (try a lower --lr, --clip-grad or --no-amp)")
         optimizer.zero_grad(set_to_none=True)

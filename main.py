@@ -28,8 +28,8 @@ from pruning.flops import format_table, mask_macs, mask_params, ptflops_macs
 from pruning.importance import PruningScorer, all_reduce_state, load_pickles, save_pickles
 from pruning.mask import PruneMask
 from pruning.search import SearchOptions, check_target_reachable, normalize_by_layer, prune
-from utils import (UserError, atomic_torch_save, atomic_write_json, cleanup_distributed, cli_entry, init_distributed_mode,
-                   is_main_process, set_seed, setup_logging)
+from utils import (UserError, all_reduce_sum, atomic_torch_save, atomic_write_json, cleanup_distributed,
+                   cli_entry, init_distributed_mode, is_main_process, set_seed, setup_logging)
 
 CHECKPOINT_NAME = "checkpoint_pruned_00.pth"
 MASK_NAME = "mask.json"
@@ -77,6 +77,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def validate_pruning_args(args) -> None:
+    if args.mask_aware_norm and args.finetune_op == 2:
+        raise UserError("--mask_aware_norm is for --eval only: the pruning pass scores the gated model with the "
+                        "reference's LayerNorm")
     if args.resume:
         raise UserError("--resume: main.py prunes in one pass and has nothing to resume; "
                         "resume fine-tuning with main_deploy.py --resume")
@@ -120,9 +123,15 @@ def score(args, model, dataset_train, num_classes: int, device, log):
                            hessian_embed=args.hessian_embed, seed=args.seed,
                            micro_batch=args.pruning_micro_batch)
     model.eval()
+    error = None
     if mine:
-        scorer.score_batches(batches, mine, first_index=args.rank, index_stride=args.world_size,
-                             log=log, log_every=args.log_period)
+        try:
+            scorer.score_batches(batches, mine, first_index=args.rank, index_stride=args.world_size,
+                                 log=log, log_every=args.log_period)
+        except UserError as err:  # reach the all-reduce below so that every rank stops together
+            error = err
+    if all_reduce_sum(torch.tensor([1.0 if error else 0.0], device=device)).item():
+        raise error or UserError("the pruning pass stopped on another process (see its error)")
     criteria, interactions = scorer.finalize(all_reduce_state(scorer.state()))
     return criteria, interactions
 

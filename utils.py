@@ -30,6 +30,14 @@ def cli_entry(main_fn: Callable[[], Any]) -> Callable[[], Any]:
     return wrapper
 
 
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Write to a temporary file beside `path`, then rename it over `path`."""
     path = os.fspath(path)
@@ -39,10 +47,12 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        _fsync(tmp)  # the data is on disk before the rename makes it the file at `path`
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
+        _fsync(directory)  # and the rename itself survives a crash
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -387,6 +387,7 @@ def _bad_cases(root, pretrained: str) -> Dict[str, tuple]:
         "deploy_model": (SAVIT + ["--model", MODEL + "_deploy"], ["--model", MODEL + "_deploy"]),
         "unknown_model": (SAVIT + ["--model", "deit_x_deploy"], ["--model", "deit_x_deploy"]),
         "resume": (SAVIT + ["--resume", str(root / "resnet.pth")], ["--resume", "main_deploy.py"]),
+        "mask_aware_while_pruning": (SAVIT + ["--mask_aware_norm"], ["--mask_aware_norm", "--eval"]),
     }
 
 
@@ -421,7 +422,8 @@ def bad_runs(tmp_path_factory, pretrained):
 
 BAD_CASES = ["target_one", "target_zero", "target_negative", "unreachable", "finetune_missing", "finetune_resnet",
              "finetune_other_size", "pickles_missing", "pickles_other_model", "imnet_empty_train", "imnet_no_images",
-             "imnet_missing", "nonfinite_loss", "deploy_model", "unknown_model", "resume"]
+             "imnet_missing", "nonfinite_loss", "deploy_model", "unknown_model", "resume",
+             "mask_aware_while_pruning"]
 
 
 @pytest.mark.parametrize("name", BAD_CASES)
