@@ -9,6 +9,11 @@ that a shared, noisy machine slows both alike; the table shows the median images
 and the median (min-max) over rounds of the paired speedup pruned/unpruned, next to the
 FLOPs ratio (analytic MACs before / after) it would reach if time followed FLOPs.
 
+On CPU, glibc's malloc hands every tensor over 32 MB fresh pages that the kernel zeroes on
+first touch (gigabytes per batch-32 DeiT-B forward), or not, depending on what was freed
+before: a 10-15% swing that can favour either model. `--malloc no-mmap` (the default) keeps
+large blocks on the heap, as tcmalloc/jemalloc would, so both models run alike.
+
     python benchmarks/bench_deploy_speed.py --out logs/speed_table.md
     python benchmarks/bench_deploy_speed.py --device cuda --batch-sizes 1,32,128 --out logs/speed_table_cuda.md
 """
@@ -71,8 +76,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall: wall time (default); cpu: this thread's CPU time, which other processes do not "
                         "disturb (CPU device and --threads 1 only)")
-    p.add_argument("--pruning-pass-log", default=os.path.join(REPO, "logs", "pruning_pass.txt"),
-                   help="output of benchmarks/bench_pruning_pass.py to quote, if the file exists")
+    p.add_argument("--malloc", choices=["no-mmap", "default"], default="no-mmap",
+                   help="CPU, glibc: 'no-mmap' (default) keeps large tensors on the heap, as tcmalloc/jemalloc "
+                        "would, so that neither model pays the kernel's page zeroing by chance of the allocator's "
+                        "history; 'default': the C library's own setting")
+    p.add_argument("--pruning-pass-log", default=os.path.join(REPO, "logs", "pruning_pass.md"),
+                   help="the committed output of benchmarks/bench_pruning_pass.py, quoted if it exists")
     p.add_argument("--out", default="", help="also write the table as markdown to this file (atomically)")
     args = p.parse_args(argv)
     args.batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
@@ -84,6 +93,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError("--clock cpu needs --device cpu and --threads 1 (CPU time of several threads counts "
                         "their idle spinning too)")
     return args
+
+
+def malloc_without_mmap() -> bool:
+    """glibc only: serve large blocks from the heap and keep freed memory, instead of mapping fresh
+    pages for every large tensor (glibc maps blocks over 32 MB anew each time and the kernel zeroes
+    every page on first touch -- gigabytes per batch-32 DeiT-B forward). Returns whether it applied.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
 def find_masks(masks_dir: str, model: str) -> List[Tuple[str, PruneMask]]:
@@ -248,13 +274,31 @@ def run(args: argparse.Namespace) -> Tuple[List[dict], List[str]]:
     return rows, warnings
 
 
+def pruning_pass_lines(path: str) -> List[str]:
+    """Markdown quoting the per-batch table of benchmarks/bench_pruning_pass.py's log, or its command."""
+    if not path or not os.path.isfile(path):
+        return ["Measured by the pruning benchmark (not run here):", "", f"    {PRUNING_PASS_COMMAND}"]
+    with open(path) as f:
+        text = f.read().splitlines()
+    name = os.path.relpath(path, REPO) if os.path.abspath(path).startswith(REPO) else path
+    # the lines from the one naming the model ("deit_... at 224, batch ...") to the end of the variant table
+    start = next((i for i, line in enumerate(text) if " at " in line and "batch" in line and "threads" in line), None)
+    end = next((i for i, line in enumerate(text) if line.startswith("(s/batch")), None)
+    if start is None or end is None or end <= start:
+        return [f"See `{name}` (benchmarks/bench_pruning_pass.py)."]
+    command = next((line.strip() for line in text if line.strip().startswith("python benchmarks/bench_pruning_pass")),
+                   PRUNING_PASS_COMMAND)
+    return [f"From `{name}` (not re-run here; its command: `{command}`):", "", "```"] + text[start:end] + ["```"]
+
+
 def render(args: argparse.Namespace, rows: List[dict], warnings: List[str], command: str, started: str,
            load_start: str, load_end: str, total_s: float) -> str:
     device = torch.device(args.device)
     lines = ["# Deploy (pruned) vs unpruned DeiT throughput", "",
              "Command (from the repository root):", "", f"    {command}", "",
              f"- when: {started}; took {total_s:.0f} s",
-             f"- device: {device_line(device, args.threads)}" + (", AMP fp16" if args.amp else ", fp32"),
+             f"- device: {device_line(device, args.threads)}" + (", AMP fp16" if args.amp else ", fp32")
+             + (f", malloc: {args.malloc}" if device.type == "cpu" else ""),
              f"- machine load before: {load_start}; after: {load_end}",
              f"- method: `engine.measure_throughput` on random input, the two models alternating (A B, B A, ...) "
              f"for {args.rounds} rounds of {args.iters} timed calls each; "
@@ -292,12 +336,7 @@ def render(args: argparse.Namespace, rows: List[dict], warnings: List[str], comm
             verdict = "meets it" if r["efficiency"] >= TARGET_EFFICIENCY else "FALLS SHORT"
             lines.append(f"- `{r['mask']}`: {r['speedup']:.2f}x for a {r['flops_ratio']:.2f}x FLOPs ratio = "
                          f"{r['efficiency']:.2f} of it -- {verdict}")
-    lines += ["", "## Pruning-pass cost per batch", ""]
-    if args.pruning_pass_log and os.path.isfile(args.pruning_pass_log):
-        with open(args.pruning_pass_log) as f:
-            lines += [f"From `{os.path.relpath(args.pruning_pass_log, REPO)}`:", "", "```", f.read().rstrip(), "```"]
-    else:
-        lines += ["Measured by the pruning benchmark (not run here):", "", f"    {PRUNING_PASS_COMMAND}"]
+    lines += ["", "## Pruning-pass cost per batch", ""] + pruning_pass_lines(args.pruning_pass_log)
     return "\n".join(lines) + "\n"
 
 
@@ -308,6 +347,9 @@ def main(argv=None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: CUDA is not available on this machine")
     torch.set_num_threads(args.threads)
+    if device.type == "cpu" and args.malloc == "no-mmap" and not malloc_without_mmap():
+        print("note: --malloc no-mmap needs glibc's mallopt; using the C library's default", flush=True)
+        args.malloc = "default"
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     load_start = load_line()
     print(f"device: {device_line(device, args.threads)}; {load_start}", flush=True)
