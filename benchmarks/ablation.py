@@ -26,7 +26,10 @@ Pipeline (every step through the project's own entry points):
 Finished steps are skipped when the command is run again on the same output folder.
 
     OMP_NUM_THREADS=1 python benchmarks/ablation.py --seeds 0 1 2 --finetune_epochs 10 \
-        --output_dir output/ablation --markdown logs/ablation.md
+        --output_dir output/ablation
+
+Everything, the table included (`{output_dir}/ablation.md` unless `--markdown` says otherwise),
+goes under `--output_dir`; copy the table to `logs/` to update the committed one.
 """
 import argparse
 import json
@@ -76,9 +79,12 @@ DATA_FLAGS = ["--data-set", "DIGITS", "--input-size", "32", "--num_workers", "1"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output_dir", default="output/ablation", help="every run's folder goes here")
-    p.add_argument("--markdown", default="logs/ablation.md", help="the table (written atomically)")
+    p.add_argument("--markdown", default="",
+                   help="where to write the table (atomically; default: {output_dir}/ablation.md)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--pretrained", default="", help="main_deploy.py checkpoint of the unpruned model (skip step 1)")
+    p.add_argument("--pretrained", default="",
+                   help="main_deploy.py checkpoint of the unpruned model; when it does not exist yet and is named "
+                        "best_checkpoint.pth, step 1 trains it into its folder (default: {output_dir}/pretrain)")
     p.add_argument("--pretrain_epochs", type=int, default=40, help="the demo's step 1 (default: 40)")
     p.add_argument("--finetune_epochs", type=int, default=10, help="the same short fine-tune for every mask")
     p.add_argument("--target", type=float, default=0.50, help="fraction of the FLOPs to remove")
@@ -131,13 +137,17 @@ def epochs_logged(out_dir: str) -> List[dict]:
 
 
 def pretrain(args, runner: Runner) -> str:
-    """The demo's step 1 (main_deploy.py, no mask); returns the checkpoint path."""
-    if args.pretrained:
-        if not os.path.isfile(args.pretrained):
-            raise UserError(f"--pretrained: file not found: {args.pretrained!r}")
+    """The demo's step 1 (main_deploy.py, no mask) unless --pretrained exists; returns the checkpoint path."""
+    if args.pretrained and os.path.isfile(args.pretrained):
         return os.path.abspath(args.pretrained)
-    out = os.path.join(args.output_dir, "pretrain")
+    if args.pretrained and os.path.basename(args.pretrained) != "best_checkpoint.pth":
+        raise UserError(f"--pretrained: file not found: {args.pretrained!r} (a missing file is trained only when it "
+                        f"is a main_deploy.py best_checkpoint.pth)")
+    out = os.path.dirname(os.path.abspath(args.pretrained)) if args.pretrained else \
+        os.path.join(args.output_dir, "pretrain")
     ckpt = os.path.join(out, "best_checkpoint.pth")
+    if args.pretrained:
+        runner.say(f"--pretrained {args.pretrained} does not exist yet: training it (the demo's step 1)")
     flags = ["--model", f"{MODEL}_deploy", *DATA_FLAGS, "--epochs", str(args.pretrain_epochs), "--lr", "1.6e-2",
              "--warmup-epochs", "3", "--cooldown-epochs", "0"]
     done = os.path.isfile(ckpt) and len(epochs_logged(out)) == args.pretrain_epochs
@@ -391,6 +401,7 @@ def main(args) -> None:
         args.methods = ["savit"] + list(args.methods)
     args.output_shown = args.output_dir  # as given, for the markdown
     args.output_dir = os.path.abspath(args.output_dir)
+    args.markdown = args.markdown or os.path.join(args.output_dir, "ablation.md")
     os.makedirs(args.output_dir, exist_ok=True)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     runner = Runner(args.python)
