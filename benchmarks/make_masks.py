@@ -6,7 +6,7 @@ batch of the DIGITS data set upscaled to 224. Such a mask has the right FLOPs bu
 mix of components (random weights give a random interaction matrix C, so the search may cut
 only MLP neurons, or only embedding channels). Because the mix decides how fast the smaller
 network runs, a second mask per model keeps the paper's own per-component counts
-(SAVIT_METHOD.md section 5, from the reference's ImageNet logs), with the units chosen by the
+(docs/METHOD.md section 8, from the reference's ImageNet logs), with the units chosen by the
 same run's criteria (one global threshold per component, protection on).
 
 Writes, under `--out-dir` (default logs/masks/):
@@ -39,7 +39,7 @@ from utils import UserError, atomic_write_text, cli_entry  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The paper's targets (fraction of FLOPs removed) and the reference's pruned counts on ImageNet
-# (heads, MLP neurons, embedding channels), SAVIT_METHOD.md section 5.
+# (heads, MLP neurons, embedding channels), docs/METHOD.md section 8.
 PAPER = {
     "deit_tiny_patch16_224": (0.235, {"heads": 3, "mlp": 1828, "embed": 27}),
     "deit_small_patch16_224": (0.30, {"heads": 7, "mlp": 3157, "embed": 80}),

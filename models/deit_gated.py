@@ -1,4 +1,4 @@
-"""DeiT with SAViT's multiplicative 0/1 gates (SAVIT_METHOD.md section 1).
+"""DeiT with SAViT's multiplicative 0/1 gates (docs/METHOD.md section 1).
 
 Three kinds of gate, each a `Gate` whose `weight` holds one scalar per unit:
   * `blocks.N.attn.attn_gate`   -- per head, on softmax(qk^T)v before the heads are merged;

@@ -1,4 +1,4 @@
-"""Mask + gated weights -> the physically smaller DeiT (SAVIT_METHOD.md sections 1 and 6).
+"""Mask + gated weights -> the physically smaller DeiT (docs/METHOD.md sections 1 and 5).
 
 `deploy_state_dict` is a pure function: it slices tensors and touches no model.
 """

@@ -1,4 +1,4 @@
-"""Importance of SAViT's prunable units and the 3x3 interaction matrix (SAVIT_METHOD.md sections 2-3).
+"""Importance of SAViT's prunable units and the 3x3 interaction matrix (docs/METHOD.md sections 2-3).
 
 One pass over a few training batches, model in eval mode, fp32, no optimiser step.
 Only the GATES get gradients: during the pass every network weight has

@@ -1,4 +1,4 @@
-"""From importance criteria and the interaction matrix to a pruning mask (SAVIT_METHOD.md section 4).
+"""From importance criteria and the interaction matrix to a pruning mask (docs/METHOD.md section 4).
 
 Pipeline of `prune(criteria, C, arch, options)`:
 
@@ -33,7 +33,7 @@ Pipeline of `prune(criteria, C, arch, options)`:
 5. The mask keeps everything but the first k units of each component's order. The achieved
    reduction (exact count) must be within +-0.5% (absolute) of the target.
 
-Differences from the reference (SAVIT_METHOD.md section 4, defects):
+Differences from the reference (docs/METHOD.md section 7):
 * protected units keep their identity (+inf criterion), no re-indexing of a shrunken array;
 * exactly k units are pruned (the reference's `<= sorted[k]` prunes k+1);
 * candidates whose heads and embedding cuts alone remove more than target + threshold, or that
