@@ -1,24 +1,3 @@
 #!/usr/bin/env bash
-# SAViT one-shot pruning of DeiT-Base to 0.50 FLOPs reduction (the paper's target).
-# Edit the paths, then: bash scripts/base_pruning.sh
-set -euo pipefail
-DEIT_CHECKPOINT=/path/to/deit_base_patch16_224.pth   # official DeiT weights ({'model': state_dict})
-DATA_PATH=/path/to/imagenet          # ImageFolder tree with train/ and val/
-OUTPUT_DIR=output/base_pruning_0.50
-
-python main.py \
-    --finetune="${DEIT_CHECKPOINT}" \
-    --batch-size=32 \
-    --num_workers=16 \
-    --data-path="${DATA_PATH}" \
-    --model=deit_base_patch16_224 \
-    --pruning_per_iteration=100 \
-    --pruning_feed_percent=0.1 \
-    --pruning_method=2 \
-    --pruning_layers=3 \
-    --pruning_flops_percentage=0.50 \
-    --pruning_flops_threshold=0.0001 \
-    --need_hessian \
-    --finetune_op=2 \
-    --epochs=1 \
-    --output_dir="${OUTPUT_DIR}" "$@"
+# The paper's DeiT-Base setting: bash scripts/prune.sh base (set DEIT_CHECKPOINT, DATA_PATH, OUTPUT_DIR).
+exec bash "$(dirname "$0")/prune.sh" base "$@"
