@@ -27,7 +27,9 @@ uses block 0 for both columns, and so do we: m[embed] = (0, 0). Row i of C is ON
 differentiate s_i = dL/dg_i[l] . 1 (for embed the one shared vector) with respect to
 g_heads[m[i][0]], g_mlp[m[i][1]] and g_embed together, and add the sum of each vector,
 divided by N[i, j] = n_i * n_j (n_heads = D, n_mlp = mlp hidden = 4D,
-n_embed = D * depth * hessian_embed). C is finally divided by the number of batches.
+n_embed = D * depth * hessian_embed). C is finally divided by the number of batches: C and
+the criteria average the SAME batches (the reference's loop scores C on one batch more than
+its criteria, int(feed * len) + 1 against int(feed * len); we do not copy that).
 The draws come from `block_draw(seed, batch_index, depth)`: they depend on the GLOBAL
 batch index only, so batches sharded over processes see the same draws as in one process.
 
