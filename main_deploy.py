@@ -108,6 +108,37 @@ def run_throughput(args, model, arch, complexity, device, log) -> None:
             f"(FLOPs ratio {complexity['gmacs_unpruned'] / complexity['gmacs']:.2f}x)")
 
 
+def scale_lr(args, log) -> None:
+    """DeiT's linear scaling of --lr with the total batch (reference 512), in place on `args`.
+
+    --min-lr and --warmup-lr are bounds below the peak lr: when the scaled lr falls under
+    them (small total batches) they are lowered to it, else the cosine schedule would rise.
+    """
+    total_batch = args.batch_size * args.world_size
+    args.lr = args.lr * total_batch / 512.0
+    for name, flag in (("min_lr", "--min-lr"), ("warmup_lr", "--warmup-lr")):
+        value = getattr(args, name)
+        if value > args.lr:
+            log(f"{flag} lowered from {value:.3g} to {args.lr:.3g}, the lr scaled for a total batch of {total_batch} "
+                f"(else the schedule would rise above its peak)")
+            setattr(args, name, args.lr)
+
+
+def ema_horizon_note(decay: float, steps: int) -> str:
+    """One line when an EMA of `decay` cannot move far from its start in `steps` optimizer steps, else ''.
+
+    The EMA averages over about 1 / (1 - decay) steps; after `steps` updates its starting
+    weights still weigh decay ** steps.
+    """
+    horizon = 1.0 / (1.0 - decay)
+    if steps >= horizon:
+        return ""
+    advice = f"--model-ema-decay {1 - 10 / steps:.4g} (a horizon of a tenth of the run) or " if steps >= 20 else ""
+    return (f"EMA: decay {decay} averages over ~{horizon:.0f} optimizer steps but this run has {steps}, so the EMA "
+            f"weights are still {decay ** steps:.0%} the starting weights and 'Test (EMA)' will stay near the starting "
+            f"model's accuracy; for this run length use {advice}--no-model-ema")
+
+
 def fine_tune(args, model, mask, arch, loader_train, loader_val, num_classes, teacher, resume_checkpoint,
               complexity, device, log) -> None:
     """The DeiT training loop with per-epoch evaluation, checkpoints, log.txt and TensorBoard."""
@@ -120,8 +151,10 @@ def fine_tune(args, model, mask, arch, loader_train, loader_val, num_classes, te
     if args.model_ema:
         model_ema = ModelEmaV2(model_without_ddp, decay=args.model_ema_decay,
                                device="cpu" if args.model_ema_force_cpu else None)
-    # DeiT: learning rate scaled linearly with the total batch size (reference 512)
-    args.lr = args.lr * args.batch_size * args.world_size / 512.0
+        note = ema_horizon_note(args.model_ema_decay, args.epochs * len(loader_train))
+        if note:
+            log(note)
+    scale_lr(args, log)
     optimizer = create_optimizer_v2(model_without_ddp, **optimizer_kwargs(cfg=args))
     loss_scaler = make_loss_scaler(device, args.amp)
     lr_scheduler, _ = create_scheduler(args, optimizer)

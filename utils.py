@@ -389,11 +389,12 @@ class MetricLogger:
         for meter in self.meters.values():
             meter.synchronize_between_processes()
 
-    def log_every(self, iterable, print_freq: int, header: str = ""):
-        """Yield from `iterable`, printing progress every `print_freq` iterations and at the end.
+    def log_every(self, iterable, print_freq: int, header: str = "", print_seconds: float = 30.0):
+        """Yield from `iterable`, printing progress every `print_freq` iterations, at the end, and
+        after any iteration that ends `print_seconds` or more after the previous line (or the start).
 
-        A progress line shows `[i/N]`, the ETA, the meters, samples/s over the last
-        `print_freq` iterations, the mean iteration and data-loading times, and the
+        A progress line shows `[i/N]`, the ETA, the meters, samples/s since the previous
+        line, the mean iteration and data-loading times, and the
         peak CUDA memory (MB) when on CUDA. The timings are for display only.
         """
         import time
@@ -414,7 +415,7 @@ class MetricLogger:
             now = time.time()
             iter_time.update(now - end)
             end = now
-            if i % print_freq == 0 or i == total - 1:
+            if i % print_freq == 0 or i == total - 1 or now - window_start >= print_seconds:
                 rate = window_samples / max(now - window_start, 1e-9)
                 fields = [f"{header} [{i + 1:>{width}}/{total}]" if header else f"[{i + 1:>{width}}/{total}]",
                           f"eta: {_format_seconds(iter_time.global_avg * (total - i - 1))}"]

@@ -21,12 +21,15 @@ by the sum of its denominators. t is captured with forward hooks on the `Gate` m
 that put tensor hooks on their outputs; method 2 needs no hooks.
 
 Interactions (section 3). Per batch, a block l is drawn uniformly over blocks and, for
-every pair (i, j) with j in {heads, mlp}, a block m[i][j] uniformly in [0, l] (the
-reference draws m per pair; so do we). Row i of C is ONE Hessian-vector product:
+every pair (i, j) with i, j in {heads, mlp}, a block m[i][j] uniformly in [0, l] (the
+reference draws m per pair; so do we). For the embedding row (i = embed) the reference
+uses block 0 for both columns, and so do we: m[embed] = (0, 0). Row i of C is ONE Hessian-vector product:
 differentiate s_i = dL/dg_i[l] . 1 (for embed the one shared vector) with respect to
 g_heads[m[i][0]], g_mlp[m[i][1]] and g_embed together, and add the sum of each vector,
 divided by N[i, j] = n_i * n_j (n_heads = D, n_mlp = mlp hidden = 4D,
-n_embed = D * depth * hessian_embed). C is finally divided by the number of batches.
+n_embed = D * depth * hessian_embed). C is finally divided by the number of batches: C and
+the criteria average the SAME batches (the reference's loop scores C on one batch more than
+its criteria, int(feed * len) + 1 against int(feed * len); we do not copy that).
 The draws come from `block_draw(seed, batch_index, depth)`: they depend on the GLOBAL
 batch index only, so batches sharded over processes see the same draws as in one process.
 
@@ -82,7 +85,10 @@ def interaction_normalisers(arch: DeiTArch, hessian_embed: float) -> torch.Tenso
 
 @dataclass(frozen=True)
 class BlockDraw:
-    """The random blocks of one batch: `l` for g_i, `m[i][j]` for g_j (j = 0 heads, 1 mlp)."""
+    """The random blocks of one batch: `l` for g_i, `m[i][j]` for g_j (j = 0 heads, 1 mlp).
+
+    m[2] (the embedding row) is always (0, 0), as in the reference.
+    """
 
     l: int
     m: Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]
@@ -98,7 +104,8 @@ def block_draw(seed: int, batch_index: int, depth: int) -> BlockDraw:
     """
     rng = random.Random(f"savit-interactions:{seed}:{batch_index}")  # str seeds hash with sha512: stable
     l = rng.randrange(depth)
-    m = tuple((rng.randint(0, l), rng.randint(0, l)) for _ in range(3))
+    # heads and MLP rows: m in [0, l] per pair; embedding row: block 0 for both columns (the reference's)
+    m = tuple((rng.randint(0, l), rng.randint(0, l)) for _ in range(2)) + ((0, 0),)
     return BlockDraw(l, m)
 
 
@@ -332,7 +339,8 @@ class PruningScorer:
 
     # -- many batches ----------------------------------------------------------------
     def score_batches(self, batches: Iterable, num_batches: int, first_index: int = 0, index_stride: int = 1,
-                      log: Optional[Callable[[str], None]] = print, log_every: int = 10) -> None:
+                      log: Optional[Callable[[str], None]] = print, log_every: int = 10,
+                      log_seconds: float = 30.0) -> None:
         """Score the first `num_batches` batches of `batches`, logging progress.
 
         Batch k of this process has the global index `first_index + k * index_stride`
@@ -345,10 +353,12 @@ class PruningScorer:
             index_stride: step between the global indices of consecutive batches.
             log: called with one progress line; None for silence.
             log_every: log every this many batches (and the last one).
+            log_seconds: also log after a batch that ends this many seconds or more after the
+                previous line (or the start): a slow pass is never silent for long.
         """
         if num_batches < 1:
             raise UserError(f"the pruning pass needs at least one batch, got {num_batches}")
-        start = time.time()
+        start = last_line = time.time()
         samples = 0
         is_cuda = self.device.type == "cuda"
         if is_cuda:
@@ -360,8 +370,11 @@ class PruningScorer:
             self.score_batch(images, targets, first_index + k * index_stride)
             samples += images.shape[0]
             done = k + 1
-            if log is not None and (done % max(1, log_every) == 0 or done == num_batches):
-                elapsed = time.time() - start
+            now = time.time()
+            if log is not None and (done % max(1, log_every) == 0 or done == num_batches
+                                    or now - last_line >= log_seconds):
+                last_line = now
+                elapsed = now - start
                 eta = elapsed / done * (num_batches - done)
                 line = (f"pruning pass: [{done:>{len(str(num_batches))}}/{num_batches}]  eta {_hms(eta)}  "
                         f"{samples / max(elapsed, 1e-9):.1f} samples/s  loss {self.last_loss:.4f}")

@@ -1,7 +1,9 @@
 """Summary table of scripts/demo.sh: accuracy, FLOPs, params and CPU throughput, before/after.
 
 Reads the three step folders of the demo's output dir, evaluates each model on the
-DIGITS validation split with the project's own `engine.evaluate`, counts FLOPs with
+validation split of the data set the runs were made on (their checkpoints record
+`--data-set`, `--data-path` and `--input-size`; the summary refuses when the records are
+missing or disagree) with the project's own `engine.evaluate`, counts FLOPs with
 `pruning.flops` and times inference with `engine.measure_throughput`, then prints
 the table and writes it to `{output_dir}/summary.md`.
 """
@@ -16,40 +18,82 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets import build_dataset, build_loaders  # noqa: E402
 from engine import evaluate, measure_throughput  # noqa: E402
-from models import DeployDeiT, arch_of  # noqa: E402
+from models import DeployDeiT, arch_of, gated_name_of  # noqa: E402
 from pruning.deploy import deploy_structure, load_masked_model  # noqa: E402
 from pruning.flops import mask_macs, mask_params  # noqa: E402
 from pruning.mask import PruneMask  # noqa: E402
-from utils import atomic_write_text, load_torch_file, state_dict_of  # noqa: E402
+from utils import UserError, atomic_write_text, cli_entry, load_torch_file, state_dict_of  # noqa: E402
+
+STEPS = {"unpruned": os.path.join("1_pretrain", "best_checkpoint.pth"),
+         "pruned": os.path.join("2_prune", "checkpoint_pruned_00.pth"),
+         "finetuned": os.path.join("3_finetune", "best_checkpoint.pth")}
+# the recorded flags that decide the evaluation data and its transform
+DATA_KEYS = ("data_set", "data_path", "input_size", "inat_category", "crop_pct", "not_imagenet_default_mean_and_std")
 
 
-def load_trained(arch, path: str) -> DeployDeiT:
+def recorded_data(checkpoints: dict, out: str) -> dict:
+    """The data flags (and the model) the runs recorded in their checkpoints' `args`; all must agree.
+
+    Args:
+        checkpoints: step name -> (path, loaded checkpoint).
+        out: the demo's output dir (for messages).
+    """
+    records = {}
+    for path, checkpoint in checkpoints.values():
+        recorded = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+        if isinstance(recorded, dict) and recorded.get("data_set"):
+            model = recorded.get("model")
+            records[path] = {**{k: recorded.get(k) for k in DATA_KEYS}, "model": model and gated_name_of(model)}
+    if not records:
+        raise UserError(f"{out}: no checkpoint records the data set it was made on (args.data_set); refusing to "
+                        f"guess what to evaluate on")
+    first_path, first = next(iter(records.items()))
+    for path, record in records.items():
+        if record != first:
+            diff = {k: (first[k], record[k]) for k in first if first[k] != record[k]}
+            raise UserError(f"{out}: the runs were made on different data or models ({first_path} vs {path}: {diff})")
+    return first
+
+
+def load_trained(arch, path: str, checkpoint: dict) -> DeployDeiT:
     """A deploy model from a main_deploy.py training checkpoint (its mask decides the structure)."""
-    checkpoint = load_torch_file(path, "checkpoint")
     mask = PruneMask.from_dict(checkpoint["mask"], path) if "mask" in checkpoint else PruneMask.full(arch)
     model = DeployDeiT(arch, **deploy_structure(mask))
     model.load_state_dict(state_dict_of(checkpoint, path))
     return model
 
 
+@cli_entry
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="deit_demo_patch8_32", help="gated model name used by the demo")
+    parser.add_argument("--model", default="", help="gated model name (default: the one the runs recorded)")
     parser.add_argument("--output_dir", default="output/demo")
     parser.add_argument("--batch-sizes", default="1,32", help="throughput batch sizes")
     args = parser.parse_args()
     out = args.output_dir
-    data_args = SimpleNamespace(data_set="DIGITS", data_path="", input_size=32, batch_size=64, num_workers=0,
-                                pin_mem=False, dist_eval=False, repeated_aug=False, seed=0, device="cpu",
-                                crop_pct=None, not_imagenet_default_mean_and_std=False)
+    checkpoints = {}
+    for step, relative in STEPS.items():
+        path = os.path.join(out, relative)
+        if not os.path.isfile(path):
+            raise UserError(f"--output_dir: {path} not found (run scripts/demo.sh {out} first)")
+        checkpoints[step] = (path, load_torch_file(path, "checkpoint"))
+    data = recorded_data(checkpoints, out)
+    model_name = args.model or data["model"]
+    if not model_name:
+        raise UserError(f"--model: the runs under {out} do not record their model; name it")
+    if data["model"] and model_name != data["model"]:
+        raise UserError(f"--model {model_name!r}: the runs under {out} recorded {data['model']!r}")
+    data_args = SimpleNamespace(**{k: data[k] for k in DATA_KEYS}, batch_size=64, num_workers=0, pin_mem=False,
+                                dist_eval=False, repeated_aug=False, seed=0, device="cpu")
     dataset_val, num_classes = build_dataset(False, data_args)
     _, loader = build_loaders(data_args, None, dataset_val, distributed=False)
-    arch = arch_of(args.model, num_classes=num_classes)
+    arch = arch_of(model_name, num_classes=num_classes, img_size=data["input_size"])
     device = torch.device("cpu")
+    data_name = data["data_set"] + (f" {data['data_path']}" if data["data_path"] else "")
 
-    unpruned = load_trained(arch, os.path.join(out, "1_pretrain", "best_checkpoint.pth"))
-    mask, pruned = load_masked_model(arch, os.path.join(out, "2_prune", "checkpoint_pruned_00.pth"))
-    finetuned = load_trained(arch, os.path.join(out, "3_finetune", "best_checkpoint.pth"))
+    unpruned = load_trained(arch, *checkpoints["unpruned"])
+    mask, pruned = load_masked_model(arch, checkpoints["pruned"][0])
+    finetuned = load_trained(arch, *checkpoints["finetuned"])
 
     def top1(model) -> float:
         return evaluate(loader, model.eval(), device, amp=False, print_fn=lambda _: None)["acc1"]
@@ -61,7 +105,7 @@ def main() -> None:
     rows = [
         "| | unpruned | SAViT 50% |",
         "|---|---|---|",
-        f"| top-1 (DIGITS val, {len(dataset_val)} images) | {acc['unpruned']:.2f}% | "
+        f"| top-1 ({data_name} val, {len(dataset_val)} images) | {acc['unpruned']:.2f}% | "
         f"{acc['pruned']:.2f}% right after pruning (exact, mask-aware) -> {acc['finetuned']:.2f}% after fine-tuning |",
         f"| MMACs | {macs_before / 1e6:.2f} | {macs_after / 1e6:.2f} ({1 - macs_after / macs_before:.1%} fewer) |",
         f"| params (M) | {params_before / 1e6:.3f} | {params_after / 1e6:.3f} ({1 - params_after / params_before:.1%} fewer) |",
