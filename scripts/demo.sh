@@ -6,7 +6,9 @@
 #   2. prune it to 50% FLOPs with SAViT              (main.py --need_hessian --pruning_method 2)
 #   3. fine-tune the smaller model, distilling from the model of step 1  (main_deploy.py)
 #   4. print accuracy, GMACs, params and measured CPU throughput before/after
-# Usage: bash scripts/demo.sh [OUTPUT_DIR]   (env: PYTHON, PRETRAIN_EPOCHS, FINETUNE_EPOCHS, FEED_PERCENT)
+# Usage: bash scripts/demo.sh [OUTPUT_DIR]
+#   env: PYTHON, PRETRAIN_EPOCHS, FINETUNE_EPOCHS, FEED_PERCENT, SEED (default 0),
+#        OVERWRITE=1 to replace an earlier demo in OUTPUT_DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-output/demo}"
@@ -17,11 +19,19 @@ FINETUNE_EPOCHS="${FINETUNE_EPOCHS:-20}"
 # (on ImageNet the reference scores ~4000 batches); from 4 batches its signs flip between seeds
 # and the search goes astray (logs/ablation_feed0.2.md)
 FEED_PERCENT="${FEED_PERCENT:-1.0}"
+SEED="${SEED:-0}"
 MODEL=deit_demo_patch8_32
 # one compute thread + one data-loading worker: the fastest use of 2 cores for a model this small
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 DATA=(--data-set DIGITS --input-size 32 --num_workers 1 --batch-size 64 --aa "" --reprob 0
-      --mixup 0 --cutmix 0 --hflip 0 --drop-path 0.05 --log_period 100)
+      --mixup 0 --cutmix 0 --hflip 0 --drop-path 0.05 --log_period 100 --seed "$SEED")
+# an earlier demo in $OUT is kept unless OVERWRITE=1 says to replace it
+if [ "${OVERWRITE:-0}" = 1 ]; then
+    DATA+=(--overwrite)
+elif [ -e "$OUT/1_pretrain" ] || [ -e "$OUT/2_prune" ] || [ -e "$OUT/3_finetune" ]; then
+    echo "error: $OUT already holds a demo run; pass another folder (bash scripts/demo.sh DIR) or OVERWRITE=1" >&2
+    exit 2
+fi
 # no weight EMA: its default decay (0.99996, a horizon of 25000 steps, made for ImageNet's 300 x 2500)
 # would not move in these runs of a few hundred steps, and the summary reads the trained weights anyway
 NO_EMA=(--no-model-ema)

@@ -24,10 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-import timm  # noqa: E402
-
-from utils import UserError, atomic_write_json, atomic_write_text, cli_entry  # noqa: E402
+from utils import UserError, atomic_write_json, atomic_write_text, cli_entry, environment_line  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # summary.json key -> label, in the order of the demo's table
@@ -49,24 +46,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="output/demo_spread/demo_spread.md",
                    help="markdown table (a .json with the numbers is written beside it)")
     return p.parse_args(argv)
-
-
-def environment_line() -> str:
-    """CPU model and vector extensions, cores, torch and timm versions: what the demo's numbers depend on."""
-    cpu, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    cpu = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-    except OSError:
-        pass
-    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return (f"{cpu} ({vector}), {os.cpu_count()} cores, torch {torch.__version__}, timm {timm.__version__}, "
-            f"Python {platform.python_version()}")
 
 
 def spread(values: List[float]) -> Dict[str, float]:
@@ -103,7 +82,9 @@ def main(args) -> None:
         print(f"seed {seed}: " + ", ".join(f"{k} {runs[seed][k]:g}" for k in METRICS), flush=True)
     stats = {k: spread([r[k] for r in runs.values()]) for k in METRICS}
     environment = environment_line()
+    first = next(iter(runs.values()))
     record = {"seeds": args.seeds, "environment": environment, "machine": platform.machine(),
+              "model": first["model"], "data_set": first["data_set"],
               "stats": stats, "runs": {str(s): r for s, r in runs.items()}}
     atomic_write_json(record, args.out[:-3] + ".json")
     lines = ["# Spread of `bash scripts/demo.sh` over seeds", "",

@@ -8,6 +8,7 @@ missing or disagree) with the project's own `engine.evaluate`, counts FLOPs with
 the table and writes it to `{output_dir}/summary.md`.
 """
 import argparse
+import json
 import os
 import sys
 from types import SimpleNamespace
@@ -22,7 +23,11 @@ from models import DeployDeiT, arch_of, gated_name_of  # noqa: E402
 from pruning.deploy import deploy_structure, load_masked_model  # noqa: E402
 from pruning.flops import mask_macs, mask_params  # noqa: E402
 from pruning.mask import PruneMask  # noqa: E402
-from utils import UserError, atomic_write_text, cli_entry, load_torch_file, state_dict_of  # noqa: E402
+from utils import (UserError, atomic_write_json, atomic_write_text, cli_entry, environment_line,  # noqa: E402
+                   load_torch_file, state_dict_of)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPREAD = os.path.join(REPO, "logs", "demo_spread.json")  # scripts/demo_spread.py on the reference machine
 
 STEPS = {"unpruned": os.path.join("1_pretrain", "best_checkpoint.pth"),
          "pruned": os.path.join("2_prune", "checkpoint_pruned_00.pth"),
@@ -61,6 +66,29 @@ def load_trained(arch, path: str, checkpoint: dict) -> DeployDeiT:
     model = DeployDeiT(arch, **deploy_structure(mask))
     model.load_state_dict(state_dict_of(checkpoint, path))
     return model
+
+
+def spread_lines(summary: dict, path: str) -> list:
+    """How this run compares with the committed spread of the demo over seeds (same data and model only)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        spread = json.load(f)
+    if spread.get("data_set") != summary["data_set"] or spread.get("model") != summary["model"]:
+        return []
+    lines = [f"compared with {len(spread['seeds'])} seeds of the demo on {spread['environment']} "
+             f"({os.path.relpath(path, REPO)}):"]
+    for key, label in (("acc_unpruned", "top-1 unpruned"), ("acc_pruned", "top-1 right after pruning"),
+                       ("acc_finetuned", "top-1 after fine-tuning")):
+        s = spread["stats"][key]
+        inside = s["min"] <= summary[key] <= s["max"]
+        lines.append(f"  {label}: {summary[key]:.2f}% here; {s['mean']:.2f} ± {s['std']:.2f} "
+                     f"({s['min']:.2f} - {s['max']:.2f}) there: "
+                     + ("inside that range" if inside else
+                        f"outside that range by {min(abs(summary[key] - s['min']), abs(summary[key] - s['max'])):.2f} "
+                        f"points (other CPUs and torch versions round differently; one image = "
+                        f"{100 / summary['val_images']:.2f} points)"))
+    return lines
 
 
 @cli_entry
@@ -122,8 +150,14 @@ def main() -> None:
         u, p = sorted(speeds["unpruned"])[1], sorted(speeds["pruned"])[1]
         rows.append(f"| CPU throughput, batch {batch}, {threads} thread(s) | {u:.0f} img/s | {p:.0f} img/s "
                     f"(speedup {p / u:.2f}x; FLOPs ratio {macs_before / macs_after:.2f}x) |")
-    table = "\n".join(rows)
+    summary = {"model": model_name, "data_set": data["data_set"], "val_images": len(dataset_val),
+               "environment": environment_line(), **{f"acc_{k}": v for k, v in acc.items()},
+               **{f"kept_{k}": v for k, v in kept.items()}, "reduction": 100 * (1 - macs_after / macs_before),
+               "macs_before": macs_before, "macs_after": macs_after,
+               "params_before": params_before, "params_after": params_after}
+    table = "\n".join(rows + ["", f"measured on {summary['environment']}"] + spread_lines(summary, SPREAD))
     print(table)
+    atomic_write_json(summary, os.path.join(out, "summary.json"))
     atomic_write_text(table + "\n", os.path.join(out, "summary.md"))
     print(f"\nall artefacts (checkpoints, logs, TensorBoard) are under {out}/; table saved to {out}/summary.md")
 
