@@ -174,6 +174,10 @@ def run_args() -> argparse.ArgumentParser:
                    help="device: cuda, cuda:N or cpu (default: cuda when available, else cpu)")
     g.add_argument("--seed", default=0, type=int, help="random seed (default: 0); fine-tuning ranks use seed + rank, the pruning pass one seed for all")
     g.add_argument("--resume", default="", help="resume from this checkpoint")
+    g.add_argument("--trust_checkpoint", action="store_true",
+                   help="load checkpoints (--finetune, --masked_model, --resume, --teacher-path) that need full "
+                        "unpickling: this RUNS CODE FROM THE FILE, so use it only for files you trust (default: "
+                        "off, tensors and plain values only)")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch (set by --resume)")
     g.add_argument("--eval", action="store_true", help="evaluate only")
     g.add_argument("--dist-eval", action="store_true", default=False,

@@ -244,6 +244,34 @@ def measure_throughput(model: nn.Module, batch_size: int, img_size: int, device:
 CHECKPOINT_FORMAT_VERSION = 1
 
 
+def plain_args(args) -> dict:
+    """The run's flags as plain Python values (str/int/float/bool/None, lists and dicts of them),
+    so that a checkpoint holding them loads with `torch.load(weights_only=True)`; anything else
+    (a device, a NumPy scalar, a Namespace) is stored as its text."""
+    import numbers
+
+    import numpy as np
+
+    def plain(value):
+        if value is None:
+            return None
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        if isinstance(value, numbers.Integral):  # NumPy integers too
+            return int(value)
+        if isinstance(value, numbers.Real):
+            return float(value)
+        if isinstance(value, str):
+            return str(value)
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        return str(value)
+
+    return plain(dict(vars(args)) if not isinstance(args, dict) else args)
+
+
 def checkpoint_state(model: nn.Module, mask, optimizer, lr_scheduler, loss_scaler, model_ema, epoch: int,
                      max_accuracy: float, args) -> dict:
     """Everything `--resume` needs to continue a fine-tuning run (timm/DeiT keys plus the mask)."""
@@ -258,7 +286,7 @@ def checkpoint_state(model: nn.Module, mask, optimizer, lr_scheduler, loss_scale
         "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
         "epoch": epoch,
         "max_accuracy": max_accuracy,
-        "args": vars(args),
+        "args": plain_args(args),
     }
 
 

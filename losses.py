@@ -140,25 +140,58 @@ def _classifier_key(model: nn.Module) -> Optional[str]:
     return None
 
 
-def build_teacher(model_name: str, path: str, num_classes: int, device: torch.device) -> nn.Module:
+def _plain_teacher(model_name: str, checkpoint, state: dict, num_classes: int, path: str):
+    """(teacher model, its state dict). Teachers are never gated: a project DeiT name builds
+    the plain DeiT (timm's key names); a gated checkpoint (main.py's) is sliced to its deploy
+    model and a fine-tuned pruned checkpoint (main_deploy.py's) gets its mask's structure
+    (and the input size the checkpoint records)."""
+    from models import DeployDeiT, arch_of, create_model, is_project_model
+    from models.loading import _is_gate_key
+    from pruning.deploy import deploy_state_dict, deploy_structure, recorded_arch
+    from pruning.mask import PruneMask
+
+    if not is_project_model(model_name):
+        return create_model(model_name, num_classes=num_classes), state
+    recorded = recorded_arch(checkpoint, path)  # our checkpoints record the input size they were made for
+    arch = arch_of(model_name, num_classes=num_classes, img_size=recorded.img_size if recorded else None)
+    mask = None
+    if any(_is_gate_key(k) for k in state):
+        mask = PruneMask.from_checkpoint(checkpoint, path)
+    elif isinstance(checkpoint, dict) and isinstance(checkpoint.get("mask"), dict):
+        mask = PruneMask.from_dict(checkpoint["mask"], path)
+    if mask is not None:
+        try:
+            mask.check_fits(arch)
+        except UserError as err:
+            raise UserError(f"--teacher-path {path!r} does not fit --teacher-model {model_name}: {err}") from None
+        if any(_is_gate_key(k) for k in state):
+            state = deploy_state_dict(mask, state)
+    return DeployDeiT(arch, **(deploy_structure(mask) if mask is not None else {})), state
+
+
+def build_teacher(model_name: str, path: str, num_classes: int, device: torch.device,
+                  trust: bool = False) -> nn.Module:
     """The distillation teacher: built by name, loaded from `path`, frozen, in eval mode, on `device`.
 
     Args:
-        model_name: any name `models.create_model` resolves (timm's `regnety_160`, a project DeiT...).
+        model_name: any name `models.create_model` resolves (timm's `regnety_160`, a project DeiT
+            name such as `deit_tiny_patch16_224`, built ungated: see `_plain_teacher`).
         path: a state dict or `{'model': state_dict}` file.
         num_classes: the data set's class count; the teacher must predict as many.
         device: where the teacher runs.
+        trust: allow a file that needs full unpickling (`--trust_checkpoint`).
 
     Raises:
-        UserError: no path, unreadable file, class-count mismatch, or weights that do
+        UserError: no path, unreadable or refused file, class-count mismatch, or weights that do
             not fit the architecture (missing/unexpected keys or shapes).
     """
-    from models import create_model
-
     if not path:
         raise UserError("distillation needs --teacher-path (the teacher's weights)")
-    teacher = create_model(model_name, num_classes=num_classes)
-    state = state_dict_of(load_torch_file(path, what="--teacher-path"), path)
+    checkpoint = load_torch_file(path, what="--teacher-path", trust=trust)
+    try:
+        teacher, state = _plain_teacher(model_name, checkpoint, state_dict_of(checkpoint, path), num_classes, path)
+    except UserError as err:
+        raise UserError(str(err) if str(err).startswith("--teacher") else f"--teacher-path: {err}") from None
     head_key = _classifier_key(teacher)
     if head_key is not None and head_key in state and state[head_key].shape[0] != num_classes:
         raise UserError(f"--teacher-path {path!r} predicts {state[head_key].shape[0]} classes but the data set "

@@ -18,7 +18,7 @@ import torch
 
 from args import common_parents, validate_common
 from datasets import build_dataset, build_loaders, build_mixup
-from engine import evaluate
+from engine import evaluate, plain_args
 from losses import build_base_criterion
 from models import arch_of, create_model, gated_name_of, is_deploy_name, list_models
 from models.loading import load_pretrained
@@ -104,7 +104,7 @@ def build_gated_model(args, num_classes: int):
                          drop_path_rate=args.drop_path, mask_aware_norm=args.mask_aware_norm)
     if args.finetune:
         try:
-            load_pretrained(model, args.finetune)
+            load_pretrained(model, args.finetune, trust=args.trust_checkpoint)
         except UserError as err:  # name the flag in every loading error
             raise UserError(str(err) if str(err).startswith("--finetune") else f"--finetune: {err}") from None
     return model
@@ -137,8 +137,13 @@ def score(args, model, dataset_train, num_classes: int, device, log):
 
 
 def write_outputs(args, model, mask, report, criteria, interactions, log) -> None:
-    """Rank 0: pickles, mask JSON, report, and the gated checkpoint with 0/1 gates (all atomic)."""
+    """Rank 0: pickles, mask JSON, report, and the gated checkpoint with 0/1 gates (all atomic).
+
+    The checkpoint holds tensors and plain values only (it loads with `weights_only=True`);
+    the mask records the model's class count and input size, so every tool counts the same.
+    """
     out = args.output_dir
+    mask.for_model(model.arch.num_classes, model.arch.img_size)
     if not args.pruning_pickle_from:
         for path in save_pickles(out, args.pruning_method, criteria, interactions):
             log(f"wrote {path}")
@@ -146,7 +151,7 @@ def write_outputs(args, model, mask, report, criteria, interactions, log) -> Non
     atomic_write_json(report, os.path.join(out, REPORT_NAME))
     mask.apply_to(model)
     checkpoint = {"model": model.state_dict(), "mask": mask.to_dict(), "arch": model.arch.to_dict(),
-                  "args": vars(args), "format_version": 1}
+                  "args": plain_args(args), "format_version": 1}
     atomic_torch_save(checkpoint, os.path.join(out, CHECKPOINT_NAME))
     log(f"wrote {os.path.join(out, CHECKPOINT_NAME)} (gated model, 0/1 gates) and {os.path.join(out, MASK_NAME)}")
 

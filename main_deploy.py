@@ -63,7 +63,7 @@ def build_student(args, arch, resume_checkpoint):
     """(mask, deploy model) from --masked_model, --resume or --finetune (in that order of authority)."""
     if args.masked_model:
         try:
-            mask, model = load_masked_model(arch, args.masked_model, args.finetune)
+            mask, model = load_masked_model(arch, args.masked_model, args.finetune, trust=args.trust_checkpoint)
         except UserError as err:  # name the flags: the file may be fine, just not for this --model
             if str(err).startswith("--masked_model"):
                 raise
@@ -79,7 +79,7 @@ def build_student(args, arch, resume_checkpoint):
         mask = PruneMask.full(arch, model=gated_name_of(args.model))
         model = DeployDeiT(arch)
         if args.finetune:
-            load_pretrained(model, args.finetune)
+            load_pretrained(model, args.finetune, trust=args.trust_checkpoint)
     mask.model = mask.model or gated_name_of(args.model)
     return mask, model
 
@@ -225,7 +225,8 @@ def main(args) -> None:
     dataset_train = build_dataset(True, args)[0] if training else None
     arch = arch_of(args.model, img_size=args.input_size, num_classes=num_classes, drop_rate=args.drop,
                    drop_path_rate=args.drop_path)
-    resume_checkpoint = load_torch_file(args.resume, "--resume checkpoint") if args.resume else None
+    resume_checkpoint = (load_torch_file(args.resume, "--resume checkpoint", trust=args.trust_checkpoint)
+                         if args.resume else None)
     if resume_checkpoint is not None and not isinstance(resume_checkpoint, dict):
         raise UserError(f"--resume {args.resume!r} is not a training checkpoint (expected a dict)")
     mask, model = build_student(args, arch, resume_checkpoint)
@@ -234,7 +235,8 @@ def main(args) -> None:
         del resume_checkpoint["model"]  # loaded; no second copy of the weights for the whole run
     teacher = None
     if training and args.distillation_type != "none":
-        teacher = build_teacher(args.teacher_model, args.teacher_path, num_classes, device)
+        teacher = build_teacher(args.teacher_model, args.teacher_path, num_classes, device,
+                                trust=args.trust_checkpoint)
     loader_train, loader_val = build_loaders(args, dataset_train, dataset_val, args.distributed)
 
     logger = setup_logging(args.output_dir if args.log == "same" else args.log, "savit.deploy")

@@ -78,12 +78,14 @@ def check_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module, path: str)
         raise UserError(f"checkpoint {path!r} does not fit the model (shape mismatch: {_fmt(bad, 3)})")
 
 
-def load_pretrained(model: nn.Module, path: str) -> Dict[str, torch.Tensor]:
+def load_pretrained(model: nn.Module, path: str, trust: bool = False) -> Dict[str, torch.Tensor]:
     """Load a DeiT checkpoint file (a state dict or {'model': state_dict}) into `model`.
 
+    `trust` (`--trust_checkpoint`) allows a file that needs full unpickling.
     Returns the adapted state dict that was loaded.
     """
-    sd = adapt_state_dict(state_dict_of(load_torch_file(path, "--finetune checkpoint"), path), model, path)
+    checkpoint = load_torch_file(path, "--finetune checkpoint", trust=trust)
+    sd = adapt_state_dict(state_dict_of(checkpoint, path), model, path)
     check_keys(sd, model, path)
     model.load_state_dict(sd, strict=True)
     return sd

@@ -2,7 +2,7 @@
 
 `deploy_state_dict` is a pure function: it slices tensors and touches no model.
 """
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -104,14 +104,32 @@ def build_deploy_model(arch: DeiTArch, mask: PruneMask, gated_state_dict: Dict[s
     return model
 
 
-def load_masked_model(arch: DeiTArch, masked_model: str, weights: str = "") -> Tuple[PruneMask, DeployDeiT]:
+def recorded_arch(checkpoint, source: str = "") -> Optional[DeiTArch]:
+    """The `arch` a checkpoint of this project records (None when it records none)."""
+    from utils import UserError
+
+    d = checkpoint.get("arch") if isinstance(checkpoint, dict) else None
+    if not isinstance(d, dict):
+        return None
+    try:
+        return DeiTArch(**d)
+    except TypeError as err:
+        raise UserError(f"checkpoint {source!r}: its 'arch' entry is not a DeiT architecture ({err})") from None
+
+
+def load_masked_model(arch: Optional[DeiTArch], masked_model: str, weights: str = "",
+                      trust: bool = False) -> Tuple[PruneMask, DeployDeiT]:
     """The deploy model of `--masked_model`, with its weights.
 
     Args:
-        arch: architecture of the unpruned model the mask was made for.
+        arch: architecture of the unpruned model the mask was made for; None: the `arch`
+            the checkpoint records. A checkpoint's classifier must have `arch.num_classes`
+            outputs (a mismatch is an error, never a silently new classifier).
         masked_model: a gated checkpoint (ours or the reference's `checkpoint_pruned_00.pth`:
             mask and weights in one file) or a mask JSON file.
-        weights: with a mask JSON, the file holding the gated or plain DeiT weights to slice.
+        weights: with a mask JSON, the file holding the gated or plain DeiT weights to slice
+            (starting weights: a classifier of another size is replaced, as with --finetune).
+        trust: allow files that need full unpickling (`--trust_checkpoint`).
 
     Returns:
         (mask, model).
@@ -123,15 +141,27 @@ def load_masked_model(arch: DeiTArch, masked_model: str, weights: str = "") -> T
     if masked_model.endswith(".json"):
         if not weights:
             raise UserError(f"--masked_model {masked_model!r} is a mask JSON: pass the weights to slice with --finetune")
+        if arch is None:
+            raise UserError(f"--masked_model {masked_model!r} is a mask JSON: the model's architecture must be given")
         mask = PruneMask.load(masked_model)
         source = weights
-        checkpoint = load_torch_file(source, "weights")
+        checkpoint = load_torch_file(source, "weights", trust=trust)
     else:
         source = masked_model
-        checkpoint = load_torch_file(source, "--masked_model")
+        checkpoint = load_torch_file(source, "--masked_model", trust=trust)
         mask = PruneMask.from_checkpoint(checkpoint, source)
+        recorded = recorded_arch(checkpoint, source)
+        if arch is None:
+            if recorded is None:
+                raise UserError(f"--masked_model {source!r} records no architecture ('arch'): pass the model's")
+            arch = recorded
+        head = state_dict_of(checkpoint, source).get("head.weight")
+        classes = head.shape[0] if head is not None else (recorded.num_classes if recorded is not None else None)
+        if classes is not None and classes != arch.num_classes:
+            raise UserError(f"--masked_model {source!r} was trained for {classes} classes but {arch.num_classes} "
+                            f"are requested (num_classes / the data set's class count)")
     mask.check_fits(arch)
-    # the weights go through the same checks and pos_embed/classifier adaptation as any DeiT checkpoint
+    # the weights go through the same checks and pos_embed adaptation as any DeiT checkpoint
     reference = GatedDeiT(arch)
     sd = adapt_state_dict(state_dict_of(checkpoint, source), reference, source)
     check_keys(sd, reference, source)

@@ -123,25 +123,45 @@ def format_table(arch: DeiTArch, mask: Optional[PruneMask]) -> List[str]:
     return lines
 
 
+def arch_for_mask(name: str, mask: Optional[PruneMask], img_size: Optional[int] = None,
+                  num_classes: Optional[int] = None, log=print) -> DeiTArch:
+    """The architecture to count `mask` on: the class count and input size the mask records
+    (main.py writes them), unless given explicitly (then the given values win, and a conflict is
+    logged); the model's defaults for what neither gives."""
+    from models import arch_of
+
+    chosen = {}
+    for key, given in (("num_classes", num_classes), ("img_size", img_size)):
+        recorded = getattr(mask, key, None) if mask is not None else None
+        if given is not None and recorded is not None and given != recorded:
+            log(f"note: {key} {given} given explicitly; the mask records {recorded} (counting with {given})")
+        chosen[key] = given if given is not None else recorded
+    return arch_of(name, **chosen)
+
+
 def _main(argv=None) -> None:
-    from models import arch_of, gated_name_of, list_models
+    from models import gated_name_of, list_models
     from utils import UserError
 
     parser = argparse.ArgumentParser(description="Print FLOPs (MACs) and params of a DeiT before/after pruning.")
     parser.add_argument("--model", default="deit_base_patch16_224", help="gated or _deploy model name")
     parser.add_argument("--mask", default="", help="mask JSON or gated checkpoint (checkpoint_pruned_00.pth)")
-    parser.add_argument("--input-size", type=int, default=None, help="image size (default: the model's)")
-    parser.add_argument("--nb-classes", type=int, default=None, help="classes of the classifier (default: the model's)")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="image size (default: the one the mask records, else the model's)")
+    parser.add_argument("--nb-classes", type=int, default=None,
+                        help="classes of the classifier (default: the count the mask records, else the model's)")
     parser.add_argument("--ptflops", action="store_true", help="also count the deploy model with ptflops")
+    parser.add_argument("--trust_checkpoint", action="store_true",
+                        help="read a --mask checkpoint that needs full unpickling (RUNS CODE FROM THE FILE)")
     args = parser.parse_args(argv)
     name = gated_name_of(args.model)
     if name not in list_models():
         raise UserError(f"--model {args.model!r} is not a DeiT of this project; choose from {', '.join(list_models())}")
-    arch = arch_of(name, img_size=args.input_size, num_classes=args.nb_classes)
-    mask = PruneMask.load(args.mask) if args.mask else None
+    mask = PruneMask.load(args.mask, trust=args.trust_checkpoint) if args.mask else None
+    arch = arch_for_mask(name, mask, img_size=args.input_size, num_classes=args.nb_classes)
     if mask is not None:
         mask.check_fits(arch)
-    print(f"model {name}  tokens {arch.num_tokens}  mask {args.mask or '(none: unpruned)'}")
+    print(f"model {name}  tokens {arch.num_tokens}  classes {arch.num_classes}  mask {args.mask or '(none: unpruned)'}")
     for line in format_table(arch, mask):
         print(line)
     if args.ptflops:

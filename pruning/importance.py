@@ -45,7 +45,6 @@ draws, at a memory cost proportional to the chunk size.
 """
 import math
 import os
-import pickle
 import random
 import time
 from contextlib import contextmanager
@@ -58,7 +57,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from models.deit_base import DeiTArch
-from utils import UserError, atomic_write_pickle
+from utils import UserError, atomic_write_pickle, load_numpy_pickle
 
 COMPONENTS = ("heads", "mlp", "embed")  # component (layer) 0, 1, 2 of the reference
 METHODS = (1, 2, 3, 4)
@@ -468,11 +467,13 @@ def _load_array(path: str, shape: Tuple[int, ...], what: str, flag: str) -> torc
     if not os.path.isfile(path):
         raise UserError(f"{flag}: {what} file not found: {path}")
     try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f)
-        array = np.asarray(obj, dtype=np.float64)
+        array = np.asarray(load_numpy_pickle(path), dtype=np.float64)  # numpy arrays only: no code runs
+    except UserError as err:
+        raise UserError(f"{flag}: {err}") from None
     except Exception as err:  # unpickling errors of any kind, ragged lists
         raise UserError(f"{flag}: {path} is not a readable {what} pickle ({type(err).__name__}: {err})")
+    if array.shape == (1, *shape):  # the reference's list of per-layer arrays, one layer
+        array = array[0]
     if array.shape != tuple(shape):
         raise UserError(f"{flag}: {path} holds shape {list(array.shape)}, this model expects {list(shape)} "
                         f"(pickles of another model?)")

@@ -6,7 +6,12 @@ One explicit format, saved as JSON and validated on load:
      "embed_dim": 768, "depth": 12, "num_heads": 12, "head_dim": 64, "mlp_hidden": 3072,
      "heads": [[kept head indices of block 0], ...],
      "mlp":   [[kept neuron indices of block 0], ...],
-     "embed": [kept embedding channels]}
+     "embed": [kept embedding channels],
+     "num_classes": 1000, "img_size": 224}
+
+`num_classes` and `img_size` (optional: older masks lack them) record the classifier size
+and input size of the model the mask was made on, so that every tool counts the same
+parameters and FLOPs for one mask; they do not change which units are kept.
 
 It can also be read from a gated checkpoint (gate values 0/1, e.g. the reference's
 `checkpoint_pruned_00.pth`); it is never guessed from zero weights.
@@ -14,7 +19,7 @@ It can also be read from a gated checkpoint (gate values 0/1, e.g. the reference
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -43,6 +48,9 @@ class PruneMask:
     embed: List[int]
     model: str = ""
     source: str = field(default="", compare=False)
+    # the model the mask was made on (context for counts, not part of the mask itself)
+    num_classes: Optional[int] = field(default=None, compare=False)
+    img_size: Optional[int] = field(default=None, compare=False)
 
     # -- construction ------------------------------------------------------------
     @classmethod
@@ -108,15 +116,18 @@ class PruneMask:
             mask = cls(embed_dim=int(d["embed_dim"]), depth=int(d["depth"]), num_heads=int(d["num_heads"]),
                        head_dim=int(d["head_dim"]), mlp_hidden=int(d["mlp_hidden"]),
                        heads=[[int(i) for i in b] for b in d["heads"]], mlp=[[int(i) for i in b] for b in d["mlp"]],
-                       embed=[int(i) for i in d["embed"]], model=str(d.get("model", "")), source=source)
+                       embed=[int(i) for i in d["embed"]], model=str(d.get("model", "")), source=source,
+                       num_classes=_optional_positive(d, "num_classes", where),
+                       img_size=_optional_positive(d, "img_size", where))
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{where}: malformed mask ({type(err).__name__}: {err})")
         mask.validate()
         return mask
 
     @classmethod
-    def load(cls, path: str) -> "PruneMask":
-        """Read a mask from a JSON file or from a gated checkpoint (`.pth`)."""
+    def load(cls, path: str, trust: bool = False) -> "PruneMask":
+        """Read a mask from a JSON file or from a gated checkpoint (`.pth`; `trust`: see
+        `utils.load_torch_file`)."""
         if not path or not os.path.isfile(path):
             raise UserError(f"mask file not found: {path!r}")
         with open(path, "rb") as f:
@@ -128,21 +139,38 @@ class PruneMask:
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise UserError(f"mask file {path!r} is not valid JSON ({err})")
             return cls.from_dict(d, source=path)
-        return cls.from_checkpoint(load_torch_file(path, "masked model"), source=path)
+        return cls.from_checkpoint(load_torch_file(path, "masked model", trust=trust), source=path)
 
     @classmethod
     def from_checkpoint(cls, checkpoint, source: str = "") -> "PruneMask":
         """The mask of a loaded checkpoint: its explicit 'mask' entry, else its 0/1 gates."""
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get("mask"), dict):
             return cls.from_dict(checkpoint["mask"], source=source)
-        return cls.from_gate_state_dict(state_dict_of(checkpoint, source), source=source)
+        mask = cls.from_gate_state_dict(state_dict_of(checkpoint, source), source=source)
+        arch = checkpoint.get("arch") if isinstance(checkpoint, dict) else None
+        if isinstance(arch, dict):  # a gated checkpoint without a mask entry may still record its model
+            mask.num_classes = _optional_positive(arch, "num_classes", source or "checkpoint")
+            mask.img_size = _optional_positive(arch, "img_size", source or "checkpoint")
+        return mask
 
     # -- output ------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"format": MASK_FORMAT, "version": MASK_VERSION, "model": self.model,
-                "embed_dim": self.embed_dim, "depth": self.depth, "num_heads": self.num_heads,
-                "head_dim": self.head_dim, "mlp_hidden": self.mlp_hidden,
-                "heads": self.heads, "mlp": self.mlp, "embed": self.embed}
+        """Plain Python values only (ints, str, lists): safe for JSON and `torch.load(weights_only=True)`."""
+        d = {"format": MASK_FORMAT, "version": MASK_VERSION, "model": str(self.model),
+             "embed_dim": int(self.embed_dim), "depth": int(self.depth), "num_heads": int(self.num_heads),
+             "head_dim": int(self.head_dim), "mlp_hidden": int(self.mlp_hidden),
+             "heads": [[int(i) for i in b] for b in self.heads], "mlp": [[int(i) for i in b] for b in self.mlp],
+             "embed": [int(i) for i in self.embed]}
+        for key in ("num_classes", "img_size"):
+            if getattr(self, key) is not None:
+                d[key] = int(getattr(self, key))
+        return d
+
+    def for_model(self, num_classes: Optional[int], img_size: Optional[int]) -> "PruneMask":
+        """Record the classifier size and input size of the model this mask belongs to (returns self)."""
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self.img_size = None if img_size is None else int(img_size)
+        return self
 
     def to_json(self) -> str:
         """JSON text with one line per block (index lists are long: 3072 neurons a block in DeiT-B)."""
@@ -217,6 +245,15 @@ class PruneMask:
             lines.append(f"block {i:2d}: heads pruned {self.num_heads - len(self.heads[i])}/{self.num_heads}, "
                          f"mlp pruned {self.mlp_hidden - len(self.mlp[i])}/{self.mlp_hidden}")
         return lines
+
+
+def _optional_positive(d: dict, key: str, where: str) -> Optional[int]:
+    value = d.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{where}: {key} must be a positive integer, got {value!r}")
+    return value
 
 
 def _check_indices(idx: List[int], n: int, what: str) -> None:

@@ -175,7 +175,8 @@ def test_build_teacher_loads_freezes_and_checks(tmp_path):
     teacher = build_teacher("deit_test_patch8_32", str(path), 7, torch.device("cpu"))
     assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
     for name, value in source.state_dict().items():
-        assert torch.equal(teacher.state_dict()[name], value), name
+        if "gate" not in name:  # a teacher is never gated (all-ones gates: the plain model)
+            assert torch.equal(teacher.state_dict()[name], value), name
     torch.save(source.state_dict(), tmp_path / "plain.pth")  # a bare state dict works too
     build_teacher("deit_test_patch8_32", str(tmp_path / "plain.pth"), 7, torch.device("cpu"))
 
