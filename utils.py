@@ -78,7 +78,7 @@ def _fsync(path: str) -> None:
 # Temporary files of `_atomic_write`: ".tmp_{name}.{pid}.{random}.partial" beside the target,
 # so that a later run can recognise (and remove) those left behind by a killed writer.
 TEMP_PREFIX, TEMP_SUFFIX = ".tmp_", ".partial"
-_TEMP_NAME = re.compile(r"^\.tmp_(?P<target>.+)\.(?P<pid>\d+)\.[a-z0-9_]+\.partial$")
+_TEMP_NAME = re.compile(rf"^{re.escape(TEMP_PREFIX)}(?P<target>.+)\.(?P<pid>\d+)\.[a-z0-9_]+{re.escape(TEMP_SUFFIX)}$")
 
 
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
