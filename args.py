@@ -13,6 +13,7 @@ Nothing is parsed at import time.
 """
 import argparse
 import math
+import os
 from typing import List
 
 import torch
@@ -170,6 +171,9 @@ def run_args() -> argparse.ArgumentParser:
     p = _parser()
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default="./output", help="where to save; empty for no saving (default: ./output)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="write into an --output_dir that holds an earlier run's checkpoint, replacing its files "
+                        "(without it such a run is refused)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device: cuda, cuda:N or cpu (default: cuda when available, else cpu)")
     g.add_argument("--seed", default=0, type=int, help="random seed (default: 0); fine-tuning ranks use seed + rank, the pruning pass one seed for all")
@@ -236,6 +240,30 @@ def _in_unit(value: float, closed_top: bool = True) -> bool:
     return math.isfinite(value) and 0 <= value and (value <= 1 if closed_top else value < 1)
 
 
+def check_output_folder(flag: str, path: str) -> None:
+    """`path` is a folder or can be made one: neither it nor a parent is a file."""
+    if not path:
+        return
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        what = "is a file" if probe == os.path.abspath(path) else f"lies under the file {probe!r}"
+        raise UserError(f"{flag} {path!r} {what}; expected a folder (existing or to create)")
+
+
+def _check_input_size(args) -> None:
+    """--input-size must be a multiple of the patch size of a known --model."""
+    from models import arch_of, gated_name_of, list_models
+
+    model = getattr(args, "model", None)
+    if not model or gated_name_of(model) not in list_models():
+        return  # an unknown model is reported by the script's own check
+    patch = arch_of(model).patch_size
+    _check(args.input_size % patch == 0,
+           f"--input-size {args.input_size} is not a multiple of the patch size {patch} of --model {model}")
+
+
 def validate_common(args) -> None:
     """Reject obviously bad values of the shared flags with one `UserError` naming the flag.
 
@@ -250,6 +278,7 @@ def validate_common(args) -> None:
     """
     _check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
     _check(args.input_size >= 1, f"--input-size must be >= 1, got {args.input_size}")
+    _check_input_size(args)
     _check(args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}")
     _check(0 <= args.start_epoch, f"--start_epoch must be >= 0, got {args.start_epoch}")
     _check(math.isfinite(args.lr) and args.lr > 0, f"--lr must be > 0, got {args.lr}")
@@ -299,6 +328,9 @@ def validate_common(args) -> None:
     _check(args.save_freq >= 1, f"--save_freq must be >= 1, got {args.save_freq}")
     _check(args.world_size >= 1, f"--world_size must be >= 1, got {args.world_size}")
     _check(0 <= args.seed < 2**32, f"--seed must be in [0, 2**32), got {args.seed}")
+    check_output_folder("--output_dir", args.output_dir)
+    if args.log != "same":
+        check_output_folder("--log", args.log)
     _check(_in_unit(args.pruning_flops_percentage, closed_top=False),
            f"--pruning_flops_percentage must be in [0, 1), got {args.pruning_flops_percentage}")
     try:

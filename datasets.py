@@ -15,7 +15,7 @@ from functools import lru_cache
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.data import Mixup, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
@@ -171,7 +171,33 @@ def _class_folders(root: str) -> List[str]:
     return classes
 
 
-def _image_folder(data_path: str, is_train: bool, transform: Callable):
+class ImageLoader:
+    """torchvision's image loader, turning an unreadable image into a `UserError` that names it.
+
+    A corrupt or truncated file otherwise stops a run with a PIL traceback (from a
+    DataLoader worker, wrapped in a second one). Picklable, for spawned workers.
+
+    Args:
+        what: where the images are met, e.g. "training set" (part of the message).
+    """
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __call__(self, path: str):
+        try:
+            img = default_loader(path)
+        except UnidentifiedImageError:
+            reason = "not an image format PIL can identify"
+        except (OSError, SyntaxError, ValueError) as err:  # e.g. "image file is truncated"
+            reason = " ".join(str(err).split()) or type(err).__name__
+        else:
+            return img
+        raise UserError(f"--data-path: cannot read image {path!r} of the {self.what} ({reason}); "
+                        f"expected a readable image file (remove or replace it)")
+
+
+def _image_folder(data_path: str, is_train: bool, transform: Callable, what: str):
     from torchvision.datasets import ImageFolder
 
     if not data_path:
@@ -186,7 +212,7 @@ def _image_folder(data_path: str, is_train: bool, transform: Callable):
             raise UserError(f"--data-path: the class folders of {root!r} differ from those of train/ "
                             f"(only in train: {only_train}, only in val: {only_val})")
     try:
-        dataset = ImageFolder(root, transform=transform)
+        dataset = ImageFolder(root, transform=transform, loader=ImageLoader(what))
     except FileNotFoundError as err:
         raise UserError(f"--data-path: no images in {root!r} ({err})") from None
     if len(dataset) == 0:
@@ -225,9 +251,9 @@ class INatDataset(Dataset):
     """
 
     def __init__(self, root: str, train: bool, year: int, category: str = "name",
-                 transform: Optional[Callable] = None):
+                 transform: Optional[Callable] = None, what: str = ""):
         self.transform = transform
-        self.loader = default_loader
+        self.loader = ImageLoader(what or ("training set" if train else "validation set"))
 
         def read(name: str):
             path = os.path.join(root, name)
@@ -270,31 +296,35 @@ class INatDataset(Dataset):
         return img, target
 
 
-def build_dataset(is_train: bool, args) -> Tuple[Dataset, int]:
+def build_dataset(is_train: bool, args, what: Optional[str] = None) -> Tuple[Dataset, int]:
     """The training or validation set named by `--data-set`, with DeiT's transforms.
 
     Args:
         is_train: training split (with training transforms) or validation split.
         args: namespace with data_set, data_path, input_size, inat_category and the
             augmentation flags read by `build_transform`.
+        what: how an unreadable image's error names the set (default "training set" /
+            "validation set").
 
     Returns:
         `(dataset, num_classes)`; for IMNET the class count is that of train/.
 
     Raises:
-        UserError: missing or empty folders or files, naming them.
+        UserError: missing or empty folders or files, naming them (and, when read, an
+            unreadable image).
     """
     transform = build_transform(is_train, args)
+    what = what or ("training set" if is_train else "validation set")
     name = args.data_set
     if name == "IMNET":
-        return _image_folder(args.data_path, is_train, transform)
+        return _image_folder(args.data_path, is_train, transform, what)
     if name == "CIFAR":
         return _cifar100(args.data_path, is_train, transform)
     if name in ("INAT", "INAT19"):
         if not args.data_path:
             raise UserError(f"--data-path is required for --data-set {name}")
         dataset = INatDataset(args.data_path, train=is_train, year=2018 if name == "INAT" else 2019,
-                              category=args.inat_category, transform=transform)
+                              category=args.inat_category, transform=transform, what=what)
         return dataset, dataset.nb_classes
     if name == "DIGITS":
         return DigitsDataset(train=is_train, image_size=args.input_size, transform=transform), 10

@@ -25,11 +25,13 @@ from models.loading import load_pretrained
 from pruning.deploy import deploy_structure
 from pruning.feed import feed_batches
 from pruning.flops import format_table, mask_macs, mask_params, ptflops_macs
-from pruning.importance import PruningScorer, all_reduce_state, load_pickles, save_pickles
+from pruning.importance import (HESSIAN_FILE, PruningScorer, all_reduce_state, criteria_filename, load_pickles,
+                                save_pickles)
 from pruning.mask import PruneMask
 from pruning.search import SearchOptions, check_target_reachable, normalize_by_layer, prune
-from utils import (UserError, all_reduce_sum, atomic_torch_save, atomic_write_json, cleanup_distributed,
-                   cli_entry, init_distributed_mode, is_main_process, set_seed, setup_logging)
+from utils import (UserError, all_reduce_sum, atomic_copy, atomic_torch_save, atomic_write_json, cleanup_distributed,
+                   cli_entry, error_line, init_distributed_mode, is_main_process, prepare_output_dir,
+                   refuse_to_clobber, set_seed, setup_logging)
 
 CHECKPOINT_NAME = "checkpoint_pruned_00.pth"
 MASK_NAME = "mask.json"
@@ -136,6 +138,19 @@ def score(args, model, dataset_train, num_classes: int, device, log):
     return criteria, interactions
 
 
+def copy_pickles(src: str, dst: str, method: int) -> list:
+    """Copy the criteria pickles of `method` and hessian.pickle (when there) from `src` to `dst`, atomically."""
+    if os.path.isdir(dst) and os.path.samefile(src, dst):
+        return []
+    names = [criteria_filename(method, layer) for layer in range(3)] + [HESSIAN_FILE]
+    copied = []
+    for name in names:
+        if os.path.isfile(os.path.join(src, name)):
+            atomic_copy(os.path.join(src, name), os.path.join(dst, name))
+            copied.append(os.path.join(dst, name))
+    return copied
+
+
 def write_outputs(args, model, mask, report, criteria, interactions, log) -> None:
     """Rank 0: pickles, mask JSON, report, and the gated checkpoint with 0/1 gates (all atomic).
 
@@ -147,6 +162,9 @@ def write_outputs(args, model, mask, report, criteria, interactions, log) -> Non
     if not args.pruning_pickle_from:
         for path in save_pickles(out, args.pruning_method, criteria, interactions):
             log(f"wrote {path}")
+    else:  # the new folder can serve as --pruning_pickle_from too
+        for path in copy_pickles(args.pruning_pickle_from, out, args.pruning_method):
+            log(f"copied {path} from {args.pruning_pickle_from}")
     mask.save_json(os.path.join(out, MASK_NAME))
     atomic_write_json(report, os.path.join(out, REPORT_NAME))
     mask.apply_to(model)
@@ -197,9 +215,10 @@ def run_pruning(args, model, dataset_train, num_classes, device, log, pickles=No
 @cli_entry
 def main(args) -> None:
     # every input is checked before anything is written: a bad flag, file or data folder
-    # leaves --output_dir untouched
-    validate_common(args)
+    # leaves --output_dir untouched. Own checks first: --pruning_flops_percentage has a
+    # narrower range here, (0, 1), than validate_common's [0, 1)
     validate_pruning_args(args)
+    validate_common(args)
     init_distributed_mode(args)
     device = torch.device(args.device)
     set_seed(args.seed)
@@ -212,19 +231,25 @@ def main(args) -> None:
             pickles = load_pickles(args.pruning_pickle_from, args.pruning_method, arch, args.need_hessian)
     dataset_train = dataset_val = num_classes = None
     if prune_now and pickles is None:
-        dataset_train, num_classes = build_dataset(True, args)
+        dataset_train, num_classes = build_dataset(True, args, what="training set while pruning")
     if args.eval or num_classes is None:  # from pickles the classifier size still comes from the data
         dataset_val, num_classes = build_dataset(False, args)
     model = build_gated_model(args, num_classes).to(device)
 
+    if prune_now:  # last check, before anything is written (--eval writes no checkpoint)
+        refuse_to_clobber(args.output_dir, CHECKPOINT_NAME, resuming=False, overwrite=args.overwrite)
+
     logger = setup_logging(args.output_dir if args.log == "same" else args.log, "savit.prune")
     log = logger.info
-    log("command: " + " ".join(sys.argv))
-    log("configuration: " + json.dumps(vars(args), sort_keys=True, default=str))
-    gates = PruneMask.from_gate_state_dict(model.state_dict())  # all ones unless --finetune is a pruned model
-    log(f"model {args.model}: {mask_params(model.arch, gates) / 1e6:.2f} M parameters, "
-        f"{mask_macs(model.arch, gates)['total'] / 1e9:.4f} GMACs under its gates, {num_classes} classes")
     try:
+        log("command: " + " ".join(sys.argv))
+        log("configuration: " + json.dumps(vars(args), sort_keys=True, default=str))
+        prepare_output_dir(args.output_dir, log)
+        if prune_now and args.output_dir and os.path.exists(os.path.join(args.output_dir, CHECKPOINT_NAME)):
+            log(f"--overwrite: replacing the earlier run's outputs in {args.output_dir}")
+        gates = PruneMask.from_gate_state_dict(model.state_dict())  # all ones unless --finetune is a pruned model
+        log(f"model {args.model}: {mask_params(model.arch, gates) / 1e6:.2f} M parameters, "
+            f"{mask_macs(model.arch, gates)['total'] / 1e9:.4f} GMACs under its gates, {num_classes} classes")
         if args.eval:
             _, loader_val = build_loaders(args, None, dataset_val, args.distributed)
             stats = evaluate(loader_val, model, device, amp=args.amp, print_freq=args.log_period, print_fn=log)
@@ -235,8 +260,8 @@ def main(args) -> None:
             start = time.time()
             run_pruning(args, model, dataset_train, num_classes, device, log, pickles)
             log(f"pruning done in {time.time() - start:.1f} s")
-    except UserError as err:  # e.g. a non-finite loss: record it in the log too, write nothing else
-        logger.error(f"error: {err}")
+    except UserError as err:  # e.g. a non-finite loss or an unreadable image: record it in the log too
+        logger.error(f"error: {error_line(err)}")
         raise
     cleanup_distributed()
 

@@ -6,7 +6,10 @@ optional distillation from a RegNetY-16GF teacher), or evaluate / time it.
         --teacher-path regnety_160.pth --distillation-type hard --dist-eval --output_dir ft/
 
 Without --masked_model a `_deploy` model is the unpruned network (to train baselines).
-`--resume ft/checkpoint.pth` continues a run (model, optimiser, scheduler, scaler, EMA, epoch).
+`--resume ft/checkpoint.pth` continues a run (model, optimiser, scheduler, scaler, EMA, epoch);
+`--auto_resume` does so from `--output_dir/checkpoint.pth` when it exists and starts afresh otherwise.
+A training run into a folder that holds an earlier run's checkpoint.pth is refused unless it
+resumes or `--overwrite` is given.
 """
 import argparse
 import datetime
@@ -31,7 +34,8 @@ from pruning.deploy import deploy_structure, load_masked_model
 from pruning.flops import ptflops_macs
 from pruning.mask import PruneMask
 from utils import (TensorboardLogger, UserError, append_json_line, atomic_torch_save, cleanup_distributed,
-                   cli_entry, init_distributed_mode, is_main_process, load_torch_file, set_seed, setup_logging)
+                   cli_entry, error_line, init_distributed_mode, is_main_process, load_torch_file, prepare_output_dir,
+                   refuse_to_clobber, set_seed, setup_logging)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -43,11 +47,30 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(then --finetune gives the weights to slice)")
     g.add_argument("--throughput", action="store_true",
                    help="measure inference images/s of this model and of the unpruned one, then exit")
+    g.add_argument("--auto_resume", action="store_true",
+                   help="resume from --output_dir/checkpoint.pth when it exists, else start from epoch 0")
     return parser
 
 
+CHECKPOINT_NAME = "checkpoint.pth"
+
+
+def resolve_auto_resume(args) -> None:
+    """--auto_resume: set `args.resume` to --output_dir/checkpoint.pth when that file exists."""
+    if not args.auto_resume:
+        return
+    if args.resume:
+        raise UserError(f"--auto_resume and --resume {args.resume!r} exclude each other: --auto_resume resumes "
+                        f"from --output_dir/{CHECKPOINT_NAME}; pass one of them")
+    if not args.output_dir:
+        raise UserError(f"--auto_resume needs --output_dir (it resumes from --output_dir/{CHECKPOINT_NAME})")
+    candidate = os.path.join(args.output_dir, CHECKPOINT_NAME)
+    args.resume = candidate if os.path.isfile(candidate) else ""
+
+
 def validate_deploy_args(args) -> None:
-    """Checks of main_deploy.py's own flags that need no file to be read."""
+    """Checks of main_deploy.py's own flags that need no file to be read (resolves --auto_resume)."""
+    resolve_auto_resume(args)
     if not is_deploy_name(args.model) or gated_name_of(args.model) not in list_models():
         raise UserError(f"--model {args.model!r}: main_deploy.py builds a _deploy DeiT; choose from "
                         f"{', '.join(n for n in list_models() if is_deploy_name(n))}")
@@ -82,6 +105,17 @@ def build_student(args, arch, resume_checkpoint):
             load_pretrained(model, args.finetune, trust=args.trust_checkpoint)
     mask.model = mask.model or gated_name_of(args.model)
     return mask, model
+
+
+def start_afresh(out: str, log) -> None:
+    """--overwrite over an earlier run: its log.txt goes, so that log.txt holds this run's epochs only."""
+    if not os.path.exists(os.path.join(out, CHECKPOINT_NAME)):
+        return
+    log(f"--overwrite: {out} holds an earlier run; its checkpoints are replaced as this run writes them")
+    log_txt = os.path.join(out, "log.txt")
+    if os.path.isfile(log_txt):
+        os.remove(log_txt)
+        log(f"--overwrite: removed the earlier run's {log_txt}")
 
 
 def log_complexity(model, arch, mask, log) -> dict:
@@ -194,7 +228,7 @@ def fine_tune(args, model, mask, arch, loader_train, loader_val, num_classes, te
         if out and is_main_process():
             state = checkpoint_state(model_without_ddp, mask, optimizer, lr_scheduler, loss_scaler, model_ema,
                                      epoch, max_accuracy, args)
-            atomic_torch_save(state, os.path.join(out, "checkpoint.pth"))
+            atomic_torch_save(state, os.path.join(out, CHECKPOINT_NAME))
             if (epoch + 1) % args.save_freq == 0:
                 atomic_torch_save(state, os.path.join(out, f"checkpoint_{epoch}.pth"))
             if improved:
@@ -239,12 +273,22 @@ def main(args) -> None:
                                 trust=args.trust_checkpoint)
     loader_train, loader_val = build_loaders(args, dataset_train, dataset_val, args.distributed)
 
+    if training:  # last check, before anything is written
+        refuse_to_clobber(args.output_dir, CHECKPOINT_NAME, resuming=bool(args.resume), overwrite=args.overwrite,
+                          how="resume it with --auto_resume (or --resume FILE), ")
+
     logger = setup_logging(args.output_dir if args.log == "same" else args.log, "savit.deploy")
     log = logger.info
-    log("command: " + " ".join(sys.argv))
-    log("configuration: " + json.dumps(vars(args), sort_keys=True, default=str))
-    complexity = log_complexity(model.eval(), arch, mask, log)
     try:
+        log("command: " + " ".join(sys.argv))
+        log("configuration: " + json.dumps(vars(args), sort_keys=True, default=str))
+        prepare_output_dir(args.output_dir, log)
+        if args.auto_resume:
+            log(f"--auto_resume: resuming from {args.resume}" if args.resume else
+                f"--auto_resume: no {os.path.join(args.output_dir, CHECKPOINT_NAME)} yet; starting from epoch 0")
+        if training and not args.resume and args.output_dir and is_main_process():
+            start_afresh(args.output_dir, log)
+        complexity = log_complexity(model.eval(), arch, mask, log)
         if args.throughput:
             run_throughput(args, model, arch, complexity, device, log)
         elif args.eval:
@@ -255,8 +299,8 @@ def main(args) -> None:
         else:
             fine_tune(args, model.to(device), mask, arch, loader_train, loader_val, num_classes, teacher,
                       resume_checkpoint, complexity, device, log)
-    except UserError as err:  # e.g. a non-finite loss: record it in the log file too
-        logger.error(f"error: {err}")
+    except UserError as err:  # e.g. a non-finite loss or an unreadable image: record it in the log file too
+        logger.error(f"error: {error_line(err)}")
         raise
     cleanup_distributed()
 

@@ -5,26 +5,63 @@ Kept free of heavy imports so that every module may depend on it.
 import functools
 import json
 import os
+import re
 import sys
 import tempfile
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
 
 class UserError(Exception):
-    """A problem with the user's input (flag, file, data): printed as one line, exit code 2."""
+    """A problem with the user's input (flag, file, data): printed as one line, exit code 2.
+
+    `rank_specific`: set on an error that only some ranks of a distributed run meet (all
+    ranks print it then, not only rank 0).
+    """
+
+    rank_specific = False
+
+
+def error_line(err: BaseException) -> str:
+    """The one-line message of a `UserError`, also when a DataLoader worker raised it.
+
+    A worker's exception reaches the main process re-created from a multi-line text
+    ("Caught UserError in DataLoader worker process 0. Original Traceback ...
+    utils.UserError: <message>"): the original message is its last line.
+    """
+    text = str(err).strip()
+    if "\n" not in text:
+        return text
+    last = text.splitlines()[-1].strip()
+    return re.sub(r"^(?:[\w.]*\.)?UserError: ", "", last)
+
+
+def _launcher_rank() -> int:
+    """This process's rank as the launcher (torchrun) set it; 0 without a launcher."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
 
 
 def cli_entry(main_fn: Callable[[], Any]) -> Callable[[], Any]:
-    """Wrap an entry point so that `UserError` becomes one clean line on stderr and exit 2."""
+    """Wrap an entry point so that `UserError` becomes one clean line on stderr and exit 2.
+
+    Under torchrun every rank usually meets the same error: only rank 0 prints it
+    (other ranks exit 2 silently), unless the error is marked `rank_specific`.
+    """
 
     @functools.wraps(main_fn)
     def wrapper(*args, **kwargs):
         try:
             return main_fn(*args, **kwargs)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            rank = _launcher_rank()
+            if rank == 0:
+                print(f"error: {error_line(err)}", file=sys.stderr, flush=True)
+            elif getattr(err, "rank_specific", False):
+                print(f"error (rank {rank}): {error_line(err)}", file=sys.stderr, flush=True)
             sys.exit(2)
 
     return wrapper
@@ -38,12 +75,19 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+# Temporary files of `_atomic_write`: ".tmp_{name}.{pid}.{random}.partial" beside the target,
+# so that a later run can recognise (and remove) those left behind by a killed writer.
+TEMP_PREFIX, TEMP_SUFFIX = ".tmp_", ".partial"
+_TEMP_NAME = re.compile(rf"^{re.escape(TEMP_PREFIX)}(?P<target>.+)\.(?P<pid>\d+)\.[a-z0-9_]+{re.escape(TEMP_SUFFIX)}$")
+
+
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Write to a temporary file beside `path`, then rename it over `path`."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path) + ".", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.path.basename(path)}.{os.getpid()}.",
+                               suffix=TEMP_SUFFIX, dir=directory)
     os.close(fd)
     try:
         write(tmp)
@@ -57,6 +101,69 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temp_files(directory: str) -> List[Tuple[str, int]]:
+    """Delete the temporary files that killed atomic writers left in `directory`.
+
+    Only names of `_atomic_write`'s pattern whose writer process is gone (or is this
+    process, which writes nothing yet when a run starts) are removed; anything else,
+    and the files of a writer still running, stay. Call it on one rank only.
+
+    Returns:
+        (name, size in bytes) of each file removed.
+    """
+    removed = []
+    if not directory or not os.path.isdir(directory):
+        return removed
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        match = _TEMP_NAME.match(entry.name)
+        if not match or not entry.is_file(follow_symlinks=False):
+            continue
+        pid = int(match.group("pid"))
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        size = entry.stat(follow_symlinks=False).st_size
+        try:
+            os.remove(entry.path)
+        except FileNotFoundError:  # gone meanwhile
+            continue
+        removed.append((entry.name, size))
+    return removed
+
+
+def refuse_to_clobber(output_dir: str, name: str, resuming: bool, overwrite: bool, how: str = "") -> None:
+    """Refuse a run that would overwrite an earlier run's `name` in `output_dir` (unless resuming/--overwrite).
+
+    Args:
+        how: the script's way of continuing instead, e.g. "resume it with --auto_resume, ".
+    """
+    if not output_dir or resuming or overwrite:
+        return
+    if os.path.exists(os.path.join(output_dir, name)):
+        raise UserError(f"--output_dir {output_dir!r} already holds {name} of an earlier run: {how}"
+                        f"choose another --output_dir, or pass --overwrite to replace it")
+
+
+def prepare_output_dir(output_dir: str, log: Callable[[str], None]) -> None:
+    """Rank 0, at the start of a run: remove the temporary files of interrupted atomic writes, and say so."""
+    if not output_dir or not is_main_process():
+        return
+    removed = remove_stale_temp_files(output_dir)
+    if removed:
+        log(f"removed {len(removed)} temporary file(s) left in {output_dir} by an interrupted write "
+            f"({sum(size for _, size in removed)} bytes): "
+            + ", ".join(f"{name} ({size} bytes)" for name, size in removed))
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -84,6 +191,13 @@ def atomic_write_pickle(obj: Any, path: str) -> None:
 
 def atomic_write_json(obj: Any, path: str) -> None:
     atomic_write_text(json.dumps(obj, indent=1) + "\n", path)
+
+
+def atomic_copy(src: str, dst: str) -> None:
+    """Copy the file `src` to `dst` atomically (the bytes only, not the permissions)."""
+    import shutil
+
+    _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 TRUST_FLAG = "--trust_checkpoint"
@@ -302,7 +416,9 @@ def init_distributed_mode(args) -> None:
         if not torch.cuda.is_available():
             raise UserError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
         if args.gpu >= torch.cuda.device_count():
-            raise UserError(f"local rank {args.gpu} has no GPU: only {torch.cuda.device_count()} visible")
+            err = UserError(f"local rank {args.gpu} has no GPU: only {torch.cuda.device_count()} visible")
+            err.rank_specific = True
+            raise err
         torch.cuda.set_device(args.gpu)
         args.device = f"cuda:{args.gpu}"
         args.dist_backend = "nccl"
@@ -557,7 +673,10 @@ def setup_logging(output_dir: Optional[str], name: str = "savit", rank: Optional
     logger.addHandler(stream)
     logger.log_file = None
     if rank == 0 and output_dir:
-        os.makedirs(output_dir, exist_ok=True)
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+        except OSError as err:  # e.g. a file of that name: the entry points check this earlier
+            raise UserError(f"cannot create the log folder {output_dir!r}: {err.strerror or err}") from None
         path = os.path.join(output_dir, time.strftime("%Y%m%d_%H%M%S", time.localtime()) + ".log")
         file_handler = logging.FileHandler(path, mode="a")
         file_handler.setFormatter(fmt)

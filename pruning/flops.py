@@ -157,10 +157,21 @@ def _main(argv=None) -> None:
     name = gated_name_of(args.model)
     if name not in list_models():
         raise UserError(f"--model {args.model!r} is not a DeiT of this project; choose from {', '.join(list_models())}")
-    mask = PruneMask.load(args.mask, trust=args.trust_checkpoint) if args.mask else None
-    arch = arch_for_mask(name, mask, img_size=args.input_size, num_classes=args.nb_classes)
-    if mask is not None:
-        mask.check_fits(arch)
+    patch = arch_of(name).patch_size
+    if args.input_size is not None and not (args.input_size >= 1 and args.input_size % patch == 0):
+        raise UserError(f"--input-size must be a positive multiple of the patch size {patch} of --model {args.model}, "
+                        f"got {args.input_size}")
+    if args.nb_classes is not None and args.nb_classes < 1:
+        raise UserError(f"--nb-classes must be >= 1, got {args.nb_classes}")
+    mask = None
+    try:
+        if args.mask:
+            mask = PruneMask.load(args.mask, trust=args.trust_checkpoint)
+        arch = arch_for_mask(name, mask, img_size=args.input_size, num_classes=args.nb_classes)
+        if mask is not None:
+            mask.check_fits(arch)
+    except UserError as err:  # name the flag
+        raise UserError(str(err) if str(err).startswith("--mask") else f"--mask: {err}") from None
     print(f"model {name}  tokens {arch.num_tokens}  classes {arch.num_classes}  mask {args.mask or '(none: unpruned)'}")
     for line in format_table(arch, mask):
         print(line)
