@@ -140,7 +140,7 @@ def arch_for_mask(name: str, mask: Optional[PruneMask], img_size: Optional[int] 
 
 
 def _main(argv=None) -> None:
-    from models import gated_name_of, list_models
+    from models import arch_of, gated_name_of, list_models
     from utils import UserError
 
     parser = argparse.ArgumentParser(description="Print FLOPs (MACs) and params of a DeiT before/after pruning.")
