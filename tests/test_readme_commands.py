@@ -1,0 +1,251 @@
+"""Every command in README.md runs as written, from a clean copy of the repository.
+
+The commands are read from the README's ```bash and ```python blocks, so a command added to
+the README without a runner here fails `test_every_readme_command_has_a_runner`. Each runner
+only shortens a command: placeholder paths (`/path/...`) become small files made here (an
+ImageFolder, random-weight DeiT-B and RegNetY-16GF checkpoints), flags appended at the end
+override the epochs, batch and image size (argparse keeps the last value), and environment
+variables the scripts read shorten the demo. Nothing else of the command is changed.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from typing import Callable, Dict, List, Tuple
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.e2e
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = ["--device", "cpu", "--num_workers", "0"]
+
+
+def readme_commands() -> List[Tuple[str, str]]:
+    """(language, command) for each command of the README's bash and python blocks."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    commands = []
+    for language, body in re.findall(r"```(bash|python)\n(.*?)```", text, flags=re.S):
+        if language == "python":
+            commands.append((language, body.strip()))
+            continue
+        for line in body.replace("\\\n", " ").splitlines():
+            line = " ".join(line.split())
+            if line and not line.startswith("#"):
+                commands.append((language, line))
+    return commands
+
+
+# (pattern of the command's start, name of its runner below); "suite" is the test command itself
+RUNNERS: List[Tuple[str, str]] = [
+    (r"python3 -m venv \.venv && .* && bash scripts/demo\.sh$", "demo"),
+    (r"python -m pytest -q (-m \"not e2e\" )?tests$", "suite"),
+    (r"python main\.py --finetune=/path/deit_base", "prune"),
+    (r"python main\.py --eval --mask_aware_norm", "eval_pruned"),
+    (r"GPU_NUM=8 .*bash scripts/finetune\.sh base$", "finetune"),
+    (r"from pruning\.export import load_deploy_checkpoint", "python_snippet"),
+    (r"python -m pruning\.export ", "export"),
+    (r"python -m pruning\.flops ", "flops"),
+    (r"OMP_NUM_THREADS=1 python benchmarks/ablation\.py ", "ablation"),
+    (r"python scripts/demo_spread\.py ", "demo_spread"),
+    (r"python benchmarks/bench_deploy_speed\.py ", "bench_speed"),
+    (r"python benchmarks/bench_pruning_pass\.py ", "bench_pass"),
+]
+
+
+def runner_of(command: str) -> str:
+    names = [name for pattern, name in RUNNERS if re.match(pattern, command)]
+    assert len(names) == 1, f"README command without exactly one runner in {__file__}: {command!r} ({names})"
+    return names[0]
+
+
+def test_every_readme_command_has_a_runner():
+    names = [runner_of(command) for _, command in readme_commands()]
+    assert {"demo", "prune", "finetune", "export"} <= set(names)
+
+
+# ---------------------------------------------------------------------------
+# A clean copy of the repository and the files the placeholders stand for
+# ---------------------------------------------------------------------------
+
+def _copy_repository(dst: str) -> None:
+    """The files git tracks (or the tree without outputs and caches, outside a git checkout)."""
+    try:
+        files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+        names = [n for n in files.decode().split("\0") if n]
+    except (OSError, subprocess.CalledProcessError):
+        names = []
+    if not names:
+        shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns("output*", ".git", "__pycache__", ".venv"))
+        return
+    for name in names:
+        if os.path.isfile(os.path.join(ROOT, name)):
+            os.makedirs(os.path.dirname(os.path.join(dst, name)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, name), os.path.join(dst, name))
+
+
+def _image_folder(root: str, classes: int = 3, per_class: int = 4) -> None:
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            os.makedirs(os.path.join(root, split, f"class{c}"))
+            for i in range(per_class):
+                pixels = (torch.rand(40, 40, 3, generator=generator) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(os.path.join(root, split, f"class{c}", f"{i}.png"))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The repository copy (cwd of every command) and the placeholder substitutions."""
+    import timm
+
+    from models import create_model
+
+    base = tmp_path_factory.mktemp("readme")
+    repo = str(base / "repo")
+    _copy_repository(repo)
+    files = base / "files"
+    _image_folder(str(files / "imagenet"))
+    deit = create_model("deit_base_patch16_224_deploy", num_classes=1000)
+    torch.save({"model": deit.state_dict()}, files / "deit_base_patch16_224.pth")  # the official files' layout
+    regnet = timm.create_model("regnety_160", pretrained=False, num_classes=1000)
+    torch.save({"model": regnet.state_dict()}, files / "regnety_160.pth")
+    (files / "out").mkdir()
+    bin_dir = os.path.dirname(sys.executable)  # python, torchrun of this environment first
+    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""), OMP_NUM_THREADS="1",
+               PYTHONPATH=repo)
+    return {"repo": repo, "files": str(files), "env": env, "results": {}}
+
+
+def _substitute(command: str, world: dict) -> str:
+    return command.replace("/path/", world["files"] + "/")
+
+
+def _run(command: str, world: dict, extra: List[str] = (), env: Dict[str, str] = None,
+         timeout: int = 900) -> subprocess.CompletedProcess:
+    """`command` (placeholders substituted, `extra` appended) in bash, from the repository copy."""
+    line = _substitute(command, world) + "".join(f" {subprocess.list2cmdline([e])}" if e else " ''" for e in extra)
+    proc = subprocess.run(["bash", "-c", "set -euo pipefail; " + line], cwd=world["repo"],
+                          env=dict(world["env"], **(env or {})), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{line}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+# ---------------------------------------------------------------------------
+# Runners
+# ---------------------------------------------------------------------------
+
+def run_demo(command: str, world: dict) -> None:
+    # the set-up line: the virtualenv and install are .ci/run's job; its last command is the demo
+    demo = command[command.index("bash scripts/demo.sh"):]
+    proc = _run(demo, world, env={"PYTHON": sys.executable, "PRETRAIN_EPOCHS": "2", "FINETUNE_EPOCHS": "1",
+                                  "FEED_PERCENT": "0.05"})
+    table = proc.stdout[proc.stdout.index("| | unpruned"):]
+    accuracies = re.findall(r"([\d.]+)%", table.splitlines()[2])
+    assert len(accuracies) == 3 and all(0 <= float(a) <= 100 for a in accuracies)
+    assert abs(float(re.search(r"\(([\d.]+)% fewer\)", table).group(1)) - 50.0) <= 0.5
+    out = os.path.join(world["repo"], "output", "demo")
+    for name in ("1_pretrain/best_checkpoint.pth", "1_pretrain/log.txt", "1_pretrain/tensorboard",
+                 "2_prune/checkpoint_pruned_00.pth", "2_prune/mask.json", "2_prune/hessian.pickle",
+                 "3_finetune/checkpoint.pth", "3_finetune/log.txt", "summary.md", "summary.json"):
+        assert os.path.exists(os.path.join(out, name)), name
+    # a second run into the same folder is refused, and leaves the first one alone
+    again = subprocess.run(["bash", "scripts/demo.sh"], cwd=world["repo"], env=world["env"], capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 2 and again.stderr.strip().startswith("error: output/demo already holds")
+
+
+def run_prune(command: str, world: dict) -> None:
+    _run(command, world, ["--input-size", "32", "--batch-size", "4", "--pruning_feed_percent", "1.0", *CPU])
+    out = os.path.join(world["files"], "out")
+    for name in ("checkpoint_pruned_00.pth", "mask.json", "pruning_report.json", "hessian.pickle"):
+        assert os.path.isfile(os.path.join(out, name)), name
+
+
+def run_eval_pruned(command: str, world: dict) -> None:
+    proc = _run(command, world, ["--input-size", "32", "--batch-size", "4", *CPU])
+    assert re.search(r"accuracy of the gated model \(mask-aware LayerNorm\) on 12 images: top-1 [\d.]+%", proc.stdout)
+
+
+def run_finetune(command: str, world: dict) -> None:
+    # 2 CPU processes instead of 8 GPUs; one short epoch at 32x32
+    short = command.replace("GPU_NUM=8 ", "GPU_NUM=2 ")
+    extra = ["--epochs", "1", "--input-size", "32", "--batch-size", "2", *CPU]
+    _run(short, world, extra)
+    out = os.path.join(world["repo"], "output", "base_finetune_0.50")
+    assert os.path.isfile(os.path.join(out, "checkpoint.pth"))
+    with open(os.path.join(out, "log.txt")) as f:
+        assert [__import__("json").loads(line)["epoch"] for line in f] == [0]
+    # the same command again resumes (--auto_resume) instead of starting over
+    proc = _run(short, world, ["--epochs", "2", "--input-size", "32", "--batch-size", "2", *CPU])
+    assert "resum" in proc.stdout.lower()
+    with open(os.path.join(out, "log.txt")) as f:
+        assert [__import__("json").loads(line)["epoch"] for line in f] == [0, 1]
+
+
+def run_python_snippet(command: str, world: dict) -> None:
+    script = _substitute(command, world) + "\nprint('logits', tuple(model(torch.zeros(2, 3, arch.img_size, " \
+                                            "arch.img_size)).shape))\n"
+    proc = subprocess.run([sys.executable, "-c", "import torch\n" + script], cwd=world["repo"], env=world["env"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "logits (2, 3)" in proc.stdout  # the ImageFolder's 3 classes
+
+
+def run_export(command: str, world: dict) -> None:
+    _run(command, world)
+    import onnx
+
+    onnx.checker.check_model(os.path.join(world["files"], "out", "deit_pruned.onnx"))
+
+
+def run_flops(command: str, world: dict) -> None:
+    proc = _run(command, world)
+    assert "ptflops" in proc.stdout.lower()
+
+
+def run_ablation(command: str, world: dict) -> None:
+    _run(command, world, ["--seeds", "0", "--pretrain_epochs", "1", "--finetune_epochs", "1",
+                          "--methods", "savit", "first_order"])
+    out = os.path.join(world["repo"], "output", "ablation_feed1")
+    assert os.path.isfile(os.path.join(out, "ablation.md"))
+    assert os.path.isfile(os.path.join(world["repo"], "output", "ablation", "pretrain", "best_checkpoint.pth"))
+
+
+def run_demo_spread(command: str, world: dict) -> None:
+    _run(command, world, ["--seeds", "0"], env={"PRETRAIN_EPOCHS": "1", "FINETUNE_EPOCHS": "1",
+                                                "FEED_PERCENT": "0.05"})
+    assert os.path.isfile(os.path.join(world["repo"], "output", "demo_spread", "demo_spread.json"))
+
+
+def run_bench_speed(command: str, world: dict) -> None:
+    proc = _run(command, world, ["--models", "deit_tiny_patch16_224", "--batch-sizes", "1", "--rounds", "1",
+                                 "--iters", "1", "--warmup", "0", "--train-batch-size", "2"])
+    assert "DeiT-T" in proc.stdout
+
+
+def run_bench_pass(command: str, world: dict) -> None:
+    proc = _run(command, world, ["--model", "deit_test_patch8_32", "--input-size", "32", "--batch-size", "2",
+                                 "--batches", "1", "--repeats", "1", "--micro-batch", "0"])
+    assert "ours" in proc.stdout
+
+
+RUN: Dict[str, Callable[[str, dict], None]] = {name[4:]: fn for name, fn in globals().items()
+                                               if name.startswith("run_") and callable(fn)}
+
+
+def test_readme_commands_run_as_written(world):
+    """In README order: the ImageNet commands build on each other's files."""
+    ran = []
+    for _, command in readme_commands():
+        name = runner_of(command)
+        if name == "suite":  # the command that runs this test
+            continue
+        RUN[name](command, world)
+        ran.append(name)
+    assert "finetune" in ran and ran.index("prune") < ran.index("eval_pruned") < ran.index("export")
