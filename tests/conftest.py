@@ -1,7 +1,8 @@
 """Shared set-up and helpers of the test suite (import them as `from conftest import ...`).
 
-Markers (pytest.ini): `e2e` marks multi-process, subprocess and demo runs; the fast subset is
-`python -m pytest -q -m "not e2e" tests`. `slow` marks full-size DeiT configurations.
+Markers (pytest.ini): `e2e` marks multi-process, subprocess and demo runs and the slowest
+in-process checks; the fast subset is `python -m pytest -q -m "not e2e" tests`. `slow` marks
+full-size DeiT configurations.
 """
 import os
 import sys

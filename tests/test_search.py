@@ -135,6 +135,7 @@ def brute_force(C, arch, target, max_ratios, n=401, threshold=1e-4):
     return F.max(), F.min()
 
 
+@pytest.mark.e2e  # 15 full searches and a 401 x 401 grid each: several seconds, kept out of the fast subset
 @pytest.mark.parametrize("name", ["deit_test_patch8_32", "deit_small_patch16_224"])
 def test_evolution_search_finds_the_brute_force_optimum(name):
     arch = arch_of(name)
