@@ -10,7 +10,7 @@ from models import DeployDeiT, arch_of
 from pruning.deploy import deploy_structure
 from pruning.flops import analytic_macs, mask_macs, mask_param_parts, mask_params, ptflops_macs
 from pruning.mask import PruneMask
-from test_mask import MASK_CASES, mask_case
+from conftest import MASK_CASES, mask_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,13 +80,14 @@ def test_split_and_emptied_branches_cost_nothing():
     assert mask_macs(arch, mask) == analytic_macs(arch, 40, [3] * 6, [100] * 6)
 
 
-# -- the command ------------------------------------------------------------------------
+# -- the command (subprocesses: e2e) ------------------------------------------------------------------------
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pruning.flops", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
 
 
+@pytest.mark.e2e
 def test_flops_command_prints_before_and_after(tmp_path):
     arch = arch_of("deit_small_patch16_224")
     mask = mask_case(arch, "random1", embed=True)
@@ -104,6 +105,7 @@ def test_flops_command_prints_before_and_after(tmp_path):
     assert counted and abs(float(counted.group(1)) - after) <= 0.0015, out
 
 
+@pytest.mark.e2e
 def test_flops_command_unknown_model_is_one_clean_line():
     proc = run_cli("--model", "nope")
     assert proc.returncode == 2
@@ -112,6 +114,7 @@ def test_flops_command_unknown_model_is_one_clean_line():
     assert "'nope'" in lines[0] and "deit_small_patch16_224" in lines[0]
 
 
+@pytest.mark.e2e
 def test_flops_command_mask_of_another_model(tmp_path):
     path = tmp_path / "mask.json"
     mask_case(arch_of("deit_test_patch8_32"), "random0").save_json(str(path))

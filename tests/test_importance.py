@@ -19,7 +19,7 @@ from models import arch_of, create_model
 from pruning import importance
 from pruning.importance import (BlockDraw, PruningScorer, all_reduce_state, block_draw, criteria_filename,
                                 load_pickles, save_pickles, sum_states)
-from test_mask import randomize_
+from conftest import randomize_
 from utils import UserError
 
 NAME = "deit_test_patch8_32"
@@ -366,6 +366,7 @@ def _rank_worker(rank: int, world: int, init_file: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 def test_two_processes_equal_one(tmp_path):
     out = str(tmp_path / "two.pt")
     mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)

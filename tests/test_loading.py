@@ -5,10 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import images, randomize_, timm_twin
 from models import create_model
 from models.loading import load_pretrained
-from test_mask import randomize_
-from test_models import images, timm_twin
 from utils import UserError
 
 ATOL = 1e-5

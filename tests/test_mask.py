@@ -1,80 +1,15 @@
-"""The mask: round trips checkpoint -> JSON -> gates, the reference's gated checkpoints, bad masks.
-
-Also home of the seeded helpers the other test files share (`random_mask`, `randomize_`,
-`MASK_CASES`).
-"""
+"""The mask: round trips checkpoint -> JSON -> gates, the reference's gated checkpoints, bad masks."""
 import json
-from typing import Iterable, Tuple, Union
 
 import pytest
 import torch
-import torch.nn as nn
 
+from conftest import MASK_CASES, mask_case, random_mask, randomize_
 from models import GatedDeiT, arch_of, create_model
 from models.deit_base import DeiTArch
 from models.loading import load_pretrained
 from pruning.mask import MASK_FORMAT, MASK_VERSION, PruneMask
 from utils import UserError
-
-# -- shared helpers ---------------------------------------------------------------------
-
-# (seed, emptied branches): "all" empties every branch of every block; block -1 is the last
-MASK_CASES = {
-    "random0": (0, ()),
-    "random1": (1, ()),
-    "random2": (2, ()),
-    "emptied": (3, ((0, "heads"), (0, "mlp"), (1, "mlp"), (-1, "heads"))),
-    "all_emptied": (4, "all"),
-}
-
-
-def random_mask(arch: DeiTArch, seed: int, embed: bool = False,
-                empty: Union[str, Iterable[Tuple[int, str]]] = ()) -> PruneMask:
-    """A seeded random mask: per block a random sorted subset (possibly empty) of heads and of
-    neurons; a random non-empty subset of embedding channels when `embed`, else all of them.
-
-    Args:
-        arch: the unpruned architecture.
-        seed: seed of the subsets.
-        embed: whether to prune embedding channels as well.
-        empty: (block, 'heads' | 'mlp') branches to empty, or "all".
-    """
-    g = torch.Generator().manual_seed(seed)
-
-    def subset(n: int, least: int) -> list:
-        k = int(torch.randint(least, n + 1, (1,), generator=g))
-        return sorted(torch.randperm(n, generator=g)[:k].tolist())
-
-    heads = [subset(arch.num_heads, 0) for _ in range(arch.depth)]
-    mlp = [subset(arch.mlp_hidden, 0) for _ in range(arch.depth)]
-    channels = subset(arch.embed_dim, 1) if embed else list(range(arch.embed_dim))
-    if empty == "all":
-        empty = [(b, c) for b in range(arch.depth) for c in ("heads", "mlp")]
-    for block, component in empty:
-        {"heads": heads, "mlp": mlp}[component][block] = []
-    mask = PruneMask(embed_dim=arch.embed_dim, depth=arch.depth, num_heads=arch.num_heads, head_dim=arch.head_dim,
-                     mlp_hidden=arch.mlp_hidden, heads=heads, mlp=mlp, embed=channels)
-    mask.validate()
-    return mask
-
-
-def mask_case(arch: DeiTArch, case: str, embed: bool = False) -> PruneMask:
-    seed, empty = MASK_CASES[case]
-    return random_mask(arch, seed, embed=embed, empty=empty)
-
-
-def randomize_(model: nn.Module, seed: int, scale: float = 0.1) -> nn.Module:
-    """Fill every non-gate parameter with seeded noise (norm weights around 1, biases non-zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "gate" in name:
-                continue
-            noise = torch.randn(p.shape, generator=g) * scale
-            parts = name.split(".")
-            is_norm_weight = len(parts) > 1 and "norm" in parts[-2] and parts[-1] == "weight"
-            p.copy_(1 + noise if is_norm_weight else noise)
-    return model
 
 
 def gate_entries(state_dict: dict) -> dict:

@@ -1,13 +1,10 @@
 """Gated DeiT == timm's DeiT; deploy DeiT == gated DeiT under a mask; the registry."""
 import pytest
 import torch
-from timm.models.deit import VisionTransformerDistilled
-from timm.models.vision_transformer import VisionTransformer
 
+from conftest import MASK_CASES, images, mask_case, randomize_, timm_twin
 from models import DeployDeiT, GatedDeiT, arch_of, create_model, list_models
-from models.deit_base import DeiTArch
 from pruning.deploy import build_deploy_model, deploy_state_dict, deploy_structure
-from test_mask import MASK_CASES, mask_case, randomize_
 from utils import UserError
 
 ATOL = 1e-5
@@ -15,24 +12,11 @@ ATOL = 1e-5
 TINY = ["deit_test_patch8_32", "deit_test_distilled_patch8_32", "deit_demo_patch8_32"]
 
 
-def timm_twin(arch: DeiTArch) -> VisionTransformer:
-    """timm's own DeiT class for `arch`."""
-    cls = VisionTransformerDistilled if arch.distilled else VisionTransformer
-    return cls(img_size=arch.img_size, patch_size=arch.patch_size, in_chans=arch.in_chans,
-               num_classes=arch.num_classes, embed_dim=arch.embed_dim, depth=arch.depth,
-               num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio)
-
-
 def gated_and_timm(name: str, seed: int, mask_aware_norm: bool = False):
     gated = randomize_(create_model(name, mask_aware_norm=mask_aware_norm), seed)
     twin = timm_twin(gated.arch)
     twin.load_state_dict({k: v for k, v in gated.state_dict().items() if "gate" not in k}, strict=True)
     return gated, twin
-
-
-def images(arch: DeiTArch, n: int = 3, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, arch.in_chans, arch.img_size, arch.img_size, generator=g)
 
 
 # -- 1. gated (all gates 1) == timm --------------------------------------------------------

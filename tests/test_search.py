@@ -135,6 +135,7 @@ def brute_force(C, arch, target, max_ratios, n=401, threshold=1e-4):
     return F.max(), F.min()
 
 
+@pytest.mark.e2e  # 15 full searches and a 401 x 401 grid each: several seconds, kept out of the fast subset
 @pytest.mark.parametrize("name", ["deit_test_patch8_32", "deit_small_patch16_224"])
 def test_evolution_search_finds_the_brute_force_optimum(name):
     arch = arch_of(name)
@@ -156,10 +157,11 @@ def test_evolution_search_finds_the_brute_force_optimum(name):
         best, worst = brute_force(C, arch, target, ratios)
         gaps.append((best - found.fitness) / (best - worst))
     gaps = np.array(gaps)
-    # never far from the grid optimum, and on most problems equal to it (the ES may beat the grid slightly);
-    # optima on the curved constraint boundary are approached to ~1e-2 in r (the strengths never shrink)
+    # never far from the grid optimum, and on most problems at least as good (the ES may beat the grid,
+    # which only samples r every 1/400: a negative gap is never a failure); optima on the curved
+    # constraint boundary are approached to ~1e-2 in r (the strengths never shrink)
     assert gaps.max() < 0.05, gaps
-    assert np.mean(np.abs(gaps) < 2e-3) >= 0.8, gaps
+    assert np.mean(gaps < 2e-3) >= 0.8, gaps
 
 
 def test_search_same_seed_same_result_and_seeds_differ():
