@@ -54,8 +54,8 @@ from models import arch_of  # noqa: E402
 from pruning.baselines import magnitude_criteria, pruned_counts, random_mask, uniform_mask  # noqa: E402
 from pruning.deploy import load_masked_model  # noqa: E402
 from pruning.flops import mask_macs  # noqa: E402
-from pruning.importance import load_pickles  # noqa: E402
 from pruning.mask import COMPONENTS, PruneMask  # noqa: E402
+from pruning.pickles import load_pickles  # noqa: E402
 from pruning.search import SearchOptions, prune  # noqa: E402
 from utils import (UserError, atomic_write_json, atomic_write_text, cli_entry, load_torch_file,  # noqa: E402
                    state_dict_of)

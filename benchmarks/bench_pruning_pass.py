@@ -33,8 +33,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from models import create_model  # noqa: E402
-from pruning.importance import (COMPONENTS, PruningScorer, block_draw, criteria_shapes,  # noqa: E402
-                                interaction_normalisers)
+from pruning.importance import PruningScorer  # noqa: E402
+from pruning.interactions import block_draw, interaction_normalisers  # noqa: E402
+from pruning.mask import COMPONENTS, criteria_shapes  # noqa: E402
 
 VARIANTS = ("plain", "ref", "ours", "ours_mb")
 LABELS = {"plain": "(a) plain forward+backward", "ref": "(b) reference-style pass", "ours": "ours",

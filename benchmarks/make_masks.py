@@ -31,9 +31,9 @@ import numpy as np  # noqa: E402
 from models import arch_of  # noqa: E402
 from models.deit_base import DeiTArch  # noqa: E402
 from pruning.flops import mask_macs  # noqa: E402
-from pruning.importance import load_pickles  # noqa: E402
 from pruning.mask import PruneMask  # noqa: E402
-from pruning.search import select_units  # noqa: E402
+from pruning.pickles import load_pickles  # noqa: E402
+from pruning.selection import select_units  # noqa: E402
 from utils import UserError, atomic_write_text, cli_entry  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

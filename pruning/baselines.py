@@ -1,43 +1,29 @@
-"""Baseline criteria and masks for the ablation of SAViT (benchmarks/ablation.py).
-
-* `magnitude_criteria` -- L1 norm of the weights a unit owns (the classic magnitude criterion),
-  in the `{'heads', 'mlp', 'embed'}` format of `pruning.importance`, so it can go through
-  `pruning.search.prune` like the Taylor criteria. Only weight MATRICES (Linear and conv
-  weights) count; biases, LayerNorm affine parameters, tokens and `pos_embed` are per-channel
-  vectors, not connections between units, and are left out:
-    - head h of block l: its 3 * head_dim rows of `qkv.weight` (q, k and v) and its head_dim
-      columns of `proj.weight`;
-    - neuron j of block l: row j of `fc1.weight` and column j of `fc2.weight`;
-    - embedding channel d: output filter d of `patch_embed.proj.weight`, column d of every
-      `qkv.weight` and `fc1.weight` (they read the channel), row d of every `proj.weight` and
-      `fc2.weight` (they write it), and column d of the classifier(s).
-  These are exactly the matrix entries that the deploy model loses when the unit is pruned.
-* `mask_from_counts` -- prune k units per component, chosen by ONE global threshold over the
-  component's scores with the project's selection rule (`pruning.search.pruning_order`:
-  lowest first, protection of each block's top 5% by identity).
-* `random_mask` -- the same with random scores: k uniformly random units per component,
-  protection on by default (a random 5% of each block is kept), so no block loses more units
-  than SAViT's own rule allows and the FLOPs equal those of any mask with the same counts.
-* `uniform_mask` -- the same pruned fraction r of heads, MLP neurons and embedding channels,
-  r chosen by bisection on the exact MACs count (`pruning.flops.mask_macs`) to come closest
-  to the FLOPs target.
+"""Baseline criteria and masks for the ablation of SAViT (benchmarks/ablation.py): weight magnitude
+criteria, random masks and uniform-fraction masks, with the units chosen by `pruning.selection`.
 """
+import functools
 from typing import Dict, Mapping, Tuple
 
-import numpy as np
 import torch
 
 from models.deit_base import DeiTArch
 from pruning.flops import mask_macs
-from pruning.mask import COMPONENTS, PruneMask
-from pruning.search import component_shapes, counts_from_ratios, max_prunable, pruning_order
+from pruning.mask import COMPONENTS, PruneMask, component_shapes
+from pruning.selection import counts_from_ratios, mask_from_counts
 from utils import UserError
 
 Tensor = torch.Tensor
 
 
 def magnitude_criteria(state_dict: Mapping[str, Tensor], arch: DeiTArch) -> Dict[str, Tensor]:
-    """L1 norm of the weight-matrix entries each unit owns (see the module docstring).
+    """L1 norm of the weight-matrix entries each unit owns: those the deploy model loses with the unit.
+
+    In the criteria format of `pruning.importance`, so it can go through `pruning.search.prune`.
+    Only weight MATRICES (Linear and conv weights) count; biases, LayerNorm affine parameters,
+    tokens and `pos_embed` are per-channel vectors, not connections between units. A head owns its
+    3 * head_dim rows of `qkv.weight` and head_dim columns of `proj.weight`; neuron j row j of `fc1`
+    and column j of `fc2`; embedding channel d filter d of `patch_embed.proj`, column d of every `qkv`
+    and `fc1` (they read it), row d of every `proj` and `fc2` (they write it) and of the classifier(s).
 
     Args:
         state_dict: weights of a (gated or deploy, unpruned) DeiT of architecture `arch`.
@@ -47,12 +33,7 @@ def magnitude_criteria(state_dict: Mapping[str, Tensor], arch: DeiTArch) -> Dict
         {'heads': [depth, num_heads], 'mlp': [depth, mlp_hidden], 'embed': [embed_dim]}, float64.
     """
     H, hd, D = arch.num_heads, arch.head_dim, arch.embed_dim
-
-    def weight(key: str) -> Tensor:
-        if key not in state_dict:
-            raise UserError(f"magnitude criteria: the weights have no '{key}' (not an unpruned DeiT of this model?)")
-        return state_dict[key].detach().to("cpu", torch.float64).abs()
-
+    weight = functools.partial(_abs_weight, state_dict)
     heads = torch.zeros(arch.depth, H, dtype=torch.float64)
     mlp = torch.zeros(arch.depth, arch.mlp_hidden, dtype=torch.float64)
     embed = weight("patch_embed.proj.weight").reshape(D, -1).sum(1)
@@ -69,32 +50,10 @@ def magnitude_criteria(state_dict: Mapping[str, Tensor], arch: DeiTArch) -> Dict
     return {"heads": heads, "mlp": mlp, "embed": embed}
 
 
-def mask_from_counts(scores: Mapping[str, Tensor], arch: DeiTArch, counts: Mapping[str, int], protect: bool = True,
-                     model: str = "") -> PruneMask:
-    """Prune `counts[c]` units of each component c: the lowest scores, one global threshold per component.
-
-    Args:
-        scores: {'heads': [depth, heads], 'mlp': [depth, hidden], 'embed': [D]}; larger = more important.
-        arch: the unpruned architecture.
-        counts: units to prune per component (missing = 0).
-        protect: never prune the top max(1, int(0.05 n)) units of a block (embedding: of the vector).
-        model: model name stored in the mask.
-    """
-    limit = max_prunable(arch, protect)
-    kept = {}
-    for c, (blocks, n) in component_shapes(arch).items():
-        k = int(counts.get(c, 0))
-        if not 0 <= k <= limit[c]:
-            raise UserError(f"cannot prune {k} {c}: at most {limit[c]} are prunable"
-                            f"{' with protection' if protect else ''}")
-        s = torch.as_tensor(scores[c]).detach().to("cpu", torch.float64).reshape(blocks, n).numpy()
-        order = pruning_order(s, protect, min_keep=1 if c == "embed" else 0)
-        pruned = np.zeros(blocks * n, dtype=bool)
-        pruned[order[:k]] = True
-        kept[c] = [np.flatnonzero(~row).tolist() for row in pruned.reshape(blocks, n)]
-    return PruneMask(embed_dim=arch.embed_dim, depth=arch.depth, num_heads=arch.num_heads, head_dim=arch.head_dim,
-                     mlp_hidden=arch.mlp_hidden, heads=kept["heads"], mlp=kept["mlp"], embed=kept["embed"][0],
-                     model=model)
+def _abs_weight(state_dict: Mapping[str, Tensor], key: str) -> Tensor:
+    if key not in state_dict:
+        raise UserError(f"magnitude criteria: the weights have no '{key}' (not an unpruned DeiT of this model?)")
+    return state_dict[key].detach().to("cpu", torch.float64).abs()
 
 
 def pruned_counts(mask: PruneMask) -> Dict[str, int]:
@@ -105,7 +64,8 @@ def pruned_counts(mask: PruneMask) -> Dict[str, int]:
 
 def random_mask(arch: DeiTArch, counts: Mapping[str, int], seed: int, protect: bool = True,
                 model: str = "") -> PruneMask:
-    """`counts[c]` units of each component chosen uniformly at random (seeded).
+    """`counts[c]` units of each component chosen uniformly at random (seeded): `mask_from_counts` of
+    random scores, so no block loses more units than SAViT's own rule allows.
 
     Args:
         arch: the unpruned architecture.
@@ -125,7 +85,7 @@ def uniform_mask(scores: Mapping[str, Tensor], arch: DeiTArch, target: float, pr
                  model: str = "", iterations: int = 60) -> Tuple[PruneMask, float]:
     """The same pruned fraction r of every component, r meeting the FLOPs target on the exact count.
 
-    The counts are `pruning.search.counts_from_ratios(r)` (round(r * total), clipped to what is
+    The counts are `pruning.selection.counts_from_ratios(r)` (round(r * total), clipped to what is
     prunable), the units `mask_from_counts(scores, ...)`. The reduction is non-decreasing in r;
     bisection finds the smallest r reaching the target and the closer of it and its predecessor
     count is returned.
@@ -143,13 +103,7 @@ def uniform_mask(scores: Mapping[str, Tensor], arch: DeiTArch, target: float, pr
     """
     if not 0 < target < 1:
         raise UserError(f"uniform mask: the FLOPs target must be in (0, 1), got {target!r}")
-    full = mask_macs(arch)["total"]
-
-    def build(r: float) -> Tuple[PruneMask, float]:
-        mask = mask_from_counts(scores, arch, counts_from_ratios(arch, {c: r for c in COMPONENTS}, protect),
-                                protect, model)
-        return mask, 1.0 - mask_macs(arch, mask)["total"] / full
-
+    build = functools.partial(_uniform, scores, arch, protect, model, mask_macs(arch)["total"])
     lo, hi = 0.0, 1.0
     if build(hi)[1] < target:
         raise UserError(f"uniform mask: pruning every prunable unit removes only {build(hi)[1]:.2%} "
@@ -162,3 +116,10 @@ def uniform_mask(scores: Mapping[str, Tensor], arch: DeiTArch, target: float, pr
             lo = mid
     (mask_lo, red_lo), (mask_hi, red_hi) = build(lo), build(hi)
     return (mask_lo, lo) if abs(red_lo - target) < abs(red_hi - target) else (mask_hi, hi)
+
+
+def _uniform(scores: Mapping[str, Tensor], arch: DeiTArch, protect: bool, model: str, full: float,
+             r: float) -> Tuple[PruneMask, float]:
+    """The mask pruning the fraction r of every component, and its exact reduction of the MACs `full`."""
+    mask = mask_from_counts(scores, arch, counts_from_ratios(arch, {c: r for c in COMPONENTS}, protect), protect, model)
+    return mask, 1.0 - mask_macs(arch, mask)["total"] / full

@@ -1,25 +1,10 @@
-"""The pruning mask: which heads, MLP neurons and embedding channels are kept.
-
-One explicit format, saved as JSON and validated on load:
-
-    {"format": "savit-mask", "version": 1, "model": "deit_base_patch16_224",
-     "embed_dim": 768, "depth": 12, "num_heads": 12, "head_dim": 64, "mlp_hidden": 3072,
-     "heads": [[kept head indices of block 0], ...],
-     "mlp":   [[kept neuron indices of block 0], ...],
-     "embed": [kept embedding channels],
-     "num_classes": 1000, "img_size": 224}
-
-`num_classes` and `img_size` (optional: older masks lack them) record the classifier size
-and input size of the model the mask was made on, so that every tool counts the same
-parameters and FLOPs for one mask; they do not change which units are kept.
-
-It can also be read from a gated checkpoint (gate values 0/1, e.g. the reference's
-`checkpoint_pruned_00.pth`); it is never guessed from zero weights.
+"""The pruning mask (docs/METHOD.md sections 1 and 5): which heads, MLP neurons and embedding
+channels are kept, in one explicit JSON format validated on load; and the components' shapes.
 """
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -33,11 +18,33 @@ MLP_GATE_KEY = "blocks.{}.mlp.hidden_gate1.weight"
 EMBED_GATE_KEY = "res_gate.weight"
 EMBED_GATE_ALIAS_KEY = "blocks.{}.res_gate.weight"
 
-COMPONENTS = ("heads", "mlp", "embed")  # component 0, 1, 2 of the reference
+COMPONENTS = ("heads", "mlp", "embed")  # component (layer) 0, 1, 2 of the reference
+
+
+def component_shapes(arch) -> Dict[str, Tuple[int, int]]:
+    """(blocks, units per block) of each component of `arch` (a `DeiTArch`); the embedding is one block."""
+    return {"heads": (arch.depth, arch.num_heads), "mlp": (arch.depth, arch.mlp_hidden), "embed": (1, arch.embed_dim)}
+
+
+def criteria_shapes(arch) -> Dict[str, Tuple[int, ...]]:
+    """Shapes of each component's criteria: [depth, heads], [depth, mlp hidden], [embed dim]."""
+    return {c: (n,) if c == "embed" else (blocks, n) for c, (blocks, n) in component_shapes(arch).items()}
 
 
 @dataclass
 class PruneMask:
+    """Kept units per block, saved as JSON:
+
+        {"format": "savit-mask", "version": 1, "model": "deit_base_patch16_224",
+         "embed_dim": 768, "depth": 12, "num_heads": 12, "head_dim": 64, "mlp_hidden": 3072,
+         "heads": [[kept head indices of block 0], ...], "mlp": [[kept neuron indices of block 0], ...],
+         "embed": [kept embedding channels], "num_classes": 1000, "img_size": 224}
+
+    `num_classes` and `img_size` (optional: older masks lack them) record the model the mask was
+    made on, so that every tool counts the same parameters and FLOPs; they do not change which units
+    are kept. It can also be read from a gated checkpoint (0/1 gates); never guessed from zero weights.
+    """
+
     embed_dim: int
     depth: int
     num_heads: int

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from models import arch_of, create_model
-from pruning.baselines import magnitude_criteria, mask_from_counts, pruned_counts, random_mask, uniform_mask
+from pruning.baselines import magnitude_criteria, pruned_counts, random_mask, uniform_mask
 from pruning.deploy import deploy_state_dict
 from pruning.flops import mask_macs
 from pruning.mask import PruneMask
-from pruning.search import max_prunable, protected_count
+from pruning.selection import mask_from_counts, max_prunable, protected_count
 
 MODEL = "deit_test_patch8_32"
 
@@ -100,5 +100,5 @@ def test_uniform_mask_same_fraction_and_closest_to_target(arch_and_weights):
 
 
 def uniform_mask_at(crit, arch, r):
-    from pruning.search import counts_from_ratios
+    from pruning.selection import counts_from_ratios
     return mask_from_counts(crit, arch, counts_from_ratios(arch, {"heads": r, "mlp": r, "embed": r}))

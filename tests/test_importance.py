@@ -17,9 +17,17 @@ from torch.func import functional_call
 
 from models import arch_of, create_model
 from pruning import importance
+<<<<<<< HEAD
 from pruning.importance import (BlockDraw, PruningScorer, all_reduce_state, block_draw, criteria_filename,
                                 load_pickles, save_pickles, sum_states)
 from conftest import randomize_
+=======
+from pruning.importance import PruningScorer, all_reduce_state, sum_states
+from pruning.interactions import BlockDraw, block_draw
+from pruning.mask import criteria_shapes
+from pruning.pickles import criteria_filename, load_pickles, save_pickles
+from test_mask import randomize_
+>>>>>>> h-pruning
 from utils import UserError
 
 NAME = "deit_test_patch8_32"
@@ -147,7 +155,7 @@ def test_method2_equals_squared_gate_gradients_per_batch_and_accumulated():
         total = expected if total is None else {c: total[c] + expected[c] for c in total}
     criteria, interactions = scorer.finalize()
     assert interactions is None
-    for c, shape in importance.criteria_shapes(arch).items():
+    for c, shape in criteria_shapes(arch).items():
         assert criteria[c].shape == shape
         torch.testing.assert_close(criteria[c], total[c] / len(batches), rtol=1e-9, atol=1e-15)
 

@@ -11,9 +11,9 @@ from models.deit_deploy import DeployDeiT
 from pruning.deploy import deploy_structure
 from pruning.flops import mask_macs, ptflops_macs
 from pruning.mask import PruneMask
-from pruning.search import (SearchOptions, check_target_reachable, counts_from_ratios, evolution_search,
-                            max_prunable, normalize_by_layer, objective, protected_count, prune,
-                            reference_flops_fraction, select_units, solve_mlp_ratio)
+from pruning.evolution import evolution_search, objective, reference_flops_fraction, solve_mlp_ratio
+from pruning.search import SearchOptions, check_target_reachable, prune
+from pruning.selection import counts_from_ratios, max_prunable, normalize_by_layer, protected_count, select_units
 from utils import UserError
 
 ARCHS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224", "deit_test_patch8_32",

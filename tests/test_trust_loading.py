@@ -20,8 +20,8 @@ from models import DeployDeiT, arch_of, create_model
 from models.loading import load_pretrained
 from pruning.deploy import deploy_structure, load_masked_model
 from pruning.flops import arch_for_mask, mask_params
-from pruning.importance import criteria_filename, criteria_shapes, load_pickles, save_pickles
-from pruning.mask import PruneMask
+from pruning.mask import PruneMask, criteria_shapes
+from pruning.pickles import criteria_filename, load_pickles, save_pickles
 from utils import UserError, atomic_torch_save, load_torch_file
 
 MODEL = "deit_test_patch8_32"  # embed 64, depth 3, 4 heads, patch 8, 10 classes by default

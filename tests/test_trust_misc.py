@@ -19,7 +19,8 @@ import main_deploy
 from models import DeployDeiT, arch_of, create_model
 from pruning import importance
 from pruning.deploy import deploy_structure
-from pruning.importance import PruningScorer, block_draw, interaction_normalisers
+from pruning.importance import PruningScorer
+from pruning.interactions import block_draw, interaction_normalisers
 from pruning.mask import PruneMask
 from utils import MetricLogger
 
