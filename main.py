@@ -25,23 +25,14 @@ from models.loading import load_pretrained
 from pruning.deploy import deploy_structure
 from pruning.feed import feed_batches
 from pruning.flops import format_table, mask_macs, mask_params, ptflops_macs
-<<<<<<< HEAD
-from pruning.importance import (HESSIAN_FILE, PruningScorer, all_reduce_state, criteria_filename, load_pickles,
-                                save_pickles)
+from pruning.importance import PruningScorer, all_reduce_state
 from pruning.mask import PruneMask
-from pruning.search import SearchOptions, check_target_reachable, normalize_by_layer, prune
+from pruning.pickles import HESSIAN_FILE, criteria_filename, load_pickles, save_pickles
+from pruning.search import SearchOptions, check_target_reachable, prune
+from pruning.selection import normalize_by_layer
 from utils import (UserError, all_reduce_sum, atomic_copy, atomic_torch_save, atomic_write_json, cleanup_distributed,
                    cli_entry, error_line, init_distributed_mode, is_main_process, prepare_output_dir,
                    refuse_to_clobber, set_seed, setup_logging)
-=======
-from pruning.importance import PruningScorer, all_reduce_state
-from pruning.mask import PruneMask
-from pruning.pickles import load_pickles, save_pickles
-from pruning.search import SearchOptions, check_target_reachable, prune
-from pruning.selection import normalize_by_layer
-from utils import (UserError, all_reduce_sum, atomic_torch_save, atomic_write_json, cleanup_distributed,
-                   cli_entry, init_distributed_mode, is_main_process, set_seed, setup_logging)
->>>>>>> h-pruning
 
 CHECKPOINT_NAME = "checkpoint_pruned_00.pth"
 MASK_NAME = "mask.json"

@@ -17,17 +17,11 @@ from torch.func import functional_call
 
 from models import arch_of, create_model
 from pruning import importance
-<<<<<<< HEAD
-from pruning.importance import (BlockDraw, PruningScorer, all_reduce_state, block_draw, criteria_filename,
-                                load_pickles, save_pickles, sum_states)
-from conftest import randomize_
-=======
 from pruning.importance import PruningScorer, all_reduce_state, sum_states
 from pruning.interactions import BlockDraw, block_draw
 from pruning.mask import criteria_shapes
 from pruning.pickles import criteria_filename, load_pickles, save_pickles
-from test_mask import randomize_
->>>>>>> h-pruning
+from conftest import randomize_
 from utils import UserError
 
 NAME = "deit_test_patch8_32"

@@ -32,7 +32,7 @@ from models import arch_of, create_model
 from models.deit_gated import GatedDeiT
 from pruning.deploy import load_masked_model
 from pruning.flops import mask_macs, ptflops_macs
-from pruning.importance import load_pickles
+from pruning.pickles import load_pickles
 from pruning.mask import PruneMask
 from pruning.search import SearchOptions, prune
 from utils import atomic_torch_save
