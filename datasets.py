@@ -14,12 +14,14 @@ import os
 from functools import lru_cache
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.data import Mixup, create_transform
+from timm.data import Mixup, auto_augment, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 from torchvision import transforms
+from torchvision.datasets import CIFAR100, ImageFolder
 from torchvision.datasets.folder import default_loader
 
 from utils import UserError, get_rank, get_world_size
@@ -45,15 +47,11 @@ def _posterize_zero_bits_black(img: Image.Image, bits_to_keep: int, **kwargs) ->
     """
     if bits_to_keep <= 0:
         return Image.new(img.mode, img.size)
-    from timm.data.auto_augment import posterize
-
-    return posterize(img, bits_to_keep, **kwargs)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
 def _make_posterize_safe(transform) -> None:
     """Swap `_posterize_zero_bits_black` into every RandAugment/AutoAugment posterize op of `transform`."""
-    from timm.data import auto_augment
-
     for t in getattr(transform, "transforms", []):
         ops = getattr(t, "ops", None)
         if ops is None and hasattr(t, "policy"):  # AutoAugment: a list of sub-policies
@@ -114,7 +112,6 @@ DIGITS_SPLIT_SEED = 0
 
 @lru_cache(maxsize=1)
 def _digits_arrays():
-    import numpy as np
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -198,8 +195,6 @@ class ImageLoader:
 
 
 def _image_folder(data_path: str, is_train: bool, transform: Callable, what: str):
-    from torchvision.datasets import ImageFolder
-
     if not data_path:
         raise UserError("--data-path is required for --data-set IMNET (a folder with train/ and val/)")
     train_classes = _class_folders(os.path.join(data_path, "train"))
@@ -221,8 +216,6 @@ def _image_folder(data_path: str, is_train: bool, transform: Callable, what: str
 
 
 def _cifar100(data_path: str, is_train: bool, transform: Callable):
-    from torchvision.datasets import CIFAR100
-
     if not data_path:
         raise UserError("--data-path is required for --data-set CIFAR (the folder holding cifar-100-python/)")
     try:

@@ -20,8 +20,13 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from utils import UserError, load_torch_file, state_dict_of
+from models import DeployDeiT, arch_of, create_model, is_project_model
+from models.loading import _is_gate_key
+from pruning.deploy import deploy_state_dict, deploy_structure, recorded_arch
+from pruning.mask import PruneMask
+from utils import UserError, check_keys, load_torch_file, state_dict_of
 
 DISTILLATION_TYPES = ("none", "soft", "hard")
 
@@ -120,8 +125,6 @@ def build_base_criterion(mixup_active: bool, smoothing: float) -> nn.Module:
         mixup_active: whether a Mixup transform produces soft targets.
         smoothing: label smoothing (`--smoothing`).
     """
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
     if mixup_active:
         return SoftTargetCrossEntropy()
     if smoothing > 0:
@@ -145,11 +148,6 @@ def _plain_teacher(model_name: str, checkpoint, state: dict, num_classes: int, p
     the plain DeiT (timm's key names); a gated checkpoint (main.py's) is sliced to its deploy
     model and a fine-tuned pruned checkpoint (main_deploy.py's) gets its mask's structure
     (and the input size the checkpoint records)."""
-    from models import DeployDeiT, arch_of, create_model, is_project_model
-    from models.loading import _is_gate_key
-    from pruning.deploy import deploy_state_dict, deploy_structure, recorded_arch
-    from pruning.mask import PruneMask
-
     if not is_project_model(model_name):
         return create_model(model_name, num_classes=num_classes), state
     recorded = recorded_arch(checkpoint, path)  # our checkpoints record the input size they were made for
@@ -196,14 +194,7 @@ def build_teacher(model_name: str, path: str, num_classes: int, device: torch.de
     if head_key is not None and head_key in state and state[head_key].shape[0] != num_classes:
         raise UserError(f"--teacher-path {path!r} predicts {state[head_key].shape[0]} classes but the data set "
                         f"has {num_classes}")
-    expected = teacher.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or mismatched:
-        raise UserError(f"--teacher-path {path!r} does not fit --teacher-model {model_name}: "
-                        f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
-                        f"{len(mismatched)} of another shape {mismatched[:3]}")
+    check_keys(state, teacher, path, flag="--teacher-path", target=f"--teacher-model {model_name}")
     teacher.load_state_dict(state, strict=True)
     teacher.to(device)
     teacher.eval()

@@ -18,7 +18,7 @@ import torch
 
 from args import common_parents, validate_common
 from datasets import build_dataset, build_loaders, build_mixup
-from engine import evaluate, plain_args
+from engine import evaluate
 from losses import build_base_criterion
 from models import arch_of, create_model, gated_name_of, is_deploy_name, list_models
 from models.loading import load_pretrained
@@ -31,7 +31,7 @@ from pruning.pickles import HESSIAN_FILE, criteria_filename, load_pickles, save_
 from pruning.search import SearchOptions, check_target_reachable, prune
 from pruning.selection import normalize_by_layer
 from utils import (UserError, all_reduce_sum, atomic_copy, atomic_torch_save, atomic_write_json, cleanup_distributed,
-                   cli_entry, error_line, init_distributed_mode, is_main_process, prepare_output_dir,
+                   cli_entry, error_line, init_distributed_mode, is_main_process, model_checkpoint, prepare_output_dir,
                    refuse_to_clobber, set_seed, setup_logging)
 
 CHECKPOINT_NAME = "checkpoint_pruned_00.pth"
@@ -169,9 +169,7 @@ def write_outputs(args, model, mask, report, criteria, interactions, log) -> Non
     mask.save_json(os.path.join(out, MASK_NAME))
     atomic_write_json(report, os.path.join(out, REPORT_NAME))
     mask.apply_to(model)
-    checkpoint = {"model": model.state_dict(), "mask": mask.to_dict(), "arch": model.arch.to_dict(),
-                  "args": plain_args(args), "format_version": 1}
-    atomic_torch_save(checkpoint, os.path.join(out, CHECKPOINT_NAME))
+    atomic_torch_save(model_checkpoint(model, mask, args), os.path.join(out, CHECKPOINT_NAME))
     log(f"wrote {os.path.join(out, CHECKPOINT_NAME)} (gated model, 0/1 gates) and {os.path.join(out, MASK_NAME)}")
 
 

@@ -25,17 +25,17 @@ from timm.utils import ModelEmaV2
 
 from args import common_parents, mixup_active, validate_common
 from datasets import build_dataset, build_loaders, build_mixup
-from engine import (checkpoint_state, evaluate, load_resume_weights, make_loss_scaler, measure_throughput,
-                    restore_training_state, train_one_epoch)
+from engine import evaluate, make_loss_scaler, measure_throughput, train_one_epoch
 from losses import DistillationLoss, build_base_criterion, build_teacher
 from models import DeployDeiT, arch_of, gated_name_of, is_deploy_name, list_models
 from models.loading import load_pretrained
 from pruning.deploy import deploy_structure, load_masked_model
 from pruning.flops import ptflops_macs
 from pruning.mask import PruneMask
-from utils import (TensorboardLogger, UserError, append_json_line, atomic_torch_save, cleanup_distributed,
-                   cli_entry, error_line, init_distributed_mode, is_main_process, load_torch_file, prepare_output_dir,
-                   refuse_to_clobber, set_seed, setup_logging)
+from utils import (TensorboardLogger, UserError, append_json_line, atomic_torch_save, checkpoint_state,
+                   cleanup_distributed, cli_entry, error_line, init_distributed_mode, is_main_process,
+                   load_resume_weights, load_torch_file, prepare_output_dir, refuse_to_clobber, restore_training_state,
+                   set_seed, setup_logging)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,8 @@ large blocks on the heap, as tcmalloc/jemalloc would, so both models run alike.
     python benchmarks/bench_deploy_speed.py --device cuda --batch-sizes 1,32,128 --out logs/speed_table_cuda.md
 """
 import argparse
+import ctypes
+import ctypes.util
 import datetime
 import glob
 import os
@@ -100,9 +102,6 @@ def malloc_without_mmap() -> bool:
     pages for every large tensor (glibc maps blocks over 32 MB anew each time and the kernel zeroes
     every page on first touch -- gigabytes per batch-32 DeiT-B forward). Returns whether it applied.
     """
-    import ctypes
-    import ctypes.util
-
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt

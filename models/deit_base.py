@@ -5,11 +5,11 @@ Parameter names follow timm's `VisionTransformer` / `VisionTransformerDistilled`
 `head`, `head_dist`) so that official DeiT checkpoints load unchanged.
 """
 from dataclasses import asdict, dataclass, replace
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
+from timm.layers import DropPath, trunc_normal_
 
 from utils import UserError
 
@@ -165,12 +165,4 @@ def stochastic_depth_rates(arch: DeiTArch):
 
 
 def optional_drop_path(rate: float) -> nn.Module:
-    from timm.layers import DropPath
-
     return DropPath(rate) if rate > 0 else nn.Identity()
-
-
-def describe(arch: Optional[DeiTArch]) -> str:
-    if arch is None:
-        return "?"
-    return f"D={arch.embed_dim} depth={arch.depth} heads={arch.num_heads} mlp={arch.mlp_hidden} tokens={arch.num_tokens}"

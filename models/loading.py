@@ -1,22 +1,18 @@
 """Loading DeiT weights from files (official DeiT/timm checkpoints, our own, the reference's)."""
 import logging
-from typing import Dict, List
+from typing import Dict
 
 import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
-from utils import UserError, load_torch_file, state_dict_of
+from utils import UserError, check_keys, load_torch_file, state_dict_of
 
 logger = logging.getLogger(__name__)
 
 
 def _is_gate_key(key: str) -> bool:
     return key.endswith(("attn_gate.weight", "hidden_gate1.weight", "res_gate.weight"))
-
-
-def _fmt(keys: List[str], n: int = 5) -> str:
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
 def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, path: str = "") -> Dict[str, torch.Tensor]:
@@ -58,24 +54,6 @@ def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, path
         if _is_gate_key(key) and key not in sd:
             sd[key] = value
     return sd
-
-
-def check_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module, path: str) -> None:
-    """Raise a `UserError` naming the file and the first missing/unexpected/mismatching keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_fmt(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_fmt(unexpected)}")
-        raise UserError(f"checkpoint {path!r} does not fit the model ({'; '.join(parts)})")
-    bad = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-           if state_dict[k].shape != v.shape]
-    if bad:
-        raise UserError(f"checkpoint {path!r} does not fit the model (shape mismatch: {_fmt(bad, 3)})")
 
 
 def load_pretrained(model: nn.Module, path: str, trust: bool = False) -> Dict[str, torch.Tensor]:

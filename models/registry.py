@@ -6,6 +6,7 @@ untouched and teachers such as `regnety_160` still come from timm.
 """
 from typing import Callable, Dict, List
 
+import timm
 import torch.nn as nn
 
 from utils import UserError
@@ -37,8 +38,6 @@ def create_model(name: str, **kwargs) -> nn.Module:
     """
     if name in _MODELS:
         return _MODELS[name](**kwargs)
-    import timm
-
     if name in timm.list_models():
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         return timm.create_model(name, pretrained=False, **kwargs)

@@ -56,7 +56,7 @@ def load_deploy_checkpoint(path: str) -> Tuple["DeployDeiT", "DeiTArch"]:
         raise UserError(f"checkpoint {path!r} is not a readable torch file ({type(err).__name__}: {err})")
     # imported here: `models` pulls in timm (seconds), which a bad command line need not wait for
     from models import DeiTArch, DeployDeiT, GatedDeiT
-    from models.loading import check_keys
+    from utils import check_keys
     from pruning.deploy import build_deploy_model, deploy_structure
 
     missing = [k for k in ("model", "mask", "arch") if not isinstance(checkpoint, dict)

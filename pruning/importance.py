@@ -14,7 +14,7 @@ from models.deit_base import DeiTArch
 from pruning.criteria import CRITERIA, TaylorCapture
 from pruning.interactions import add_interactions, block_draw, interaction_normalisers
 from pruning.mask import COMPONENTS, criteria_shapes
-from utils import UserError, _format_seconds
+from utils import UserError, format_seconds
 
 METHODS = tuple(CRITERIA)
 _STATE_KEYS = COMPONENTS + ("interactions", "denominator", "batches")
@@ -184,7 +184,7 @@ class PruningScorer:
                 last_line = now
                 elapsed = now - start
                 eta = elapsed / done * (num_batches - done)
-                line = (f"pruning pass: [{done:>{len(str(num_batches))}}/{num_batches}]  eta {_format_seconds(eta)}  "
+                line = (f"pruning pass: [{done:>{len(str(num_batches))}}/{num_batches}]  eta {format_seconds(eta)}  "
                         f"{samples / max(elapsed, 1e-9):.1f} samples/s  loss {self.last_loss:.4f}")
                 if is_cuda:
                     line += f"  max mem {torch.cuda.max_memory_allocated(self.device) / 2 ** 20:.0f} MB"

@@ -14,7 +14,6 @@ import torch
 
 import main as prune_main
 import main_deploy
-from engine import checkpoint_state, load_resume_weights, restore_training_state
 from losses import build_teacher
 from models import DeployDeiT, arch_of, create_model
 from models.loading import load_pretrained
@@ -22,7 +21,8 @@ from pruning.deploy import deploy_structure, load_masked_model
 from pruning.flops import arch_for_mask, mask_params
 from pruning.mask import PruneMask, criteria_shapes
 from pruning.pickles import criteria_filename, load_pickles, save_pickles
-from utils import UserError, atomic_torch_save, load_torch_file
+from utils import (UserError, atomic_torch_save, checkpoint_state, load_resume_weights, load_torch_file,
+                   restore_training_state)
 
 MODEL = "deit_test_patch8_32"  # embed 64, depth 3, 4 heads, patch 8, 10 classes by default
 CPU = torch.device("cpu")

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.utils import NativeScaler
 
 from utils import (MetricLogger, SmoothedValue, TensorboardLogger, UserError, all_reduce_sum, derive_seed,
                    get_rank, set_seed)
@@ -37,8 +38,6 @@ def all_ranks_finite(value: float, device: torch.device) -> bool:
 def make_loss_scaler(device: torch.device, amp: bool):
     """timm's `NativeScaler` when AMP is on and the device is CUDA, else None (plain fp32 backward)."""
     if amp and torch.device(device).type == "cuda":
-        from timm.utils import NativeScaler
-
         return NativeScaler()
     return None
 
@@ -183,170 +182,3 @@ def evaluate(data_loader, model: nn.Module, device: torch.device, amp: bool = Tr
     metric_logger.print_fn(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} "
                            f"({int(count)} images)")
     return stats
-
-
-def measure_throughput(model: nn.Module, batch_size: int, img_size: int, device: torch.device, *,
-                       train_step: bool = False, warmup: int = 3, iters: int = 10, in_chans: int = 3,
-                       amp: bool = False) -> float:
-    """Images per second of inference (or of a forward+backward+SGD step) on random input.
-
-    Args:
-        model: the network (its train/eval mode and weights are restored afterwards).
-        batch_size: images per call.
-        img_size: square input size.
-        device: where to run.
-        train_step: time forward + backward + optimiser step instead of inference.
-        warmup: untimed calls first.
-        iters: timed calls.
-        in_chans: input channels.
-        amp: autocast to float16 (CUDA only).
-
-    Returns:
-        images per second (median over the timed calls).
-    """
-    import copy
-    import time
-
-    device = torch.device(device)
-    images = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
-    net = copy.deepcopy(model).to(device) if train_step else model.to(device)
-    was_training = model.training
-    net.train(train_step)
-    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-6) if train_step else None
-    use_amp = amp and device.type == "cuda"
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            if train_step:
-                out = net(images)
-                loss = sum(o.float().mean() for o in out) if isinstance(out, tuple) else out.float().mean()
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                with torch.inference_mode():
-                    net(images)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    model.train(was_training)
-    times.sort()
-    return batch_size / times[len(times) // 2]
-
-
-CHECKPOINT_FORMAT_VERSION = 1
-
-
-def plain_args(args) -> dict:
-    """The run's flags as plain Python values (str/int/float/bool/None, lists and dicts of them),
-    so that a checkpoint holding them loads with `torch.load(weights_only=True)`; anything else
-    (a device, a NumPy scalar, a Namespace) is stored as its text."""
-    import numbers
-
-    import numpy as np
-
-    def plain(value):
-        if value is None:
-            return None
-        if isinstance(value, (bool, np.bool_)):
-            return bool(value)
-        if isinstance(value, numbers.Integral):  # NumPy integers too
-            return int(value)
-        if isinstance(value, numbers.Real):
-            return float(value)
-        if isinstance(value, str):
-            return str(value)
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {str(k): plain(v) for k, v in value.items()}
-        return str(value)
-
-    return plain(dict(vars(args)) if not isinstance(args, dict) else args)
-
-
-def checkpoint_state(model: nn.Module, mask, optimizer, lr_scheduler, loss_scaler, model_ema, epoch: int,
-                     max_accuracy: float, args) -> dict:
-    """Everything `--resume` needs to continue a fine-tuning run (timm/DeiT keys plus the mask)."""
-    return {
-        "format_version": CHECKPOINT_FORMAT_VERSION,
-        "model": model.state_dict(),
-        "mask": mask.to_dict(),
-        "arch": model.arch.to_dict(),
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": lr_scheduler.state_dict(),
-        "scaler": loss_scaler.state_dict() if loss_scaler is not None else None,
-        "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
-        "epoch": epoch,
-        "max_accuracy": max_accuracy,
-        "args": plain_args(args),
-    }
-
-
-def load_resume_weights(checkpoint: dict, path: str, model: nn.Module, mask) -> None:
-    """Check that a `--resume` checkpoint belongs to this model and mask, then load its weights.
-
-    Raises:
-        UserError: the checkpoint was written for another model or mask (nothing is loaded then).
-    """
-    from pruning.mask import PruneMask
-
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise UserError(f"--resume {path!r} is not a training checkpoint (no 'model' entry)")
-    if isinstance(checkpoint.get("mask"), dict) and PruneMask.from_dict(checkpoint["mask"], path) != mask:
-        raise UserError(f"--resume {path!r} was written for another pruned model (its mask differs from "
-                        f"--masked_model's)")
-    own = model.state_dict()
-    theirs = checkpoint["model"]
-    bad = [k for k in own if k not in theirs or theirs[k].shape != own[k].shape]
-    extra = [k for k in theirs if k not in own]
-    if bad or extra:
-        raise UserError(f"--resume {path!r} does not fit --model (first mismatching keys: {(bad + extra)[:3]})")
-    model.load_state_dict(theirs)
-
-
-def restore_training_state(checkpoint: dict, optimizer, lr_scheduler, loss_scaler=None, model_ema=None, *,
-                           path: str = "") -> "tuple[int, float]":
-    """Restore optimiser, scheduler, scaler and EMA from a `checkpoint_state` dict.
-
-    The scheduler is then stepped to the next epoch, as the training loop does after
-    each epoch, so a resumed run sets the same learning rates as an uninterrupted one.
-
-    Args:
-        checkpoint: the loaded `--resume` file (its model weights already loaded).
-        optimizer: the freshly built optimiser.
-        lr_scheduler: the freshly built timm scheduler.
-        loss_scaler: the AMP scaler or None.
-        model_ema: the timm ModelEma* or None (a checkpoint without EMA keeps the EMA built from the
-            resumed model).
-        path: the file, for error messages.
-
-    Returns:
-        (the epoch to start from, the best accuracy so far); (0, best) for a weights-only checkpoint.
-
-    Raises:
-        UserError: the optimiser, scheduler, scaler or EMA state does not fit this run.
-    """
-    epoch = checkpoint.get("epoch")
-    best = float(checkpoint.get("max_accuracy", 0.0))
-    if epoch is None:  # weights only
-        return 0, best
-    try:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        if loss_scaler is not None and checkpoint.get("scaler") is not None:
-            loss_scaler.load_state_dict(checkpoint["scaler"])
-        if model_ema is not None and checkpoint.get("model_ema") is not None:
-            model_ema.module.load_state_dict(checkpoint["model_ema"])
-    except (KeyError, ValueError, RuntimeError, TypeError) as err:
-        raise UserError(f"--resume {path!r}: its training state does not fit this run (same --opt, --sched and "
-                        f"model flags needed): {type(err).__name__}: {' '.join(str(err).split())[:300]}") from None
-    lr_scheduler.step(epoch + 1)
-    return epoch + 1, best

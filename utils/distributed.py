@@ -1,0 +1,110 @@
+"""torch.distributed plumbing: joining the launcher's process group, rank helpers, barrier,
+a sum all-reduce that also takes CPU tensors under nccl, and leaving the group."""
+import os
+
+import torch
+import torch.distributed as dist
+
+from utils.errors import UserError
+
+
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if is_dist_avail_and_initialized():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def init_distributed_mode(args) -> None:
+    """Join the process group described by the launcher's environment.
+
+    torchrun and `torch.distributed.launch --use_env` set RANK, WORLD_SIZE and
+    LOCAL_RANK (plus MASTER_ADDR/MASTER_PORT for `--dist_url env://`); the old
+    launcher without `--use_env` passes `--local-rank` instead of LOCAL_RANK.
+    Without RANK/WORLD_SIZE the run is single-process.
+
+    Sets on `args`: `distributed` (bool), `rank`, `world_size`, `gpu` (local rank),
+    `dist_backend` ('nccl' on CUDA, 'gloo' on CPU) and, on CUDA, pins
+    `args.device` to `cuda:{local_rank}`.
+
+    Args:
+        args: namespace with `device`, `dist_url` and optionally `local_rank`.
+
+    Raises:
+        UserError: CUDA requested but absent, too few GPUs for the local rank,
+            or the rendezvous variables missing.
+    """
+    env = os.environ
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        args.distributed = False
+        args.rank, args.world_size, args.gpu = 0, 1, 0
+        args.dist_backend = None
+        return
+    args.rank = int(env["RANK"])
+    args.world_size = int(env["WORLD_SIZE"])
+    local_rank = env.get("LOCAL_RANK")
+    if local_rank is None:
+        local_rank = getattr(args, "local_rank", None)
+    args.gpu = int(local_rank) if local_rank is not None else 0
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
+        if args.gpu >= torch.cuda.device_count():
+            err = UserError(f"local rank {args.gpu} has no GPU: only {torch.cuda.device_count()} visible")
+            err.rank_specific = True
+            raise err
+        torch.cuda.set_device(args.gpu)
+        args.device = f"cuda:{args.gpu}"
+        args.dist_backend = "nccl"
+    else:
+        args.dist_backend = "gloo"
+    dist_url = getattr(args, "dist_url", "env://") or "env://"
+    if dist_url.startswith("env://"):
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
+        if missing:
+            raise UserError(f"--dist_url env:// needs {' and '.join(missing)} in the environment (torchrun sets them)")
+    dist.init_process_group(backend=args.dist_backend, init_method=dist_url,
+                            world_size=args.world_size, rank=args.rank)
+    args.distributed = True
+    barrier()
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group, if any (call at the end of a run)."""
+    if is_dist_avail_and_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` in place over all ranks and return it (unchanged when single-process).
+
+    With the nccl backend a CPU tensor is reduced through the current GPU.
+    """
+    if not is_dist_avail_and_initialized():
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+        tensor.copy_(on_gpu.cpu())
+    else:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
