@@ -113,7 +113,7 @@ def world(tmp_path_factory):
     _image_folder(str(files / "imagenet"))
     deit = create_model("deit_base_patch16_224_deploy", num_classes=1000)
     torch.save({"model": deit.state_dict()}, files / "deit_base_patch16_224.pth")  # the official files' layout
-    regnet = timm.create_model("regnety_160", pretrained=False, num_classes=1000)
+    regnet = timm.create_model("regnety_160", pretrained=False, num_classes=3)  # a teacher of the data's classes
     torch.save({"model": regnet.state_dict()}, files / "regnety_160.pth")
     (files / "out").mkdir()
     bin_dir = os.path.dirname(sys.executable)  # python, torchrun of this environment first
