@@ -10,7 +10,6 @@ Every result is checked against an independent computation: accuracies recompute
 the saved weights, parameter counts by summing tensors, GMACs from the analytic count,
 resumed weights against an uninterrupted run.
 """
-import argparse
 import hashlib
 import importlib.util
 import json
@@ -26,7 +25,7 @@ import torch
 
 import main as prune_main
 import main_deploy
-from args import common_parents
+from args import DistributedConfig, data_config
 from datasets import DigitsDataset, build_transform
 from models import DeployDeiT, arch_of, create_model
 from pruning.deploy import deploy_structure, load_masked_model
@@ -84,8 +83,8 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * (logits.argmax(dim=1) == labels).sum().item() / len(labels)
 
 
-def argparse_namespace(argv) -> argparse.Namespace:
-    return argparse.ArgumentParser(parents=common_parents()).parse_args(argv)
+def data_settings(argv):
+    return data_config(main_deploy.get_args_parser().parse_args(argv))
 
 
 def _assert_same(a, b, where="") -> None:
@@ -111,7 +110,7 @@ def _assert_same(a, b, where="") -> None:
 @pytest.fixture(scope="module")
 def val_set():
     """DIGITS validation images with main_deploy.py's evaluation transform, as one tensor."""
-    ns = argparse_namespace(DATA)
+    ns = data_settings(DATA)
     ds = DigitsDataset(False, 32, build_transform(False, ns))
     return torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor(ds.targets)
 
@@ -124,7 +123,7 @@ def work(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher(work):
     """A `deit_test_patch8_32_deploy` trained briefly on DIGITS (far above chance), saved as a state dict."""
-    ns = argparse_namespace(DATA)
+    ns = data_settings(DATA)
     ds = DigitsDataset(True, 32, build_transform(False, ns))
     x, y = torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor(ds.targets)
     torch.manual_seed(0)
@@ -172,9 +171,10 @@ import os, sys
 import torch
 import torch.distributed as dist
 sys.path.insert(0, {repo!r})
+import engine
 import main_deploy
 
-real_evaluate = main_deploy.evaluate
+real_evaluate = engine.evaluate
 
 
 def spy_evaluate(loader, model, device, *args, header="Test:", **kwargs):
@@ -187,7 +187,7 @@ def spy_evaluate(loader, model, device, *args, header="Test:", **kwargs):
     return stats
 
 
-main_deploy.evaluate = spy_evaluate
+engine.evaluate = spy_evaluate  # the training loop, engine.fit, evaluates each epoch
 main_deploy.main(main_deploy.get_args_parser().parse_args())
 """
 
@@ -405,9 +405,11 @@ def test_mask_json_plus_finetune_weights_build_the_checkpoint_model(pruned):
     arch = arch_of(MODEL, img_size=32, num_classes=NUM_CLASSES)
     parser = main_deploy.get_args_parser()
     mask_json = os.path.join(os.path.dirname(pruned), "mask.json")
-    from_ckpt = main_deploy.build_student(parser.parse_args(["--model", MODEL, "--masked_model", pruned]), arch, None)
-    from_json = main_deploy.build_student(
-        parser.parse_args(["--model", MODEL, "--masked_model", mask_json, "--finetune", pruned]), arch, None)
+    cpu = DistributedConfig(device="cpu")
+    from_ckpt = main_deploy.build_student(
+        main_deploy.settings(parser.parse_args(["--model", MODEL, "--masked_model", pruned]), cpu), arch, None)
+    from_json = main_deploy.build_student(main_deploy.settings(
+        parser.parse_args(["--model", MODEL, "--masked_model", mask_json, "--finetune", pruned]), cpu), arch, None)
     assert from_ckpt[0] == from_json[0]
     assert sum(map(len, from_ckpt[0].heads)) < arch.depth * arch.num_heads or len(from_ckpt[0].embed) < arch.embed_dim
     _assert_same(from_ckpt[1].state_dict(), from_json[1].state_dict())
