@@ -1,71 +1,134 @@
-"""Flag groups shared by `main.py` (pruning) and `main_deploy.py` (fine-tuning).
+"""Command-line flags of `main.py` (pruning) and `main_deploy.py` (fine-tuning), and the
+configurations built from them once per script.
 
-Each `*_args()` function returns an `argparse.ArgumentParser(add_help=False)` for
-use with `parents=[...]`; names and defaults are DeiT's and the SAViT reference's
-(hyphenated where they hyphenate, underscored where they underscore), so the
-reference's commands work unchanged. `common_parents()` lists them all:
+Each `add_*` function adds one flag group to a parser; each script adds only the groups it
+reads (`main.py --help` and `main_deploy.py --help` list only their own flags). Names and
+defaults are DeiT's and the SAViT reference's (hyphenated where they hyphenate, underscored
+where they underscore), so the reference's commands work unchanged; the reference flags a
+script does not use sit in ONE group, `add_reference_group`, and setting one to a value
+that would matter in the reference logs a warning (`reference_warnings`).
 
-    parser = argparse.ArgumentParser("SAViT pruning", parents=args.common_parents())
-    parser.add_argument("--pruning_method", ...)      # script-specific flags
-    ns = parser.parse_args(); args.validate_common(ns)
+Ranges are checked while parsing, by the `type=` callables below (each value in one
+place); `Parser.error` prints one line `error: --flag: what was expected, got X`, exit 2.
+Checks across flags that need nothing but the flags are in `check_common`.
+
+The library never sees the parsed namespace: the scripts turn it into frozen dataclasses
+(`datasets.DataConfig`, `datasets.MixupConfig`, `engine.TrainConfig`, `losses.DistillConfig`,
+and here `ModelConfig`, `RunConfig`, `PruneConfig`, `DeployConfig`, `DistributedConfig`).
 
 Nothing is parsed at import time.
 """
 import argparse
+import contextlib
+import copy
 import math
 import os
-from typing import List
+import re
+import sys
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from utils import UserError
+from datasets import DataConfig, MixupConfig
+from engine import TrainConfig
+from losses import DistillConfig
+from pruning.search import SearchOptions
+from utils import UserError, init_distributed_mode
 
 DATA_SETS = ("IMNET", "CIFAR", "INAT", "INAT19", "DIGITS")
 INAT_CATEGORIES = ("kingdom", "phylum", "class", "order", "supercategory", "family", "genus", "name")
+REFERENCE_GROUP = "accepted for the reference's commands (no effect)"
 
 
-def _parser() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(add_help=False)
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, `error: --flag: ...`, and exit status 2."""
+
+    def error(self, message: str):
+        # argparse says "argument --x: must be ..."; we say "--x must be ..." (the flag, then what was expected)
+        named = re.match(r"argument (\S+): (must be .*)", message)
+        if named:
+            message = f"{named.group(1)} {named.group(2)}"
+        elif message.startswith("argument "):
+            message = message[len("argument "):]
+        self.exit(2, f"error: {message}\n")
 
 
-def model_args() -> argparse.ArgumentParser:
-    """`--model --input-size --drop --drop-path --model-ema/--no-model-ema --model-ema-decay --model-ema-force-cpu`."""
-    p = _parser()
-    g = p.add_argument_group("model")
+# -- value types: each range checked once, while parsing ------------------------------------------
+
+def _number(kind: type, test: Callable[[float], bool], expected: str) -> Callable[[str], float]:
+    """A `type=` callable: `kind(text)` that passes `test`, else 'must be EXPECTED, got TEXT'."""
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not (math.isfinite(value) and test(value)):
+            raise argparse.ArgumentTypeError(f"must be {expected} (got {text})")
+        return value
+
+    convert.__name__ = f"{kind.__name__} {expected}"
+    return convert
+
+
+positive_int = _number(int, lambda v: v >= 1, ">= 1")
+non_negative_int = _number(int, lambda v: v >= 0, ">= 0")
+seed_int = _number(int, lambda v: 0 <= v < 2**32, "in [0, 2**32)")
+positive_float = _number(float, lambda v: v > 0, "> 0")
+non_negative_float = _number(float, lambda v: v >= 0, ">= 0")
+unit_interval = _number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+half_open_unit = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")  # [0, 1)
+open_unit_interval = _number(float, lambda v: 0 < v < 1, "in (0, 1)")
+upper_unit_interval = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")  # (0, 1]
+
+
+def _on_off(group, flag: str, help: str, *extra_off: str, default: bool = True) -> None:
+    """`--flag` / `--no-flag` (plus the spellings `extra_off`), default on unless told."""
+    dest = flag.lstrip("-").replace("-", "_")
+    group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, dest=dest, help=help)
+    for alias in extra_off:  # older spellings of the off switch
+        group.add_argument(alias, action="store_false", dest=dest, help=argparse.SUPPRESS)
+
+
+# -- flag groups ----------------------------------------------------------------------------------
+
+def add_model_args(parser: argparse.ArgumentParser, ema: bool) -> None:
+    """`--model --input-size --drop --drop-path`, and with `ema` the weight-EMA flags."""
+    g = parser.add_argument_group("model")
     g.add_argument("--model", default="deit_base_patch16_224", type=str, metavar="MODEL",
                    help="name of the model (project DeiTs, their _deploy forms, or any timm name)")
-    g.add_argument("--input-size", default=224, type=int, help="image size (default: 224)")
-    g.add_argument("--drop", type=float, default=0.0, metavar="PCT", help="dropout rate (default: 0)")
-    g.add_argument("--drop-path", type=float, default=0.1, metavar="PCT", help="drop path rate (default: 0.1)")
-    g.add_argument("--model-ema", action="store_true", help="keep an exponential moving average of the weights")
-    g.add_argument("--no-model-ema", action="store_false", dest="model_ema")
-    g.add_argument("--model-ema-decay", type=float, default=0.99996, help="EMA decay (default: 0.99996)")
-    g.add_argument("--model-ema-force-cpu", action="store_true", default=False, help="keep the EMA on the CPU")
-    p.set_defaults(model_ema=True)
-    return p
+    g.add_argument("--input-size", default=224, type=positive_int, help="image size (default: 224)")
+    g.add_argument("--drop", type=half_open_unit, default=0.0, metavar="PCT", help="dropout rate (default: 0)")
+    g.add_argument("--drop-path", type=half_open_unit, default=0.1, metavar="PCT",
+                   help="drop path rate (default: 0.1)")
+    if ema:
+        _on_off(g, "--model-ema", "keep an exponential moving average of the weights (default: on)")
+        g.add_argument("--model-ema-decay", type=open_unit_interval, default=0.99996,
+                       help="EMA decay (default: 0.99996)")
+        g.add_argument("--model-ema-force-cpu", action="store_true", help="keep the EMA on the CPU")
 
 
-def optimizer_args() -> argparse.ArgumentParser:
-    """`--opt --opt-eps --opt-betas --clip-grad --momentum --weight-decay` (read by timm's optimizer factory)."""
-    p = _parser()
-    g = p.add_argument_group("optimiser")
+def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
+    """`--opt --opt-eps --opt-betas --clip-grad --momentum --weight-decay` (timm's optimizer factory)."""
+    g = parser.add_argument_group("optimiser")
     g.add_argument("--opt", default="adamw", type=str, metavar="OPTIMIZER", help='optimiser (default: "adamw")')
-    g.add_argument("--opt-eps", default=1e-8, type=float, metavar="EPSILON", help="optimiser epsilon (default: 1e-8)")
-    g.add_argument("--opt-betas", default=None, type=float, nargs="+", metavar="BETA",
-                   help="optimiser betas (default: the optimiser's own)")
-    g.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
+    g.add_argument("--opt-eps", default=1e-8, type=non_negative_float, metavar="EPSILON",
+                   help="optimiser epsilon (default: 1e-8)")
+    g.add_argument("--opt-betas", default=None, type=half_open_unit, nargs=2, metavar="BETA",
+                   help="optimiser betas, two values in [0, 1) (default: the optimiser's own)")
+    g.add_argument("--clip-grad", type=positive_float, default=None, metavar="NORM",
                    help="clip the gradient norm (default: no clipping)")
     g.add_argument("--momentum", type=float, default=0.9, metavar="M", help="SGD momentum (default: 0.9)")
-    g.add_argument("--weight-decay", type=float, default=0.05, help="weight decay (default: 0.05)")
-    return p
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.05, help="weight decay (default: 0.05)")
 
 
-def schedule_args() -> argparse.ArgumentParser:
-    """`--sched --lr --lr-noise* --warmup-lr --min-lr --*-epochs --decay-rate --epochs` (timm's scheduler factory)."""
-    p = _parser()
-    g = p.add_argument_group("learning-rate schedule")
+def add_schedule_args(parser: argparse.ArgumentParser) -> None:
+    """`--sched --lr --lr-noise* --warmup-lr --min-lr --*-epochs --decay-rate --epochs --start_epoch`."""
+    g = parser.add_argument_group("learning-rate schedule")
     g.add_argument("--sched", default="cosine", type=str, metavar="SCHEDULER", help='scheduler (default: "cosine")')
-    g.add_argument("--lr", type=float, default=5e-4, metavar="LR",
+    g.add_argument("--lr", type=positive_float, default=5e-4, metavar="LR",
                    help="learning rate for a total batch of 512, scaled linearly (default: 5e-4)")
     g.add_argument("--lr-noise", type=float, nargs="+", default=None, metavar="pct, pct",
                    help="learning rate noise on/off epoch percentages")
@@ -73,83 +136,79 @@ def schedule_args() -> argparse.ArgumentParser:
                    help="learning rate noise limit percent (default: 0.67)")
     g.add_argument("--lr-noise-std", type=float, default=1.0, metavar="STDDEV",
                    help="learning rate noise std-dev (default: 1.0)")
-    g.add_argument("--warmup-lr", type=float, default=1e-6, metavar="LR", help="warm-up learning rate (default: 1e-6)")
-    g.add_argument("--min-lr", type=float, default=1e-5, metavar="LR",
+    g.add_argument("--warmup-lr", type=non_negative_float, default=1e-6, metavar="LR",
+                   help="warm-up learning rate (default: 1e-6)")
+    g.add_argument("--min-lr", type=non_negative_float, default=1e-5, metavar="LR",
                    help="lower lr bound for cyclic schedulers (default: 1e-5)")
     g.add_argument("--decay-epochs", type=float, default=30, metavar="N", help="epoch interval to decay the lr")
-    g.add_argument("--warmup-epochs", type=int, default=5, metavar="N", help="warm-up epochs (default: 5)")
-    g.add_argument("--cooldown-epochs", type=int, default=10, metavar="N",
+    g.add_argument("--warmup-epochs", type=non_negative_int, default=5, metavar="N",
+                   help="warm-up epochs (default: 5)")
+    g.add_argument("--cooldown-epochs", type=non_negative_int, default=10, metavar="N",
                    help="epochs at min_lr after the cyclic schedule ends (default: 10)")
-    g.add_argument("--patience-epochs", type=int, default=10, metavar="N",
+    g.add_argument("--patience-epochs", type=non_negative_int, default=10, metavar="N",
                    help="patience epochs of the plateau scheduler (default: 10)")
     g.add_argument("--decay-rate", "--dr", type=float, default=0.1, metavar="RATE", help="lr decay rate (default: 0.1)")
-    g.add_argument("--epochs", default=300, type=int, help="training epochs (default: 300)")
-    return p
+    g.add_argument("--epochs", default=300, type=positive_int, help="training epochs (default: 300)")
+    g.add_argument("--start_epoch", default=0, type=non_negative_int, metavar="N",
+                   help="start epoch (set by --resume)")
 
 
-def augmentation_args() -> argparse.ArgumentParser:
-    """RandAugment, label smoothing, interpolation, repeated augmentation, random erasing, eval crop."""
-    p = _parser()
-    g = p.add_argument_group("augmentation")
-    g.add_argument("--color-jitter", type=float, default=0.4, metavar="PCT", help="colour jitter (default: 0.4)")
-    g.add_argument("--hflip", type=float, default=0.5, metavar="PCT",
+def add_augmentation_args(parser: argparse.ArgumentParser, repeated_aug: bool) -> None:
+    """RandAugment, label smoothing, interpolation, random erasing, eval crop (+ repeated augmentation)."""
+    g = parser.add_argument_group("augmentation")
+    g.add_argument("--color-jitter", type=non_negative_float, default=0.4, metavar="PCT",
+                   help="colour jitter (default: 0.4)")
+    g.add_argument("--hflip", type=unit_interval, default=0.5, metavar="PCT",
                    help="horizontal flip probability (default: 0.5, as DeiT; 0 for digits or text)")
     g.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
                    help='AutoAugment / RandAugment policy, "" for none (default: rand-m9-mstd0.5-inc1)')
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
+    g.add_argument("--smoothing", type=half_open_unit, default=0.1, help="label smoothing (default: 0.1)")
     g.add_argument("--train-interpolation", type=str, default="bicubic",
                    help='training interpolation: random, bilinear or bicubic (default: "bicubic")')
-    g.add_argument("--repeated-aug", action="store_true", help="repeated-augmentation sampler (default: on)")
-    g.add_argument("--no-repeated-aug", action="store_false", dest="repeated_aug")
-    g.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="random erase probability (default: 0.25)")
+    if repeated_aug:
+        _on_off(g, "--repeated-aug", "repeated-augmentation sampler (default: on)")
+    g.add_argument("--reprob", type=unit_interval, default=0.25, metavar="PCT",
+                   help="random erase probability (default: 0.25)")
     g.add_argument("--remode", type=str, default="pixel", help='random erase mode (default: "pixel")')
-    g.add_argument("--recount", type=int, default=1, help="random erase count (default: 1)")
-    g.add_argument("--resplit", action="store_true", default=False,
-                   help="do not random-erase the first augmentation split (accepted as in DeiT; "
-                        "no effect, since no augmentation splits are used)")
-    g.add_argument("--crop_pct", type=float, default=None,
+    g.add_argument("--recount", type=positive_int, default=1, help="random erase count (default: 1)")
+    g.add_argument("--crop_pct", type=upper_unit_interval, default=None,
                    help="evaluation centre-crop fraction (default: 224/256, i.e. resize to 256 for 224)")
-    p.set_defaults(repeated_aug=True)
-    return p
 
 
-def mixup_args() -> argparse.ArgumentParser:
+def add_mixup_args(parser: argparse.ArgumentParser) -> None:
     """`--mixup --cutmix --cutmix-minmax --mixup-prob --mixup-switch-prob --mixup-mode`."""
-    p = _parser()
-    g = p.add_argument_group("mixup / cutmix")
-    g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha, on if > 0 (default: 0.8)")
-    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha, on if > 0 (default: 1.0)")
-    g.add_argument("--cutmix-minmax", type=float, nargs="+", default=None,
-                   help="cutmix min/max ratio; overrides alpha and turns cutmix on if set")
-    g.add_argument("--mixup-prob", type=float, default=1.0,
+    g = parser.add_argument_group("mixup / cutmix")
+    g.add_argument("--mixup", type=non_negative_float, default=0.8, help="mixup alpha, on if > 0 (default: 0.8)")
+    g.add_argument("--cutmix", type=non_negative_float, default=1.0, help="cutmix alpha, on if > 0 (default: 1.0)")
+    g.add_argument("--cutmix-minmax", type=upper_unit_interval, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="cutmix min/max ratio, 0 < min < max <= 1; overrides alpha and turns cutmix on if set")
+    g.add_argument("--mixup-prob", type=unit_interval, default=1.0,
                    help="probability of applying mixup or cutmix to a batch (default: 1.0)")
-    g.add_argument("--mixup-switch-prob", type=float, default=0.5,
+    g.add_argument("--mixup-switch-prob", type=unit_interval, default=0.5,
                    help="probability of cutmix instead of mixup when both are on (default: 0.5)")
     g.add_argument("--mixup-mode", type=str, default="batch", choices=["batch", "pair", "elem"],
                    help='how mixup/cutmix parameters are drawn: per "batch", "pair" or "elem"')
-    return p
 
 
-def distillation_args() -> argparse.ArgumentParser:
+def add_distillation_args(parser: argparse.ArgumentParser) -> None:
     """`--teacher-model --teacher-path --distillation-type --distillation-alpha --distillation-tau`."""
-    p = _parser()
-    g = p.add_argument_group("distillation")
+    g = parser.add_argument_group("distillation")
     g.add_argument("--teacher-model", default="regnety_160", type=str, metavar="MODEL",
                    help="teacher model name (default: regnety_160)")
     g.add_argument("--teacher-path", type=str, default="",
                    help="teacher weights: a state dict or {'model': state_dict}")
     g.add_argument("--distillation-type", default="none", choices=["none", "soft", "hard"], type=str,
                    help="distillation loss (default: none)")
-    g.add_argument("--distillation-alpha", default=0.5, type=float, help="weight of the distillation loss (default: 0.5)")
-    g.add_argument("--distillation-tau", default=1.0, type=float, help="soft distillation temperature (default: 1.0)")
-    return p
+    g.add_argument("--distillation-alpha", default=0.5, type=unit_interval,
+                   help="weight of the distillation loss (default: 0.5)")
+    g.add_argument("--distillation-tau", default=1.0, type=positive_float,
+                   help="soft distillation temperature (default: 1.0)")
 
 
-def data_args() -> argparse.ArgumentParser:
+def add_data_args(parser: argparse.ArgumentParser) -> None:
     """`--batch-size --data-path --data-set --inat-category --num_workers --pin-mem/--no-pin-mem`."""
-    p = _parser()
-    g = p.add_argument_group("data")
-    g.add_argument("--batch-size", default=64, type=int, help="batch size per process (default: 64)")
+    g = parser.add_argument_group("data")
+    g.add_argument("--batch-size", default=64, type=positive_int, help="batch size per process (default: 64)")
     g.add_argument("--data-path", default="", type=str,
                    help="data set root (IMNET: a folder with train/ and val/ ImageFolder trees)")
     g.add_argument("--data-set", default="IMNET", choices=list(DATA_SETS), type=str,
@@ -159,86 +218,109 @@ def data_args() -> argparse.ArgumentParser:
                    help="iNaturalist label granularity (default: name)")
     g.add_argument("--not_imagenet_default_mean_and_std", action="store_true",
                    help="normalise with mean = std = 0.5 instead of ImageNet's statistics")
-    g.add_argument("--num_workers", default=10, type=int, help="data-loading worker processes (default: 10)")
-    g.add_argument("--pin-mem", action="store_true", help="pin host memory in the loaders (default: on, CUDA only)")
-    g.add_argument("--no-pin-mem", action="store_false", dest="pin_mem")
-    p.set_defaults(pin_mem=True)
-    return p
+    g.add_argument("--num_workers", default=10, type=non_negative_int,
+                   help="data-loading worker processes (default: 10)")
+    _on_off(g, "--pin-mem", "pin host memory in the loaders (default: on, CUDA only)")
 
 
-def run_args() -> argparse.ArgumentParser:
-    """Output, device, seed, resume/eval and logging flags."""
-    p = _parser()
-    g = p.add_argument_group("run")
+def add_run_args(parser: argparse.ArgumentParser, save_freq: bool, seed_help: str) -> None:
+    """Output, device, seed, checkpoints, evaluation, AMP and logging (+ `--save_freq`)."""
+    g = parser.add_argument_group("run")
     g.add_argument("--output_dir", default="./output", help="where to save; empty for no saving (default: ./output)")
     g.add_argument("--overwrite", action="store_true",
                    help="write into an --output_dir that holds an earlier run's checkpoint, replacing its files "
                         "(without it such a run is refused)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device: cuda, cuda:N or cpu (default: cuda when available, else cpu)")
-    g.add_argument("--seed", default=0, type=int, help="random seed (default: 0); fine-tuning ranks use seed + rank, the pruning pass one seed for all")
+    g.add_argument("--seed", default=0, type=seed_int, help=seed_help)
+    g.add_argument("--finetune", default="", help="start from this checkpoint (a DeiT or gated checkpoint)")
     g.add_argument("--resume", default="", help="resume from this checkpoint")
     g.add_argument("--trust_checkpoint", action="store_true",
                    help="load checkpoints (--finetune, --masked_model, --resume, --teacher-path) that need full "
                         "unpickling: this RUNS CODE FROM THE FILE, so use it only for files you trust (default: "
                         "off, tensors and plain values only)")
-    g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch (set by --resume)")
     g.add_argument("--eval", action="store_true", help="evaluate only")
     g.add_argument("--dist-eval", action="store_true", default=False,
                    help="shard evaluation over the processes (exact: no sample counted twice)")
-    g.add_argument("--amp", action="store_true", help="mixed precision on CUDA (default: on; ignored on CPU)")
-    g.add_argument("--no-amp", action="store_false", dest="amp")
+    _on_off(g, "--amp", "mixed precision on CUDA (default: on; ignored on CPU)")
     g.add_argument("--log", type=str, default="same",
                    help='folder for the {timestamp}.log file; "same" means --output_dir (default: same)')
-    g.add_argument("--log_period", type=int, default=10, help="print progress every N iterations (default: 10)")
-    g.add_argument("--save_freq", default=50, type=int, help="also keep checkpoint_{epoch}.pth every N epochs")
-    p.set_defaults(amp=True)
-    return p
+    g.add_argument("--log_period", type=positive_int, default=10, help="print progress every N iterations (default: 10)")
+    if save_freq:
+        g.add_argument("--save_freq", default=50, type=positive_int,
+                       help="also keep checkpoint_{epoch}.pth every N epochs")
 
 
-def distributed_args() -> argparse.ArgumentParser:
-    """`--world_size --dist_url --local-rank/--local_rank` (the launcher's environment takes precedence)."""
-    p = _parser()
-    g = p.add_argument_group("distributed")
-    g.add_argument("--world_size", default=1, type=int,
-                   help="number of processes (taken from WORLD_SIZE when launched by torchrun)")
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """`--dist_url --local-rank/--local_rank` (the launcher's environment takes precedence)."""
+    g = parser.add_argument_group("distributed")
     g.add_argument("--dist_url", default="env://", help="rendezvous URL (default: env://)")
     g.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
                    help="local rank, passed by torch.distributed.launch without --use_env")
-    return p
 
 
-def savit_args() -> argparse.ArgumentParser:
-    """`--finetune --finetune_op --pruning_flops_percentage` (taken by both scripts)."""
-    p = _parser()
-    g = p.add_argument_group("SAViT")
-    g.add_argument("--finetune", default="", help="start from this checkpoint (a DeiT or gated checkpoint)")
-    g.add_argument("--finetune_op", type=int, default=0, choices=[0, 1, 2],
-                   help="1: fine-tune only, 2: prune only (default: 0)")
-    g.add_argument("--pruning_flops_percentage", type=float, default=0.50,
-                   help="fraction of the FLOPs to remove (default: 0.50)")
-    return p
+# -- the reference's flags a script accepts but does not use ----------------------------------------
+
+@dataclass(frozen=True)
+class ReferenceFlag:
+    """A flag kept only so that the reference's commands run: `neutral` values are silent, others warn."""
+
+    flag: str
+    type: Callable
+    default: object
+    neutral: Tuple
+    why: str  # why it has no effect in this script
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
 
 
-def common_parents() -> List[argparse.ArgumentParser]:
-    """All shared groups, in help order, for `argparse.ArgumentParser(..., parents=common_parents())`."""
-    return [model_args(), optimizer_args(), schedule_args(), augmentation_args(), mixup_args(),
-            distillation_args(), data_args(), run_args(), distributed_args(), savit_args()]
+WORLD_SIZE = ReferenceFlag("--world_size", positive_int, 1, (1,),
+                           "the number of processes comes from the launcher (torchrun --nproc_per_node)")
 
 
-def mixup_active(args) -> bool:
-    """Whether mixup or cutmix is on (DeiT's rule)."""
-    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+def add_reference_group(parser: argparse.ArgumentParser, flags: List[ReferenceFlag]) -> None:
+    g = parser.add_argument_group(REFERENCE_GROUP)
+    for ref in flags:
+        kind = {"action": "store_true"} if ref.type is bool else {"type": ref.type}  # a switch, or a value
+        g.add_argument(ref.flag, default=ref.default, dest=ref.dest, help=f"(no effect: {ref.why})", **kind)
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise UserError(message)
+def reference_warnings(ns: argparse.Namespace, flags: List[ReferenceFlag]) -> List[str]:
+    """One line per reference flag set to a value that would change the reference's behaviour."""
+    return [f"{ref.flag} {getattr(ns, ref.dest)} has no effect here: {ref.why}"
+            for ref in flags if getattr(ns, ref.dest) not in ref.neutral]
 
 
-def _in_unit(value: float, closed_top: bool = True) -> bool:
-    return math.isfinite(value) and 0 <= value and (value <= 1 if closed_top else value < 1)
+# -- errors from the library, named by their flag ---------------------------------------------------
 
+FLAG_OF_FIELD: Dict[str, str] = {
+    "finetune": "--finetune", "masked_model": "--masked_model", "resume": "--resume",
+    "teacher_path": "--teacher-path", "data_path": "--data-path", "pruning_pickle_from": "--pruning_pickle_from",
+}
+
+
+@contextlib.contextmanager
+def naming(field: str, detail: str = "") -> Iterator[None]:
+    """Turn a `UserError` raised inside into one naming the flag of `field` (the ONE place that does).
+
+    Library messages describe the file or value; the flag is added here. Some library
+    messages (pruning's) still begin with the flag themselves: those are left as they are.
+    """
+    flag = FLAG_OF_FIELD[field]
+    try:
+        yield
+    except UserError as err:
+        text = str(err)
+        if text.startswith(flag):
+            raise
+        named = UserError(f"{flag}{detail}: {text}")
+        named.rank_specific = err.rank_specific
+        raise named from None
+
+
+# -- checks across flags (ranges are checked by the parser) -----------------------------------------
 
 def check_output_folder(flag: str, path: str) -> None:
     """`path` is a folder or can be made one: neither it nor a parent is a file."""
@@ -252,92 +334,199 @@ def check_output_folder(flag: str, path: str) -> None:
         raise UserError(f"{flag} {path!r} {what}; expected a folder (existing or to create)")
 
 
-def _check_input_size(args) -> None:
-    """--input-size must be a multiple of the patch size of a known --model."""
-    from models import arch_of, gated_name_of, list_models
-
-    model = getattr(args, "model", None)
-    if not model or gated_name_of(model) not in list_models():
-        return  # an unknown model is reported by the script's own check
-    patch = arch_of(model).patch_size
-    _check(args.input_size % patch == 0,
-           f"--input-size {args.input_size} is not a multiple of the patch size {patch} of --model {model}")
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
 
 
-def validate_common(args) -> None:
-    """Reject obviously bad values of the shared flags with one `UserError` naming the flag.
-
-    Only checks that need nothing but the flags themselves: data folders, checkpoints
-    and model/mask compatibility are checked where they are read.
-
-    Args:
-        args: the parsed namespace of a parser built from `common_parents()`.
+def check_common(ns: argparse.Namespace) -> None:
+    """Checks that combine flags or need the machine (the parser checked each value's range).
 
     Raises:
-        UserError: the first bad value found.
+        UserError: the first bad combination found, naming the flags.
     """
-    _check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
-    _check(args.input_size >= 1, f"--input-size must be >= 1, got {args.input_size}")
-    _check_input_size(args)
-    _check(args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}")
-    _check(0 <= args.start_epoch, f"--start_epoch must be >= 0, got {args.start_epoch}")
-    _check(math.isfinite(args.lr) and args.lr > 0, f"--lr must be > 0, got {args.lr}")
-    for flag, value in (("--warmup-lr", args.warmup_lr), ("--min-lr", args.min_lr),
-                        ("--weight-decay", args.weight_decay), ("--opt-eps", args.opt_eps)):
-        _check(math.isfinite(value) and value >= 0, f"{flag} must be >= 0, got {value}")
-    for flag, value in (("--warmup-epochs", args.warmup_epochs), ("--cooldown-epochs", args.cooldown_epochs),
-                        ("--patience-epochs", args.patience_epochs)):
-        _check(value >= 0, f"{flag} must be >= 0, got {value}")
-    if args.opt_betas is not None:
-        _check(len(args.opt_betas) == 2 and all(0 <= b < 1 for b in args.opt_betas),
-               f"--opt-betas takes two values in [0, 1), got {args.opt_betas}")
-    if args.clip_grad is not None:
-        _check(math.isfinite(args.clip_grad) and args.clip_grad > 0, f"--clip-grad must be > 0, got {args.clip_grad}")
-    _check(_in_unit(args.drop, closed_top=False), f"--drop must be in [0, 1), got {args.drop}")
-    _check(_in_unit(args.drop_path, closed_top=False), f"--drop-path must be in [0, 1), got {args.drop_path}")
-    _check(0 < args.model_ema_decay < 1, f"--model-ema-decay must be in (0, 1), got {args.model_ema_decay}")
-    _check(_in_unit(args.smoothing, closed_top=False), f"--smoothing must be in [0, 1), got {args.smoothing}")
-    _check(_in_unit(args.reprob), f"--reprob must be in [0, 1], got {args.reprob}")
-    _check(_in_unit(args.hflip), f"--hflip must be in [0, 1], got {args.hflip}")
-    _check(args.recount >= 1, f"--recount must be >= 1, got {args.recount}")
-    _check(math.isfinite(args.color_jitter) and args.color_jitter >= 0,
-           f"--color-jitter must be >= 0, got {args.color_jitter}")
-    if args.crop_pct is not None:
-        _check(0 < args.crop_pct <= 1, f"--crop_pct must be in (0, 1], got {args.crop_pct}")
-    _check(args.mixup >= 0, f"--mixup must be >= 0, got {args.mixup}")
-    _check(args.cutmix >= 0, f"--cutmix must be >= 0, got {args.cutmix}")
-    if args.cutmix_minmax is not None:
-        lo_hi = args.cutmix_minmax
-        _check(len(lo_hi) == 2 and 0 < lo_hi[0] < lo_hi[1] <= 1,
-               f"--cutmix-minmax takes two values 0 < min < max <= 1, got {lo_hi}")
-    _check(_in_unit(args.mixup_prob), f"--mixup-prob must be in [0, 1], got {args.mixup_prob}")
-    _check(_in_unit(args.mixup_switch_prob), f"--mixup-switch-prob must be in [0, 1], got {args.mixup_switch_prob}")
-    if mixup_active(args) and args.mixup_prob > 0 and args.mixup_mode == "batch":
+    from models import arch_of, gated_name_of, list_models
+
+    if gated_name_of(ns.model) in list_models():  # an unknown model is reported by the script's own check
+        patch = arch_of(ns.model).patch_size
+        _check(ns.input_size % patch == 0,
+               f"--input-size {ns.input_size} is not a multiple of the patch size {patch} of --model {ns.model}")
+    if ns.cutmix_minmax is not None:
+        _check(ns.cutmix_minmax[0] < ns.cutmix_minmax[1],
+               f"--cutmix-minmax takes two values 0 < min < max <= 1, got {ns.cutmix_minmax}")
+    mixup = mixup_config(ns)
+    if mixup.active and mixup.prob > 0 and mixup.mode == "batch":
         # timm's Mixup pairs each sample with its mirror in the batch
-        _check(args.batch_size % 2 == 0,
-               f"--batch-size must be even when mixup/cutmix is on (got {args.batch_size}); "
-               f"use an even size or --mixup 0 --cutmix 0")
-    _check(_in_unit(args.distillation_alpha), f"--distillation-alpha must be in [0, 1], got {args.distillation_alpha}")
-    _check(math.isfinite(args.distillation_tau) and args.distillation_tau > 0,
-           f"--distillation-tau must be > 0, got {args.distillation_tau}")
-    if args.distillation_type != "none":
-        _check(bool(args.teacher_path),
-               f"--distillation-type {args.distillation_type} needs --teacher-path (the teacher's weights)")
-    _check(args.num_workers >= 0, f"--num_workers must be >= 0, got {args.num_workers}")
-    _check(args.log_period >= 1, f"--log_period must be >= 1, got {args.log_period}")
-    _check(args.save_freq >= 1, f"--save_freq must be >= 1, got {args.save_freq}")
-    _check(args.world_size >= 1, f"--world_size must be >= 1, got {args.world_size}")
-    _check(0 <= args.seed < 2**32, f"--seed must be in [0, 2**32), got {args.seed}")
-    check_output_folder("--output_dir", args.output_dir)
-    if args.log != "same":
-        check_output_folder("--log", args.log)
-    _check(_in_unit(args.pruning_flops_percentage, closed_top=False),
-           f"--pruning_flops_percentage must be in [0, 1), got {args.pruning_flops_percentage}")
+        _check(ns.batch_size % 2 == 0, f"--batch-size must be even when mixup/cutmix is on (got {ns.batch_size}); "
+                                       f"use an even size or --mixup 0 --cutmix 0")
+    if getattr(ns, "distillation_type", "none") != "none":
+        _check(bool(ns.teacher_path),
+               f"--distillation-type {ns.distillation_type} needs --teacher-path (the teacher's weights)")
+    check_output_folder("--output_dir", ns.output_dir)
+    if ns.log != "same":
+        check_output_folder("--log", ns.log)
     try:
-        device = torch.device(args.device)
+        device = torch.device(ns.device)
     except RuntimeError:
-        raise UserError(f"--device {args.device!r} is not a device (expected cuda, cuda:N or cpu)") from None
+        raise UserError(f"--device {ns.device!r} is not a device (expected cuda, cuda:N or cpu)") from None
     if device.type == "cuda":
-        _check(torch.cuda.is_available(), f"--device {args.device}: CUDA is not available here (use --device cpu)")
+        _check(torch.cuda.is_available(), f"--device {ns.device}: CUDA is not available here (use --device cpu)")
     else:
-        _check(device.type == "cpu", f"--device {args.device!r}: only cuda and cpu are supported")
+        _check(device.type == "cpu", f"--device {ns.device!r}: only cuda and cpu are supported")
+
+
+# -- configurations ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """The process group this process joined (kept here until utils returns it itself)."""
+
+    distributed: bool = False
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: Optional[str] = None
+    device: str = "cpu"  # pinned to cuda:{local_rank} on CUDA
+
+
+def init_distributed(ns: argparse.Namespace) -> DistributedConfig:
+    """`utils.init_distributed_mode` on a copy of the flags, read back as a config (`ns` is not written)."""
+    scratch = copy.copy(ns)
+    init_distributed_mode(scratch)
+    return DistributedConfig(distributed=scratch.distributed, rank=scratch.rank, world_size=scratch.world_size,
+                             local_rank=scratch.gpu, backend=scratch.dist_backend, device=str(scratch.device))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    input_size: int
+    drop: float
+    drop_path: float
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where the run reads and writes, and how it reports."""
+
+    output_dir: str
+    log_dir: str  # the {timestamp}.log folder (--log, "same" resolved)
+    overwrite: bool
+    device: str  # the effective device (cuda:{local rank} under a launcher)
+    seed: int
+    finetune: str
+    resume: str
+    trust_checkpoint: bool
+    eval: bool
+    amp: bool
+    log_period: int
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """main.py's pruning flags (`SearchOptions` is the part the search reads)."""
+
+    method: int
+    layers: int
+    feed_percent: float
+    need_hessian: bool
+    hessian_embed: float
+    micro_batch: int
+    pickle_from: str
+    normalize_by_layer: bool
+    normalize_type: int
+    silent: bool
+    mask_aware_norm: bool
+    search: SearchOptions
+
+    @property
+    def flops_percentage(self) -> float:
+        return self.search.flops_percentage
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    masked_model: str
+    throughput: bool
+    auto_resume: bool
+
+
+def model_config(ns) -> ModelConfig:
+    return ModelConfig(name=ns.model, input_size=ns.input_size, drop=ns.drop, drop_path=ns.drop_path)
+
+
+def run_config(ns, dist: DistributedConfig, resume: Optional[str] = None) -> RunConfig:
+    return RunConfig(output_dir=ns.output_dir, log_dir=ns.output_dir if ns.log == "same" else ns.log,
+                     overwrite=ns.overwrite, device=dist.device, seed=ns.seed, finetune=ns.finetune,
+                     resume=ns.resume if resume is None else resume, trust_checkpoint=ns.trust_checkpoint,
+                     eval=ns.eval, amp=ns.amp, log_period=ns.log_period)
+
+
+def data_config(ns, device: Optional[str] = None) -> DataConfig:
+    """The data flags; pinning is on only where it helps (`--pin-mem` and a CUDA device)."""
+    device = torch.device(device or ns.device)
+    return DataConfig(
+        data_set=ns.data_set, data_path=ns.data_path, inat_category=ns.inat_category,
+        input_size=ns.input_size, batch_size=ns.batch_size, num_workers=ns.num_workers,
+        pin_memory=bool(ns.pin_mem) and device.type == "cuda", repeated_aug=getattr(ns, "repeated_aug", True),
+        dist_eval=ns.dist_eval, seed=ns.seed, color_jitter=ns.color_jitter, hflip=ns.hflip, aa=ns.aa,
+        train_interpolation=ns.train_interpolation, reprob=ns.reprob, remode=ns.remode, recount=ns.recount,
+        crop_pct=ns.crop_pct, inception_mean_std=ns.not_imagenet_default_mean_and_std)
+
+
+def mixup_config(ns) -> MixupConfig:
+    return MixupConfig(mixup=ns.mixup, cutmix=ns.cutmix,
+                       cutmix_minmax=tuple(ns.cutmix_minmax) if ns.cutmix_minmax is not None else None,
+                       prob=ns.mixup_prob, switch_prob=ns.mixup_switch_prob, mode=ns.mixup_mode,
+                       smoothing=ns.smoothing)
+
+
+def distill_config(ns) -> DistillConfig:
+    return DistillConfig(type=ns.distillation_type, alpha=ns.distillation_alpha, tau=ns.distillation_tau,
+                         teacher_model=ns.teacher_model, teacher_path=ns.teacher_path)
+
+
+def prune_config(ns) -> PruneConfig:
+    search = SearchOptions(flops_percentage=ns.pruning_flops_percentage, flops_threshold=ns.pruning_flops_threshold,
+                           layers=ns.pruning_layers, protect=ns.pruning_protect, use_interactions=ns.need_hessian,
+                           seed=ns.seed)
+    return PruneConfig(method=ns.pruning_method, layers=ns.pruning_layers, feed_percent=ns.pruning_feed_percent,
+                       need_hessian=ns.need_hessian, hessian_embed=ns.hessian_embed,
+                       micro_batch=ns.pruning_micro_batch, pickle_from=ns.pruning_pickle_from,
+                       normalize_by_layer=ns.pruning_normalize_by_layer, normalize_type=ns.pruning_normalize_type,
+                       silent=ns.pruning_silent, mask_aware_norm=ns.mask_aware_norm, search=search)
+
+
+def train_config(ns, world_size: int, start_epoch: Optional[int] = None) -> Tuple[TrainConfig, List[str]]:
+    """The training configuration that runs, and the lines that explain its lr.
+
+    DeiT's linear scaling of --lr with the total batch (reference 512); --min-lr and
+    --warmup-lr are bounds below the peak lr: when the scaled lr falls under them (small
+    total batches) they are lowered to it, else the cosine schedule would rise.
+    """
+    total_batch = ns.batch_size * world_size
+    lr = ns.lr * total_batch / 512.0
+    bounds, notes = {}, []
+    for name, flag in (("min_lr", "--min-lr"), ("warmup_lr", "--warmup-lr")):
+        value = getattr(ns, name)
+        if value > lr:
+            notes.append(f"{flag} lowered from {value:.3g} to {lr:.3g}, the lr scaled for a total batch of "
+                         f"{total_batch} (else the schedule would rise above its peak)")
+        bounds[name] = min(value, lr)
+    cfg = TrainConfig(
+        epochs=ns.epochs, start_epoch=ns.start_epoch if start_epoch is None else start_epoch, seed=ns.seed,
+        total_batch=total_batch, lr=lr, opt=ns.opt, opt_eps=ns.opt_eps,
+        opt_betas=tuple(ns.opt_betas) if ns.opt_betas is not None else None, momentum=ns.momentum,
+        weight_decay=ns.weight_decay, clip_grad=ns.clip_grad, sched=ns.sched,
+        lr_noise=tuple(ns.lr_noise) if ns.lr_noise is not None else None, lr_noise_pct=ns.lr_noise_pct,
+        lr_noise_std=ns.lr_noise_std, warmup_lr=bounds["warmup_lr"], min_lr=bounds["min_lr"],
+        decay_epochs=ns.decay_epochs, warmup_epochs=ns.warmup_epochs, cooldown_epochs=ns.cooldown_epochs,
+        patience_epochs=ns.patience_epochs, decay_rate=ns.decay_rate, model_ema=ns.model_ema,
+        model_ema_decay=ns.model_ema_decay, model_ema_force_cpu=ns.model_ema_force_cpu, amp=ns.amp,
+        log_period=ns.log_period, save_freq=ns.save_freq, output_dir=ns.output_dir,
+        mixup=mixup_config(ns), distill=distill_config(ns))
+    return cfg, notes
+
+
+def command_line() -> str:
+    return " ".join(sys.argv)

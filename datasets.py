@@ -1,6 +1,6 @@
 """Data sets, transforms, samplers and loaders, the DeiT way.
 
-`build_dataset(is_train, args)` gives `(dataset, num_classes)` for
+`build_dataset(is_train, cfg)` (a `DataConfig`) gives `(dataset, num_classes)` for
 IMNET (any ImageFolder tree with train/ and val/), CIFAR (CIFAR-100), INAT / INAT19
 (iNaturalist 2018 / 2019 json files) and DIGITS (scikit-learn's 8x8 handwritten
 digits upscaled to RGB: an offline demo set that runs the real pipeline).
@@ -11,6 +11,7 @@ Every training sampler has `set_epoch(epoch)`: call it before each epoch.
 import json
 import math
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -30,8 +31,67 @@ DEFAULT_CROP_PCT = 224 / 256  # DeiT evaluation: resize to 256/224 of the input 
 SMALL_INPUT = 32  # at or below this size DeiT trains with RandomCrop(padding=4) instead of RandomResizedCrop
 
 
-def _mean_std(args) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    if getattr(args, "not_imagenet_default_mean_and_std", False):
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data, how it is transformed and loaded (flag names in the comments).
+
+    Args:
+        data_set, data_path, inat_category: `--data-set --data-path --inat-category`.
+        input_size: `--input-size`.
+        batch_size: per process (`--batch-size`); validation batches are twice as large.
+        num_workers: `--num_workers`.
+        pin_memory: pin host memory (`--pin-mem` on a CUDA device).
+        repeated_aug: `RASampler` for training (`--repeated-aug`).
+        dist_eval: shard evaluation over the ranks (`--dist-eval`).
+        seed: seed of the training samplers (`--seed`).
+        color_jitter, hflip, aa, train_interpolation, reprob, remode, recount: training
+            augmentation (`--color-jitter --hflip --aa --train-interpolation --reprob --remode --recount`).
+        crop_pct: evaluation centre-crop fraction, None for 224/256 (`--crop_pct`).
+        inception_mean_std: normalise with 0.5 (`--not_imagenet_default_mean_and_std`).
+    """
+
+    data_set: str = "IMNET"
+    data_path: str = ""
+    inat_category: str = "name"
+    input_size: int = 224
+    batch_size: int = 64
+    num_workers: int = 10
+    pin_memory: bool = False
+    repeated_aug: bool = True
+    dist_eval: bool = False
+    seed: int = 0
+    color_jitter: float = 0.4
+    hflip: float = 0.5
+    aa: str = "rand-m9-mstd0.5-inc1"
+    train_interpolation: str = "bicubic"
+    reprob: float = 0.25
+    remode: str = "pixel"
+    recount: int = 1
+    crop_pct: Optional[float] = None
+    inception_mean_std: bool = False
+
+
+@dataclass(frozen=True)
+class MixupConfig:
+    """timm's Mixup/CutMix settings (`--mixup --cutmix --cutmix-minmax --mixup-prob --mixup-switch-prob
+    --mixup-mode`) and the label smoothing of the soft targets (`--smoothing`)."""
+
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    cutmix_minmax: Optional[Tuple[float, float]] = None
+    prob: float = 1.0
+    switch_prob: float = 0.5
+    mode: str = "batch"
+    smoothing: float = 0.1
+
+    @property
+    def active(self) -> bool:
+        """Whether mixup or cutmix is on (DeiT's rule)."""
+        return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
+
+
+def _mean_std(cfg: DataConfig) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    if cfg.inception_mean_std:
         return IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
     return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -61,7 +121,7 @@ def _make_posterize_safe(transform) -> None:
                 op.aug_fn = _posterize_zero_bits_black
 
 
-def build_transform(is_train: bool, args) -> Callable:
+def build_transform(is_train: bool, cfg: DataConfig) -> Callable:
     """DeiT's transforms: timm's `create_transform` for training, resize + centre crop for evaluation.
 
     Training: RandomResizedCrop (bicubic by default), flip, colour jitter / RandAugment
@@ -75,16 +135,15 @@ def build_transform(is_train: bool, args) -> Callable:
 
     Args:
         is_train: training or evaluation transform.
-        args: namespace with input_size, color_jitter, aa, train_interpolation,
-            reprob, remode, recount, crop_pct and not_imagenet_default_mean_and_std.
+        cfg: input size, augmentation, crop fraction and normalisation.
     """
-    size = args.input_size
-    mean, std = _mean_std(args)
+    size = cfg.input_size
+    mean, std = _mean_std(cfg)
     if is_train:
         transform = create_transform(
-            input_size=size, is_training=True, color_jitter=args.color_jitter, hflip=getattr(args, "hflip", 0.5),
-            auto_augment=args.aa or None, interpolation=args.train_interpolation,
-            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, mean=mean, std=std)
+            input_size=size, is_training=True, color_jitter=cfg.color_jitter, hflip=cfg.hflip,
+            auto_augment=cfg.aa or None, interpolation=cfg.train_interpolation,
+            re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount, mean=mean, std=std)
         _make_posterize_safe(transform)
         if size <= SMALL_INPUT:
             transform.transforms[0] = transforms.Compose([
@@ -92,7 +151,7 @@ def build_transform(is_train: bool, args) -> Callable:
                 transforms.RandomCrop(size, padding=4),
             ])
         return transform
-    crop_pct = getattr(args, "crop_pct", None) or DEFAULT_CROP_PCT
+    crop_pct = cfg.crop_pct or DEFAULT_CROP_PCT
     resize = int(size / crop_pct) if size > SMALL_INPUT else size
     return transforms.Compose([
         transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
@@ -289,13 +348,12 @@ class INatDataset(Dataset):
         return img, target
 
 
-def build_dataset(is_train: bool, args, what: Optional[str] = None) -> Tuple[Dataset, int]:
+def build_dataset(is_train: bool, cfg: DataConfig, what: Optional[str] = None) -> Tuple[Dataset, int]:
     """The training or validation set named by `--data-set`, with DeiT's transforms.
 
     Args:
         is_train: training split (with training transforms) or validation split.
-        args: namespace with data_set, data_path, input_size, inat_category and the
-            augmentation flags read by `build_transform`.
+        cfg: the data set, its path and the transforms' settings.
         what: how an unreadable image's error names the set (default "training set" /
             "validation set").
 
@@ -306,21 +364,21 @@ def build_dataset(is_train: bool, args, what: Optional[str] = None) -> Tuple[Dat
         UserError: missing or empty folders or files, naming them (and, when read, an
             unreadable image).
     """
-    transform = build_transform(is_train, args)
+    transform = build_transform(is_train, cfg)
     what = what or ("training set" if is_train else "validation set")
-    name = args.data_set
+    name = cfg.data_set
     if name == "IMNET":
-        return _image_folder(args.data_path, is_train, transform, what)
+        return _image_folder(cfg.data_path, is_train, transform, what)
     if name == "CIFAR":
-        return _cifar100(args.data_path, is_train, transform)
+        return _cifar100(cfg.data_path, is_train, transform)
     if name in ("INAT", "INAT19"):
-        if not args.data_path:
+        if not cfg.data_path:
             raise UserError(f"--data-path is required for --data-set {name}")
-        dataset = INatDataset(args.data_path, train=is_train, year=2018 if name == "INAT" else 2019,
-                              category=args.inat_category, transform=transform, what=what)
+        dataset = INatDataset(cfg.data_path, train=is_train, year=2018 if name == "INAT" else 2019,
+                              category=cfg.inat_category, transform=transform, what=what)
         return dataset, dataset.nb_classes
     if name == "DIGITS":
-        return DigitsDataset(train=is_train, image_size=args.input_size, transform=transform), 10
+        return DigitsDataset(train=is_train, image_size=cfg.input_size, transform=transform), 10
     raise UserError(f"--data-set {name!r} is not one of IMNET, CIFAR, INAT, INAT19, DIGITS")
 
 
@@ -406,7 +464,7 @@ class ShardSampler(Sampler):
         pass
 
 
-def build_loaders(args, dataset_train: Optional[Dataset], dataset_val: Optional[Dataset],
+def build_loaders(cfg: DataConfig, dataset_train: Optional[Dataset], dataset_val: Optional[Dataset],
                   distributed: bool) -> Tuple[Optional[DataLoader], Optional[DataLoader]]:
     """Training and validation loaders (either set may be None, giving None).
 
@@ -419,8 +477,7 @@ def build_loaders(args, dataset_train: Optional[Dataset], dataset_val: Optional[
     order; batches of 2 x `--batch-size` (the reference's choice).
 
     Args:
-        args: namespace with batch_size, num_workers, pin_mem, repeated_aug,
-            dist_eval, seed and device.
+        cfg: batch size, workers, pinning, samplers and their seed.
         dataset_train: training set or None.
         dataset_val: validation set or None.
         distributed: shard over `get_world_size()` ranks.
@@ -429,39 +486,40 @@ def build_loaders(args, dataset_train: Optional[Dataset], dataset_val: Optional[
         UserError: a rank would get no full training batch.
     """
     world, rank = (get_world_size(), get_rank()) if distributed else (1, 0)
-    pin = bool(args.pin_mem) and torch.device(args.device).type == "cuda"
+    pin = cfg.pin_memory
     loader_train = loader_val = None
     if dataset_train is not None:
-        if args.repeated_aug:
-            sampler_train = RASampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+        if cfg.repeated_aug:
+            sampler_train = RASampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
         else:
             sampler_train = DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True,
-                                               seed=args.seed)
-        if len(sampler_train) < args.batch_size:
-            raise UserError(f"--batch-size {args.batch_size} is larger than the {len(sampler_train)} training "
+                                               seed=cfg.seed)
+        if len(sampler_train) < cfg.batch_size:
+            raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(sampler_train)} training "
                             f"samples each of the {world} process(es) gets per epoch "
                             f"({len(dataset_train)} images); lower --batch-size")
-        loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
-                                  num_workers=args.num_workers, pin_memory=pin, drop_last=True)
+        loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=cfg.batch_size,
+                                  num_workers=cfg.num_workers, pin_memory=pin, drop_last=True)
     if dataset_val is not None:
-        if distributed and args.dist_eval:
+        if distributed and cfg.dist_eval:
             sampler_val = ShardSampler(dataset_val, num_replicas=world, rank=rank)
         else:
             sampler_val = SequentialSampler(dataset_val)
-        loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=2 * args.batch_size,
-                                num_workers=args.num_workers, pin_memory=pin, drop_last=False)
+        loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=2 * cfg.batch_size,
+                                num_workers=cfg.num_workers, pin_memory=pin, drop_last=False)
     return loader_train, loader_val
 
 
-def build_mixup(args, num_classes: int) -> Optional[Mixup]:
+def build_mixup(cfg: MixupConfig, num_classes: int) -> Optional[Mixup]:
     """timm's Mixup/CutMix with label smoothing, or None when both are off (DeiT's rule).
 
     Args:
-        args: namespace with the mixup flags and `smoothing`.
+        cfg: the mixup/cutmix settings and the label smoothing.
         num_classes: classes of the data set (for the soft targets).
     """
-    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+    if not cfg.active:
         return None
-    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                 label_smoothing=args.smoothing, num_classes=num_classes)
+    minmax = list(cfg.cutmix_minmax) if cfg.cutmix_minmax is not None else None
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=minmax, prob=cfg.prob,
+                 switch_prob=cfg.switch_prob, mode=cfg.mode, label_smoothing=cfg.smoothing,
+                 num_classes=num_classes)

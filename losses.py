@@ -15,6 +15,7 @@ and returns `(1 - alpha) * base + alpha * distill`. A student that returns a tup
 dist head distilled and its class head trained on the labels; a plain student
 has its single head take both terms.
 """
+from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import torch
@@ -29,6 +30,18 @@ from pruning.mask import PruneMask
 from utils import UserError, check_keys, load_torch_file, state_dict_of
 
 DISTILLATION_TYPES = ("none", "soft", "hard")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Distillation settings (`--distillation-type --distillation-alpha --distillation-tau
+    --teacher-model --teacher-path`); the teacher itself is built by `build_teacher`."""
+
+    type: str = "none"
+    alpha: float = 0.5
+    tau: float = 1.0
+    teacher_model: str = "regnety_160"
+    teacher_path: str = ""
 
 
 class DistillationLoss(nn.Module):

@@ -15,32 +15,47 @@ import argparse
 import datetime
 import json
 import os
-import sys
-import time
+from dataclasses import dataclass
 
 import torch
-from timm.optim import create_optimizer_v2, optimizer_kwargs
-from timm.scheduler import create_scheduler
-from timm.utils import ModelEmaV2
 
-from args import common_parents, mixup_active, validate_common
-from datasets import build_dataset, build_loaders, build_mixup
-from engine import evaluate, make_loss_scaler, measure_throughput, train_one_epoch
-from losses import DistillationLoss, build_base_criterion, build_teacher
+from args import (WORLD_SIZE, DistributedConfig, ModelConfig, Parser, ReferenceFlag, RunConfig, add_augmentation_args,
+                  add_data_args, add_distillation_args, add_distributed_args, add_mixup_args, add_model_args,
+                  add_optimizer_args, add_reference_group, add_run_args, add_schedule_args, check_common,
+                  command_line, data_config, init_distributed, model_config, naming, reference_warnings, run_config,
+                  train_config)
+from datasets import DataConfig, build_dataset, build_loaders
+from engine import LAST_CHECKPOINT, TrainConfig, evaluate, fit, measure_throughput
+from losses import build_teacher
 from models import DeployDeiT, arch_of, gated_name_of, is_deploy_name, list_models
 from models.loading import load_pretrained
 from pruning.deploy import deploy_structure, load_masked_model
 from pruning.flops import ptflops_macs
 from pruning.mask import PruneMask
-from utils import (TensorboardLogger, UserError, append_json_line, atomic_torch_save, checkpoint_state,
-                   cleanup_distributed, cli_entry, error_line, init_distributed_mode, is_main_process,
-                   load_resume_weights, load_torch_file, prepare_output_dir, refuse_to_clobber, restore_training_state,
-                   set_seed, setup_logging)
+from utils import (UserError, cleanup_distributed, cli_entry, error_line, is_main_process, load_resume_weights,
+                   load_torch_file, prepare_output_dir, refuse_to_clobber, set_seed, setup_logging)
+
+CHECKPOINT_NAME = LAST_CHECKPOINT
+REFERENCE_FLAGS = [
+    ReferenceFlag("--pruning_flops_percentage", float, 0.0, (0.0,),
+                  "the pruned structure comes from --masked_model; prune with main.py"),
+    ReferenceFlag("--finetune_op", int, 1, (1,), "main_deploy.py always fine-tunes (or --eval / --throughput)"),
+    ReferenceFlag("--resplit", bool, False, (False,), "no augmentation splits are used (accepted as in DeiT)"),
+    WORLD_SIZE,
+]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("SAViT fine-tuning of the pruned DeiT (main_deploy.py)",
-                                     parents=common_parents())
+    parser = Parser("SAViT fine-tuning of the pruned DeiT (main_deploy.py)")
+    add_model_args(parser, ema=True)
+    add_optimizer_args(parser)
+    add_schedule_args(parser)
+    add_augmentation_args(parser, repeated_aug=True)
+    add_mixup_args(parser)
+    add_distillation_args(parser)
+    add_data_args(parser)
+    add_run_args(parser, save_freq=True, seed_help="random seed (default: 0); rank r uses seed + r")
+    add_distributed_args(parser)
     g = parser.add_argument_group("deploy")
     g.add_argument("--masked_model", default="",
                    help="the pruned model: main.py's checkpoint_pruned_00.pth, the reference's, or a mask JSON "
@@ -49,61 +64,81 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="measure inference images/s of this model and of the unpruned one, then exit")
     g.add_argument("--auto_resume", action="store_true",
                    help="resume from --output_dir/checkpoint.pth when it exists, else start from epoch 0")
+    add_reference_group(parser, REFERENCE_FLAGS)
     return parser
 
 
-CHECKPOINT_NAME = "checkpoint.pth"
-
-
-def resolve_auto_resume(args) -> None:
-    """--auto_resume: set `args.resume` to --output_dir/checkpoint.pth when that file exists."""
-    if not args.auto_resume:
-        return
-    if args.resume:
-        raise UserError(f"--auto_resume and --resume {args.resume!r} exclude each other: --auto_resume resumes "
+def resolve_auto_resume(ns) -> str:
+    """The checkpoint to resume from: --resume, or with --auto_resume --output_dir/checkpoint.pth when it exists."""
+    if not ns.auto_resume:
+        return ns.resume
+    if ns.resume:
+        raise UserError(f"--auto_resume and --resume {ns.resume!r} exclude each other: --auto_resume resumes "
                         f"from --output_dir/{CHECKPOINT_NAME}; pass one of them")
-    if not args.output_dir:
+    if not ns.output_dir:
         raise UserError(f"--auto_resume needs --output_dir (it resumes from --output_dir/{CHECKPOINT_NAME})")
-    candidate = os.path.join(args.output_dir, CHECKPOINT_NAME)
-    args.resume = candidate if os.path.isfile(candidate) else ""
+    candidate = os.path.join(ns.output_dir, CHECKPOINT_NAME)
+    return candidate if os.path.isfile(candidate) else ""
 
 
-def validate_deploy_args(args) -> None:
-    """Checks of main_deploy.py's own flags that need no file to be read (resolves --auto_resume)."""
-    resolve_auto_resume(args)
-    if not is_deploy_name(args.model) or gated_name_of(args.model) not in list_models():
-        raise UserError(f"--model {args.model!r}: main_deploy.py builds a _deploy DeiT; choose from "
+def check_deploy_flags(ns, resume: str) -> None:
+    """Checks of main_deploy.py's own flags that need no file to be read."""
+    if not is_deploy_name(ns.model) or gated_name_of(ns.model) not in list_models():
+        raise UserError(f"--model {ns.model!r}: main_deploy.py builds a _deploy DeiT; choose from "
                         f"{', '.join(n for n in list_models() if is_deploy_name(n))}")
-    for flag, path in (("--resume", args.resume), ("--masked_model", args.masked_model), ("--finetune", args.finetune)):
+    for flag, path in (("--resume", resume), ("--masked_model", ns.masked_model), ("--finetune", ns.finetune)):
         if path and not os.path.isfile(path):
             raise UserError(f"{flag}: file not found: {path!r}")
-    if args.masked_model and args.finetune and not args.masked_model.endswith(".json"):
-        raise UserError(f"--finetune is read only with a mask JSON --masked_model, but {args.masked_model!r} is a "
+    if ns.masked_model and ns.finetune and not ns.masked_model.endswith(".json"):
+        raise UserError(f"--finetune is read only with a mask JSON --masked_model, but {ns.masked_model!r} is a "
                         f"checkpoint that carries its own weights (drop --finetune or pass the mask JSON)")
 
 
-def build_student(args, arch, resume_checkpoint):
+@dataclass(frozen=True)
+class DeployRun:
+    """Everything main_deploy.py runs with, built once from the flags (`settings`)."""
+
+    run: RunConfig
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    dist: DistributedConfig
+    masked_model: str
+    throughput: bool
+    auto_resume: bool
+    record: dict  # the flags with their effective values: logged, and stored in each checkpoint
+    notes: tuple  # how the effective values were derived from the flags (logged)
+
+
+def settings(ns: argparse.Namespace, dist: DistributedConfig, resume: str = "") -> DeployRun:
+    """main_deploy.py's configuration from its flags, the process group and the resolved --resume."""
+    train, notes = train_config(ns, dist.world_size)
+    effective = {"device": dist.device, "world_size": dist.world_size, "rank": dist.rank,
+                 "distributed": dist.distributed, "resume": resume,
+                 "lr": train.lr, "min_lr": train.min_lr, "warmup_lr": train.warmup_lr}
+    return DeployRun(run=run_config(ns, dist, resume), model=model_config(ns), data=data_config(ns, dist.device),
+                     train=train, dist=dist, masked_model=ns.masked_model, throughput=ns.throughput,
+                     auto_resume=ns.auto_resume, record={**vars(ns), **effective}, notes=tuple(notes))
+
+
+def build_student(cfg: DeployRun, arch, resume_checkpoint):
     """(mask, deploy model) from --masked_model, --resume or --finetune (in that order of authority)."""
-    if args.masked_model:
-        try:
-            mask, model = load_masked_model(arch, args.masked_model, args.finetune, trust=args.trust_checkpoint)
-        except UserError as err:  # name the flags: the file may be fine, just not for this --model
-            if str(err).startswith("--masked_model"):
-                raise
-            raise UserError(f"--masked_model (with --model {args.model}): {err}") from None
+    run, name = cfg.run, cfg.model.name
+    if cfg.masked_model:
+        with naming("masked_model", f" (with --model {name})"):  # the file may be fine, just not for this --model
+            mask, model = load_masked_model(arch, cfg.masked_model, run.finetune, trust=run.trust_checkpoint)
     elif resume_checkpoint is not None and isinstance(resume_checkpoint.get("mask"), dict):
-        mask = PruneMask.from_dict(resume_checkpoint["mask"], source=args.resume)
-        try:
+        mask = PruneMask.from_dict(resume_checkpoint["mask"], source=run.resume)
+        with naming("resume", f" (with --model {name})"):
             mask.check_fits(arch)
-        except UserError as err:
-            raise UserError(f"--resume (with --model {args.model}): {err}") from None
         model = DeployDeiT(arch, **deploy_structure(mask))
     else:
-        mask = PruneMask.full(arch, model=gated_name_of(args.model))
+        mask = PruneMask.full(arch, model=gated_name_of(name))
         model = DeployDeiT(arch)
-        if args.finetune:
-            load_pretrained(model, args.finetune, trust=args.trust_checkpoint)
-    mask.model = mask.model or gated_name_of(args.model)
+        if run.finetune:
+            with naming("finetune"):
+                load_pretrained(model, run.finetune, trust=run.trust_checkpoint)
+    mask.model = mask.model or gated_name_of(name)
     return mask, model
 
 
@@ -131,174 +166,84 @@ def log_complexity(model, arch, mask, log) -> dict:
     return {"gmacs": ours["total"] / 1e9, "params": ours["params"], "gmacs_unpruned": full["total"] / 1e9}
 
 
-def run_throughput(args, model, arch, complexity, device, log) -> None:
+def run_throughput(cfg: DeployRun, model, arch, complexity, device, log) -> None:
     """Images/s of the unpruned and the deploy model side by side: inference, then a training step."""
     unpruned = DeployDeiT(arch)
+    batch = cfg.data.batch_size
     for train_step, kind in ((False, "inference"), (True, "training step")):
-        ips = [measure_throughput(net, args.batch_size, arch.img_size, device, train_step=train_step, amp=args.amp)
+        ips = [measure_throughput(net, batch, arch.img_size, device, train_step=train_step, amp=cfg.run.amp)
                for net in (unpruned, model)]
-        log(f"throughput ({kind}, batch {args.batch_size}, {device}): unpruned {ips[0]:.1f} images/s, "
+        log(f"throughput ({kind}, batch {batch}, {device}): unpruned {ips[0]:.1f} images/s, "
             f"deploy {ips[1]:.1f} images/s; speedup {ips[1] / ips[0]:.2f}x "
             f"(FLOPs ratio {complexity['gmacs_unpruned'] / complexity['gmacs']:.2f}x)")
 
 
-def scale_lr(args, log) -> None:
-    """DeiT's linear scaling of --lr with the total batch (reference 512), in place on `args`.
-
-    --min-lr and --warmup-lr are bounds below the peak lr: when the scaled lr falls under
-    them (small total batches) they are lowered to it, else the cosine schedule would rise.
-    """
-    total_batch = args.batch_size * args.world_size
-    args.lr = args.lr * total_batch / 512.0
-    for name, flag in (("min_lr", "--min-lr"), ("warmup_lr", "--warmup-lr")):
-        value = getattr(args, name)
-        if value > args.lr:
-            log(f"{flag} lowered from {value:.3g} to {args.lr:.3g}, the lr scaled for a total batch of {total_batch} "
-                f"(else the schedule would rise above its peak)")
-            setattr(args, name, args.lr)
-
-
-def ema_horizon_note(decay: float, steps: int) -> str:
-    """One line when an EMA of `decay` cannot move far from its start in `steps` optimizer steps, else ''.
-
-    The EMA averages over about 1 / (1 - decay) steps; after `steps` updates its starting
-    weights still weigh decay ** steps.
-    """
-    horizon = 1.0 / (1.0 - decay)
-    if steps >= horizon:
-        return ""
-    advice = f"--model-ema-decay {1 - 10 / steps:.4g} (a horizon of a tenth of the run) or " if steps >= 20 else ""
-    return (f"EMA: decay {decay} averages over ~{horizon:.0f} optimizer steps but this run has {steps}, so the EMA "
-            f"weights are still {decay ** steps:.0%} the starting weights and 'Test (EMA)' will stay near the starting "
-            f"model's accuracy; for this run length use {advice}--no-model-ema")
-
-
-def fine_tune(args, model, mask, arch, loader_train, loader_val, num_classes, teacher, resume_checkpoint,
-              complexity, device, log) -> None:
-    """The DeiT training loop with per-epoch evaluation, checkpoints, log.txt and TensorBoard."""
-    out = args.output_dir
-    model_without_ddp = model
-    if args.distributed:  # DDP broadcasts rank 0's weights: wrap before the EMA copies them
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == "cuda" else None)
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEmaV2(model_without_ddp, decay=args.model_ema_decay,
-                               device="cpu" if args.model_ema_force_cpu else None)
-        note = ema_horizon_note(args.model_ema_decay, args.epochs * len(loader_train))
-        if note:
-            log(note)
-    scale_lr(args, log)
-    optimizer = create_optimizer_v2(model_without_ddp, **optimizer_kwargs(cfg=args))
-    loss_scaler = make_loss_scaler(device, args.amp)
-    lr_scheduler, _ = create_scheduler(args, optimizer)
-    mixup_fn = build_mixup(args, num_classes)
-    if teacher is not None:
-        log(f"distillation: teacher {args.teacher_model} from {args.teacher_path}, {args.distillation_type} loss, "
-            f"alpha {args.distillation_alpha}, tau {args.distillation_tau}; "
-            f"{'dist head' if arch.distilled else 'class head'} of the student is distilled")
-    else:
-        log("distillation: none")
-    criterion = DistillationLoss(build_base_criterion(mixup_active(args), args.smoothing), teacher,
-                                 args.distillation_type, args.distillation_alpha, args.distillation_tau)
-    max_accuracy = 0.0
-    if resume_checkpoint is not None:
-        args.start_epoch, max_accuracy = restore_training_state(resume_checkpoint, optimizer, lr_scheduler,
-                                                                loss_scaler, model_ema, path=args.resume)
-        log(f"resumed from {args.resume}: next epoch {args.start_epoch}, best top-1 so far {max_accuracy:.2f}%")
-
-    tb = TensorboardLogger(out)
-    log(f"training for {args.epochs - args.start_epoch} epochs (from epoch {args.start_epoch}); lr {args.lr:.3g} "
-        f"for a total batch of {args.batch_size * args.world_size}")
-    start = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        loader_train.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
-                                      args.clip_grad, model_ema, mixup_fn, amp=args.amp, tb_logger=tb,
-                                      print_freq=args.log_period, print_fn=log, seed=args.seed)
-        lr_scheduler.step(epoch + 1)
-        test_stats = evaluate(loader_val, model, device, amp=args.amp, print_freq=args.log_period, print_fn=log)
-        improved = test_stats["acc1"] > max_accuracy
-        max_accuracy = max(max_accuracy, test_stats["acc1"])
-        log(f"epoch {epoch}: top-1 {test_stats['acc1']:.2f}% (best {max_accuracy:.2f}%)")
-        if model_ema is not None:
-            ema_stats = evaluate(loader_val, model_ema.module, device, amp=args.amp, print_freq=args.log_period,
-                                 print_fn=log, header="Test (EMA):")
-            test_stats.update({"ema_acc1": ema_stats["acc1"], "ema_acc5": ema_stats["acc5"]})
-        if out and is_main_process():
-            state = checkpoint_state(model_without_ddp, mask, optimizer, lr_scheduler, loss_scaler, model_ema,
-                                     epoch, max_accuracy, args)
-            atomic_torch_save(state, os.path.join(out, CHECKPOINT_NAME))
-            if (epoch + 1) % args.save_freq == 0:
-                atomic_torch_save(state, os.path.join(out, f"checkpoint_{epoch}.pth"))
-            if improved:
-                atomic_torch_save(state, os.path.join(out, "best_checkpoint.pth"))
-        record = {**{f"train_{k}": v for k, v in train_stats.items()},
-                  **{f"test_{k}": v for k, v in test_stats.items()},
-                  "epoch": epoch, "n_parameters": complexity["params"], "gmacs": complexity["gmacs"]}
-        append_json_line(os.path.join(out, "log.txt") if out else "", record)
-        tb.update(epoch, "test", acc1=test_stats["acc1"], acc5=test_stats["acc5"], loss=test_stats["loss"])
-        tb.flush()
-    tb.close()
-    elapsed = datetime.timedelta(seconds=int(time.time() - start))
-    log(f"done: best top-1 {max_accuracy:.2f}% ({complexity['gmacs']:.4f} GMACs, {complexity['params'] / 1e6:.3f} M "
-        f"params) after {args.epochs} epochs; training time {elapsed}")
-
-
 @cli_entry
-def main(args) -> None:
+def main(ns: argparse.Namespace) -> None:
     # every input (flags, data, mask, weights, teacher, resume checkpoint) is checked before
     # anything is written: bad input leaves --output_dir untouched
-    validate_common(args)
-    validate_deploy_args(args)
-    init_distributed_mode(args)
-    device = torch.device(args.device)
-    set_seed(args.seed + args.rank)
-    training = not (args.eval or args.throughput)
-    dataset_val, num_classes = build_dataset(False, args) if not args.throughput else (None, None)
-    dataset_train = build_dataset(True, args)[0] if training else None
-    arch = arch_of(args.model, img_size=args.input_size, num_classes=num_classes, drop_rate=args.drop,
-                   drop_path_rate=args.drop_path)
-    resume_checkpoint = (load_torch_file(args.resume, "--resume checkpoint", trust=args.trust_checkpoint)
-                         if args.resume else None)
+    check_common(ns)
+    resume = resolve_auto_resume(ns)
+    check_deploy_flags(ns, resume)
+    cfg = settings(ns, init_distributed(ns), resume)
+    run = cfg.run
+    device = torch.device(run.device)
+    set_seed(run.seed + cfg.dist.rank)
+    training = not (run.eval or cfg.throughput)
+    dataset_val, num_classes = build_dataset(False, cfg.data) if not cfg.throughput else (None, None)
+    dataset_train = build_dataset(True, cfg.data)[0] if training else None
+    arch = arch_of(cfg.model.name, img_size=cfg.model.input_size, num_classes=num_classes, drop_rate=cfg.model.drop,
+                   drop_path_rate=cfg.model.drop_path)
+    resume_checkpoint = (load_torch_file(run.resume, "--resume checkpoint", trust=run.trust_checkpoint)
+                         if run.resume else None)
     if resume_checkpoint is not None and not isinstance(resume_checkpoint, dict):
-        raise UserError(f"--resume {args.resume!r} is not a training checkpoint (expected a dict)")
-    mask, model = build_student(args, arch, resume_checkpoint)
+        raise UserError(f"--resume {run.resume!r} is not a training checkpoint (expected a dict)")
+    mask, model = build_student(cfg, arch, resume_checkpoint)
     if resume_checkpoint is not None:
-        load_resume_weights(resume_checkpoint, args.resume, model, mask)
+        load_resume_weights(resume_checkpoint, run.resume, model, mask)
         del resume_checkpoint["model"]  # loaded; no second copy of the weights for the whole run
     teacher = None
-    if training and args.distillation_type != "none":
-        teacher = build_teacher(args.teacher_model, args.teacher_path, num_classes, device,
-                                trust=args.trust_checkpoint)
-    loader_train, loader_val = build_loaders(args, dataset_train, dataset_val, args.distributed)
+    distill = cfg.train.distill
+    if training and distill.type != "none":
+        teacher = build_teacher(distill.teacher_model, distill.teacher_path, num_classes, device,
+                                trust=run.trust_checkpoint)
+    loader_train, loader_val = build_loaders(cfg.data, dataset_train, dataset_val, cfg.dist.distributed)
 
     if training:  # last check, before anything is written
-        refuse_to_clobber(args.output_dir, CHECKPOINT_NAME, resuming=bool(args.resume), overwrite=args.overwrite,
+        refuse_to_clobber(run.output_dir, CHECKPOINT_NAME, resuming=bool(run.resume), overwrite=run.overwrite,
                           how="resume it with --auto_resume (or --resume FILE), ")
 
-    logger = setup_logging(args.output_dir if args.log == "same" else args.log, "savit.deploy")
+    logger = setup_logging(run.log_dir, "savit.deploy")
     log = logger.info
     try:
-        log("command: " + " ".join(sys.argv))
-        log("configuration: " + json.dumps(vars(args), sort_keys=True, default=str))
-        prepare_output_dir(args.output_dir, log)
-        if args.auto_resume:
-            log(f"--auto_resume: resuming from {args.resume}" if args.resume else
-                f"--auto_resume: no {os.path.join(args.output_dir, CHECKPOINT_NAME)} yet; starting from epoch 0")
-        if training and not args.resume and args.output_dir and is_main_process():
-            start_afresh(args.output_dir, log)
+        log("command: " + command_line())
+        log("configuration: " + json.dumps(cfg.record, sort_keys=True, default=str))
+        for line in cfg.notes:
+            log(line)
+        for line in reference_warnings(ns, REFERENCE_FLAGS):
+            log("warning: " + line)
+        prepare_output_dir(run.output_dir, log)
+        if cfg.auto_resume:
+            log(f"--auto_resume: resuming from {run.resume}" if run.resume else
+                f"--auto_resume: no {os.path.join(run.output_dir, CHECKPOINT_NAME)} yet; starting from epoch 0")
+        if training and not run.resume and run.output_dir and is_main_process():
+            start_afresh(run.output_dir, log)
         complexity = log_complexity(model.eval(), arch, mask, log)
-        if args.throughput:
-            run_throughput(args, model, arch, complexity, device, log)
-        elif args.eval:
-            stats = evaluate(loader_val, model.to(device), device, amp=args.amp, print_freq=args.log_period,
+        if cfg.throughput:
+            run_throughput(cfg, model, arch, complexity, device, log)
+        elif run.eval:
+            stats = evaluate(loader_val, model.to(device), device, amp=run.amp, print_freq=run.log_period,
                              print_fn=log)
             log(f"accuracy of the deploy model on {len(dataset_val)} images: top-1 {stats['acc1']:.2f}%  "
                 f"top-5 {stats['acc5']:.2f}%  loss {stats['loss']:.4f}")
         else:
-            fine_tune(args, model.to(device), mask, arch, loader_train, loader_val, num_classes, teacher,
-                      resume_checkpoint, complexity, device, log)
+            result = fit(cfg.train, model.to(device), mask, loader_train, loader_val, num_classes, device,
+                         teacher=teacher, distributed=cfg.dist.distributed, resume_checkpoint=resume_checkpoint,
+                         resume_path=run.resume, record=cfg.record, log=log,
+                         epoch_fields={"n_parameters": complexity["params"], "gmacs": complexity["gmacs"]})
+            log(f"done: best top-1 {result['max_accuracy']:.2f}% ({complexity['gmacs']:.4f} GMACs, "
+                f"{complexity['params'] / 1e6:.3f} M params) after {cfg.train.epochs} epochs; training time "
+                f"{datetime.timedelta(seconds=int(result['seconds']))}")
     except UserError as err:  # e.g. a non-finite loss or an unreadable image: record it in the log file too
         logger.error(f"error: {error_line(err)}")
         raise

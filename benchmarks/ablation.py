@@ -40,7 +40,6 @@ import shutil
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from datasets import build_dataset, build_loaders  # noqa: E402
+from datasets import DataConfig, build_dataset, build_loaders  # noqa: E402
 from engine import evaluate  # noqa: E402
 from models import arch_of  # noqa: E402
 from pruning.baselines import magnitude_criteria, pruned_counts, random_mask, uniform_mask  # noqa: E402
@@ -408,9 +407,7 @@ def main(args) -> None:
     started = time.time()
     pretrained = pretrain(args, runner)
 
-    data_args = SimpleNamespace(data_set="DIGITS", data_path="", input_size=32, batch_size=64, num_workers=0,
-                                pin_mem=False, dist_eval=False, repeated_aug=False, seed=0, device="cpu",
-                                crop_pct=None, not_imagenet_default_mean_and_std=False)
+    data_args = DataConfig(data_set="DIGITS", input_size=32, batch_size=64, num_workers=0, repeated_aug=False)
     dataset_val, num_classes = build_dataset(False, data_args)
     _, loader_val = build_loaders(data_args, None, dataset_val, distributed=False)
     arch = arch_of(MODEL, num_classes=num_classes, img_size=32)

@@ -1,6 +1,8 @@
-"""Training and evaluation loops (`engine.loops`) and throughput measurement (`engine.throughput`)."""
+"""Training and evaluation loops (`engine.loops`), the fine-tuning loop (`engine.fit`) and throughput
+measurement (`engine.throughput`)."""
 from engine.loops import NonFiniteLossError, all_ranks_finite, evaluate, make_loss_scaler, train_one_epoch
+from engine.fit import BEST_CHECKPOINT, LAST_CHECKPOINT, TrainConfig, ema_horizon_note, fit
 from engine.throughput import measure_throughput
 
-__all__ = ["NonFiniteLossError", "all_ranks_finite", "evaluate", "make_loss_scaler", "measure_throughput",
-           "train_one_epoch"]
+__all__ = ["BEST_CHECKPOINT", "LAST_CHECKPOINT", "NonFiniteLossError", "TrainConfig", "all_ranks_finite",
+           "ema_horizon_note", "evaluate", "fit", "make_loss_scaler", "measure_throughput", "train_one_epoch"]

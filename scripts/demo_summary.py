@@ -11,13 +11,12 @@ import argparse
 import json
 import os
 import sys
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datasets import build_dataset, build_loaders  # noqa: E402
+from datasets import DataConfig, build_dataset, build_loaders  # noqa: E402
 from engine import evaluate, measure_throughput  # noqa: E402
 from models import DeployDeiT, arch_of, gated_name_of  # noqa: E402
 from pruning.deploy import deploy_structure, load_masked_model  # noqa: E402
@@ -111,8 +110,10 @@ def main() -> None:
         raise UserError(f"--model: the runs under {out} do not record their model; name it")
     if data["model"] and model_name != data["model"]:
         raise UserError(f"--model {model_name!r}: the runs under {out} recorded {data['model']!r}")
-    data_args = SimpleNamespace(**{k: data[k] for k in DATA_KEYS}, batch_size=64, num_workers=0, pin_mem=False,
-                                dist_eval=False, repeated_aug=False, seed=0, device="cpu")
+    data_args = DataConfig(data_set=data["data_set"], data_path=data["data_path"] or "", input_size=data["input_size"],
+                           inat_category=data["inat_category"] or "name", crop_pct=data["crop_pct"],
+                           inception_mean_std=bool(data["not_imagenet_default_mean_and_std"]), batch_size=64,
+                           num_workers=0, repeated_aug=False)
     dataset_val, num_classes = build_dataset(False, data_args)
     _, loader = build_loaders(data_args, None, dataset_val, distributed=False)
     arch = arch_of(model_name, num_classes=num_classes, img_size=data["input_size"])

@@ -1,5 +1,4 @@
 """Data sets, transforms, samplers and loaders: shapes, class counts, determinism, errors."""
-import argparse
 import json
 import os
 
@@ -15,9 +14,20 @@ from datasets import (DigitsDataset, RASampler, ShardSampler, build_dataset, bui
 from utils import UserError
 
 
+def _parse(argv):
+    import main_deploy  # the parser with every data, augmentation and mixup flag
+
+    return main_deploy.get_args_parser().parse_args(["--device", "cpu", "--num_workers", "0", *argv])
+
+
 def make_args(*argv):
-    parser = argparse.ArgumentParser(parents=flags.common_parents())
-    return parser.parse_args(["--device", "cpu", "--num_workers", "0", *argv])
+    """The `DataConfig` of these flags."""
+    return flags.data_config(_parse(argv))
+
+
+def make_mixup(*argv):
+    """The `MixupConfig` of these flags."""
+    return flags.mixup_config(_parse(argv))
 
 
 def make_image_folder(root, classes=("ant", "bee", "cat"), per_class=2, size=(20, 24), splits=("train", "val")):
@@ -224,8 +234,8 @@ def test_build_loaders_samplers_and_batches():
 
 
 def test_build_mixup_follows_flags():
-    assert build_mixup(make_args("--mixup", "0", "--cutmix", "0"), 10) is None
-    mixup = build_mixup(make_args(), 10)
+    assert build_mixup(make_mixup("--mixup", "0", "--cutmix", "0"), 10) is None
+    mixup = build_mixup(make_mixup(), 10)
     assert mixup.mixup_alpha == 0.8 and mixup.cutmix_alpha == 1.0 and mixup.label_smoothing == 0.1
     x = torch.randn(4, 3, 8, 8)
     _, soft = mixup(x, torch.tensor([0, 1, 2, 3]))

@@ -1,5 +1,4 @@
 """engine.py loops on a tiny DeiT with DIGITS, plus the shared flags and utils' logging/distributed helpers."""
-import argparse
 import copy
 import json
 import math
@@ -27,7 +26,9 @@ CPU = torch.device("cpu")
 
 
 def make_args(*argv):
-    parser = argparse.ArgumentParser(parents=flags.common_parents())
+    import main_deploy  # the parser with every shared flag
+
+    parser = main_deploy.get_args_parser()
     return parser.parse_args(["--device", "cpu", "--num_workers", "0", "--data-set", "DIGITS",
                               "--input-size", "32", "--batch-size", "16", *argv])
 
@@ -44,19 +45,19 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def digits():
     ns = make_args()
-    train, num_classes = build_dataset(True, ns)
-    val, _ = build_dataset(False, ns)
+    train, num_classes = build_dataset(True, flags.data_config(ns))
+    val, _ = build_dataset(False, flags.data_config(ns))
     return Subset(train, range(64)), Subset(val, range(40)), num_classes  # 4 training steps of 16
 
 
 def _setup(digits, model_name="deit_test_patch8_32", *argv):
     ns = make_args(*argv)
     train, val, num_classes = digits
-    loader_train, loader_val = build_loaders(ns, train, val, distributed=False)
+    loader_train, loader_val = build_loaders(flags.data_config(ns), train, val, distributed=False)
     torch.manual_seed(0)
     model = create_model(model_name, num_classes=num_classes, drop_path_rate=ns.drop_path)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    mixup = build_mixup(ns, num_classes)
+    mixup = build_mixup(flags.mixup_config(ns), num_classes)
     criterion = DistillationLoss(build_base_criterion(mixup is not None, ns.smoothing), None, "none", 0.5, 1.0)
     return ns, model, optimizer, mixup, criterion, loader_train, loader_val
 
@@ -148,7 +149,7 @@ def test_loader_workers_are_seeded_from_the_reseeded_global_rng(digits):
     from utils import derive_seed, set_seed
 
     ns = make_args("--num_workers", "2")
-    loader, _ = build_loaders(ns, digits[0], None, distributed=False)
+    loader, _ = build_loaders(flags.data_config(ns), digits[0], None, distributed=False)
 
     def first_batch(seed):
         set_seed(derive_seed(seed, 1, 0))
@@ -219,7 +220,11 @@ def test_shared_flags_have_deit_defaults_and_feed_timm():
     from timm.optim import create_optimizer_v2, optimizer_kwargs
     from timm.scheduler import create_scheduler
 
-    ns = argparse.ArgumentParser(parents=flags.common_parents()).parse_args([])
+    import main
+    import main_deploy
+
+    assert main.get_args_parser().parse_args([]).pruning_flops_percentage == 0.5
+    ns = main_deploy.get_args_parser().parse_args([])
     expected = dict(model="deit_base_patch16_224", input_size=224, drop=0.0, drop_path=0.1, model_ema=True,
                     model_ema_decay=0.99996, opt="adamw", opt_eps=1e-8, weight_decay=0.05, sched="cosine",
                     lr=5e-4, warmup_lr=1e-6, min_lr=1e-5, warmup_epochs=5, cooldown_epochs=10, epochs=300,
@@ -228,8 +233,7 @@ def test_shared_flags_have_deit_defaults_and_feed_timm():
                     mixup_prob=1.0, mixup_switch_prob=0.5, mixup_mode="batch", teacher_model="regnety_160",
                     distillation_type="none", distillation_alpha=0.5, distillation_tau=1.0, batch_size=64,
                     data_set="IMNET", inat_category="name", num_workers=10, pin_mem=True, seed=0,
-                    dist_url="env://", world_size=1, log="same", log_period=10, finetune_op=0,
-                    pruning_flops_percentage=0.5, amp=True)
+                    dist_url="env://", world_size=1, log="same", log_period=10, amp=True)
     assert {k: getattr(ns, k) for k in expected} == expected
     assert ns.device == ("cuda" if torch.cuda.is_available() else "cpu")
     for spelling in ("--local-rank", "--local_rank"):
@@ -256,19 +260,33 @@ def test_shared_flags_have_deit_defaults_and_feed_timm():
     (["--device", "tpu"], "--device"),
 ])
 def test_validate_common_rejects_bad_values(argv, match):
-    ns = make_args(*argv)
-    with pytest.raises(UserError, match=match):
-        flags.validate_common(ns)
+    # ranges are checked by the parser (exit 2, one line), combinations by check_common (UserError)
+    import contextlib
+    import io
+
+    import main
+
+    err = io.StringIO()
+    with pytest.raises((SystemExit, UserError)) as raised, contextlib.redirect_stderr(err):
+        if "--pruning_flops_percentage" in argv:  # main.py's flag
+            ns = main.get_args_parser().parse_args(argv)
+        else:
+            ns = make_args(*argv)
+        flags.check_common(ns)
+    text = err.getvalue() if raised.type is SystemExit else str(raised.value)
+    assert re.search(match, text), text
+    if raised.type is SystemExit:
+        assert raised.value.code == 2 and len(text.strip().splitlines()) == 1
 
 
 def test_validate_common_accepts_the_seed_commands():
-    flags.validate_common(make_args("--batch-size", "15", "--mixup", "0", "--cutmix", "0"))
-    flags.validate_common(make_args("--distillation-type", "soft", "--teacher-path", "t.pth",
-                                    "--pruning_flops_percentage", "0", "--finetune_op", "1",
-                                    "--warmup-epochs", "0", "--cooldown-epochs", "0", "--epochs", "300"))
+    flags.check_common(make_args("--batch-size", "15", "--mixup", "0", "--cutmix", "0"))
+    flags.check_common(make_args("--distillation-type", "soft", "--teacher-path", "t.pth",
+                                 "--pruning_flops_percentage", "0", "--finetune_op", "1",
+                                 "--warmup-epochs", "0", "--cooldown-epochs", "0", "--epochs", "300"))
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA is not available"):
-            flags.validate_common(make_args("--device", "cuda"))
+            flags.check_common(make_args("--device", "cuda"))
 
 
 # ---------------------------------------------------------------- logs
@@ -324,9 +342,9 @@ def _two_rank_worker(rank, port, model_path, out_dir):
         meter = SmoothedValue()
         meter.update(10.0 * (rank + 1), n=rank + 1)  # rank 0: one sample of 10, rank 1: two of 20
         meter.synchronize_between_processes()
-        val, _ = build_dataset(False, ns)
-        train, _ = build_dataset(True, ns)
-        loader_train, loader_val = build_loaders(ns, Subset(train, range(300)), Subset(val, range(45)), True)
+        val, _ = build_dataset(False, flags.data_config(ns))
+        train, _ = build_dataset(True, flags.data_config(ns))
+        loader_train, loader_val = build_loaders(flags.data_config(ns), Subset(train, range(300)), Subset(val, range(45)), True)
         model = create_model("deit_test_patch8_32", num_classes=10)
         model.load_state_dict(torch.load(model_path))
         result = evaluate(loader_val, model, CPU, print_fn=_quiet)
@@ -352,8 +370,8 @@ def test_two_gloo_ranks_agree_with_one_process(tmp_path, digits):
     assert records[0]["meter"] == pytest.approx([3, 50 / 3])  # (10 + 2 * 20) / 3
     assert [r["val_len"] for r in records] == [23, 22]  # 45 images, none counted twice
     ns = make_args()
-    val_set = Subset(build_dataset(False, ns)[0], range(45))
-    _, val = build_loaders(ns, None, val_set, distributed=False)
+    val_set = Subset(build_dataset(False, flags.data_config(ns))[0], range(45))
+    _, val = build_loaders(flags.data_config(ns), None, val_set, distributed=False)
     single = evaluate(val, model, CPU, print_fn=_quiet)
     with torch.no_grad():  # independent: all 45 images in one batch
         logits = model.eval()(torch.stack([val_set[i][0] for i in range(45)]))

@@ -13,7 +13,6 @@ Every result is checked against an independent computation: accuracies recompute
 the saved weights (up to near-ties, which round-off may flip), parameter counts by summing
 tensors, GMACs from the analytic count, resumed weights against an uninterrupted run.
 """
-import argparse
 import hashlib
 import importlib.util
 import json
@@ -29,7 +28,7 @@ import torch
 
 import main as prune_main
 import main_deploy
-from args import common_parents
+from args import DistributedConfig, data_config
 from conftest import assert_accuracy, images, randomize_
 from datasets import DigitsDataset, build_transform
 from models import DeployDeiT, arch_of, create_model
@@ -84,8 +83,8 @@ def _deploy_model(checkpoint: dict, model_name: str = MODEL) -> DeployDeiT:
     return net.eval()
 
 
-def argparse_namespace(argv) -> argparse.Namespace:
-    return argparse.ArgumentParser(parents=common_parents()).parse_args(argv)
+def data_settings(argv):
+    return data_config(main_deploy.get_args_parser().parse_args(argv))
 
 
 def _assert_same(a, b, where="") -> None:
@@ -111,7 +110,7 @@ def _assert_same(a, b, where="") -> None:
 @pytest.fixture(scope="module")
 def val_set():
     """DIGITS validation images with main_deploy.py's evaluation transform, as one tensor."""
-    ns = argparse_namespace(DATA)
+    ns = data_settings(DATA)
     ds = DigitsDataset(False, 32, build_transform(False, ns))
     return torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor(ds.targets)
 
@@ -124,7 +123,7 @@ def work(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher(work):
     """A `deit_test_patch8_32_deploy` trained briefly on DIGITS (far above chance), saved as a state dict."""
-    ns = argparse_namespace(DATA)
+    ns = data_settings(DATA)
     ds = DigitsDataset(True, 32, build_transform(False, ns))
     x, y = torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor(ds.targets)
     torch.manual_seed(0)
@@ -195,9 +194,10 @@ import os, sys
 import torch
 import torch.distributed as dist
 sys.path.insert(0, {repo!r})
+import engine
 import main_deploy
 
-real_evaluate = main_deploy.evaluate
+real_evaluate = engine.evaluate
 
 
 def spy_evaluate(loader, model, device, *args, header="Test:", **kwargs):
@@ -210,7 +210,7 @@ def spy_evaluate(loader, model, device, *args, header="Test:", **kwargs):
     return stats
 
 
-main_deploy.evaluate = spy_evaluate
+engine.evaluate = spy_evaluate  # the training loop, engine.fit, evaluates each epoch
 main_deploy.main(main_deploy.get_args_parser().parse_args())
 """
 
@@ -443,10 +443,11 @@ def test_mask_json_plus_finetune_weights_build_the_checkpoint_model(explicit):
     arch = arch_of(MODEL, img_size=32, num_classes=NUM_CLASSES)
     parser = main_deploy.get_args_parser()
     mask_json = os.path.join(os.path.dirname(explicit), "mask.json")
-    from_ckpt = main_deploy.build_student(parser.parse_args(["--model", MODEL, "--masked_model", explicit]), arch,
-                                          None)
-    from_json = main_deploy.build_student(
-        parser.parse_args(["--model", MODEL, "--masked_model", mask_json, "--finetune", explicit]), arch, None)
+    cpu = DistributedConfig(device="cpu")
+    from_ckpt = main_deploy.build_student(
+        main_deploy.settings(parser.parse_args(["--model", MODEL, "--masked_model", explicit]), cpu), arch, None)
+    from_json = main_deploy.build_student(main_deploy.settings(
+        parser.parse_args(["--model", MODEL, "--masked_model", mask_json, "--finetune", explicit]), cpu), arch, None)
     assert from_ckpt[0] == from_json[0] == PruneMask.from_dict(_load(explicit)["mask"])
     _assert_same(from_ckpt[1].state_dict(), from_json[1].state_dict())
     # exactly the explicit mask's units, counted on the deploy model's tensors

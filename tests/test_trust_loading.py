@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import main as prune_main
+from args import DistributedConfig
 import main_deploy
 from losses import build_teacher
 from models import DeployDeiT, arch_of, create_model
@@ -190,7 +191,8 @@ def pruned_checkpoint(tmp_path):
     torch.manual_seed(0)
     criteria = {c: torch.rand(s, dtype=torch.float64) for c, s in criteria_shapes(arch).items()}
     C = torch.tensor([[2.0, 0.1, 0.2], [0.1, 1.0, 0.3], [0.2, 0.3, 4.0]], dtype=torch.float64) * 1e-3
-    prune_main.run_pruning(args, model, None, NUM_CLASSES, CPU, lambda message: None, pickles=(criteria, C))
+    cfg = prune_main.settings(args, DistributedConfig(device="cpu"))
+    prune_main.run_pruning(cfg, model, None, NUM_CLASSES, CPU, lambda message: None, pickles=(criteria, C))
     return str(out / prune_main.MASK_NAME), str(out / prune_main.CHECKPOINT_NAME)
 
 

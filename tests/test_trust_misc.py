@@ -16,6 +16,7 @@ from PIL import Image
 from timm.scheduler import create_scheduler
 
 import main_deploy
+from args import train_config
 from models import DeployDeiT, arch_of, create_model
 from pruning import importance
 from pruning.deploy import deploy_structure
@@ -91,10 +92,7 @@ def lr_sequence(batch_size: int, epochs: int = 30, **flags):
     argv = ["--model", f"{NAME}_deploy", "--batch-size", str(batch_size), "--epochs", str(epochs)]
     for k, v in flags.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
-    args = main_deploy.get_args_parser().parse_args(argv)
-    args.world_size = 1
-    lines = []
-    main_deploy.scale_lr(args, lines.append)
+    args, lines = train_config(main_deploy.get_args_parser().parse_args(argv), world_size=1)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
     scheduler, num_epochs = create_scheduler(args, optimizer)
     lrs = []

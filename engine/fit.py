@@ -1,0 +1,187 @@
+"""The fine-tuning loop: `fit` (DeiT's recipe: optimiser, schedule, EMA, distillation, DDP,
+resume, per-epoch evaluation and checkpoints) and its configuration `TrainConfig`."""
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler
+from timm.utils import ModelEmaV2
+
+from datasets import MixupConfig, build_mixup
+from engine.loops import evaluate, make_loss_scaler, train_one_epoch
+from losses import DistillConfig, DistillationLoss, build_base_criterion
+from utils import (TensorboardLogger, append_json_line, atomic_torch_save, checkpoint_state, is_main_process,
+                   restore_training_state)
+
+LAST_CHECKPOINT, BEST_CHECKPOINT = "checkpoint.pth", "best_checkpoint.pth"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What `fit` runs: the effective values (lr scaled for the total batch, bounds clamped).
+
+    Field names are timm's (its optimizer and scheduler factories read this object):
+    `opt opt_eps opt_betas momentum weight_decay lr`, `sched epochs decay_epochs warmup_epochs
+    cooldown_epochs patience_epochs decay_rate min_lr warmup_lr lr_noise lr_noise_pct lr_noise_std seed`.
+
+    Args:
+        epochs, start_epoch: train epochs `start_epoch .. epochs - 1` (`--epochs --start_epoch`).
+        seed: per-epoch reseeding of every RNG (`--seed`).
+        total_batch: images per optimiser step over all processes (for the log).
+        lr: the peak learning rate for `total_batch` (`--lr` x total_batch / 512).
+        clip_grad: gradient-norm clipping or None (`--clip-grad`).
+        model_ema, model_ema_decay, model_ema_force_cpu: the weight EMA (`--model-ema ...`).
+        amp: autocast on CUDA (`--amp`).
+        log_period: progress line every N iterations (`--log_period`).
+        save_freq: keep checkpoint_{epoch}.pth every N epochs (`--save_freq`).
+        output_dir: where checkpoints, log.txt and TensorBoard go; "" for nowhere (`--output_dir`).
+        mixup: mixup/cutmix and label smoothing of the training batches.
+        distill: distillation settings (the teacher is passed to `fit`).
+    """
+
+    epochs: int = 300
+    start_epoch: int = 0
+    seed: int = 0
+    total_batch: int = 512
+    lr: float = 5e-4
+    opt: str = "adamw"
+    opt_eps: float = 1e-8
+    opt_betas: Optional[Tuple[float, float]] = None
+    momentum: float = 0.9
+    weight_decay: float = 0.05
+    clip_grad: Optional[float] = None
+    sched: str = "cosine"
+    lr_noise: Optional[Tuple[float, ...]] = None
+    lr_noise_pct: float = 0.67
+    lr_noise_std: float = 1.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    decay_epochs: float = 30
+    warmup_epochs: int = 5
+    cooldown_epochs: int = 10
+    patience_epochs: int = 10
+    decay_rate: float = 0.1
+    model_ema: bool = True
+    model_ema_decay: float = 0.99996
+    model_ema_force_cpu: bool = False
+    amp: bool = True
+    log_period: int = 10
+    save_freq: int = 50
+    output_dir: str = ""
+    mixup: MixupConfig = MixupConfig()
+    distill: DistillConfig = DistillConfig()
+
+
+def ema_horizon_note(decay: float, steps: int) -> str:
+    """One line when an EMA of `decay` cannot move far from its start in `steps` optimizer steps, else ''.
+
+    The EMA averages over about 1 / (1 - decay) steps; after `steps` updates its starting
+    weights still weigh decay ** steps.
+    """
+    horizon = 1.0 / (1.0 - decay)
+    if steps >= horizon:
+        return ""
+    advice = f"--model-ema-decay {1 - 10 / steps:.4g} (a horizon of a tenth of the run) or " if steps >= 20 else ""
+    return (f"EMA: decay {decay} averages over ~{horizon:.0f} optimizer steps but this run has {steps}, so the EMA "
+            f"weights are still {decay ** steps:.0%} the starting weights and 'Test (EMA)' will stay near the starting "
+            f"model's accuracy; for this run length use {advice}--no-model-ema")
+
+
+def fit(cfg: TrainConfig, model: nn.Module, mask, loader_train, loader_val, num_classes: int, device, *,
+        teacher: Optional[nn.Module] = None, distributed: bool = False, resume_checkpoint: Optional[dict] = None,
+        resume_path: str = "", record: Optional[dict] = None, epoch_fields: Optional[dict] = None,
+        log: Callable[[str], None] = print) -> Dict[str, float]:
+    """DeiT's training loop with per-epoch evaluation, checkpoints, log.txt and TensorBoard.
+
+    Builds the DDP wrapper (when `distributed`), the EMA, optimiser, scheduler, AMP scaler,
+    mixup and criterion from `cfg`; restores them from `resume_checkpoint` (its weights
+    already loaded into `model`); then per epoch: train, step the scheduler, evaluate
+    (and the EMA), and on rank 0 write `checkpoint.pth` (every epoch),
+    `checkpoint_{epoch}.pth` (every `save_freq`) and `best_checkpoint.pth` (on a new best top-1).
+
+    Args:
+        cfg: the training configuration (effective values).
+        model: the network, on `device`.
+        mask: the `PruneMask` stored in each checkpoint.
+        loader_train, loader_val: from `datasets.build_loaders`.
+        num_classes: classes of the data set (mixup's soft targets).
+        device: where the batches go.
+        teacher: the frozen distillation teacher, or None.
+        distributed: wrap the model in DistributedDataParallel.
+        resume_checkpoint, resume_path: a `checkpoint_state` dict to continue from, and its file.
+        record: the run's configuration, stored (as plain values) in each checkpoint under 'args'.
+        epoch_fields: extra fields of every log.txt line (e.g. parameters and GMACs).
+        log: where progress lines go.
+
+    Returns:
+        `{'max_accuracy': best top-1 (%), 'seconds': training time}`.
+    """
+    out = cfg.output_dir
+    model_without_ddp = model
+    if distributed:  # DDP broadcasts rank 0's weights: wrap before the EMA copies them
+        device_ids = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    model_ema = None
+    if cfg.model_ema:
+        model_ema = ModelEmaV2(model_without_ddp, decay=cfg.model_ema_decay,
+                               device="cpu" if cfg.model_ema_force_cpu else None)
+        note = ema_horizon_note(cfg.model_ema_decay, cfg.epochs * len(loader_train))
+        if note:
+            log(note)
+    optimizer = create_optimizer_v2(model_without_ddp, **optimizer_kwargs(cfg=cfg))
+    loss_scaler = make_loss_scaler(device, cfg.amp)
+    lr_scheduler, _ = create_scheduler(cfg, optimizer)
+    mixup_fn = build_mixup(cfg.mixup, num_classes)
+    distill = cfg.distill
+    if teacher is not None:
+        log(f"distillation: teacher {distill.teacher_model} from {distill.teacher_path}, {distill.type} loss, "
+            f"alpha {distill.alpha}, tau {distill.tau}; "
+            f"{'dist head' if model_without_ddp.arch.distilled else 'class head'} of the student is distilled")
+    else:
+        log("distillation: none")
+    criterion = DistillationLoss(build_base_criterion(cfg.mixup.active, cfg.mixup.smoothing), teacher,
+                                 distill.type, distill.alpha, distill.tau)
+    start_epoch, max_accuracy = cfg.start_epoch, 0.0
+    if resume_checkpoint is not None:
+        start_epoch, max_accuracy = restore_training_state(resume_checkpoint, optimizer, lr_scheduler, loss_scaler,
+                                                           model_ema, path=resume_path)
+        log(f"resumed from {resume_path}: next epoch {start_epoch}, best top-1 so far {max_accuracy:.2f}%")
+
+    tb = TensorboardLogger(out)
+    log(f"training for {cfg.epochs - start_epoch} epochs (from epoch {start_epoch}); lr {cfg.lr:.3g} "
+        f"for a total batch of {cfg.total_batch}")
+    start = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        loader_train.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
+                                      cfg.clip_grad, model_ema, mixup_fn, amp=cfg.amp, tb_logger=tb,
+                                      print_freq=cfg.log_period, print_fn=log, seed=cfg.seed)
+        lr_scheduler.step(epoch + 1)
+        test_stats = evaluate(loader_val, model, device, amp=cfg.amp, print_freq=cfg.log_period, print_fn=log)
+        improved = test_stats["acc1"] > max_accuracy
+        max_accuracy = max(max_accuracy, test_stats["acc1"])
+        log(f"epoch {epoch}: top-1 {test_stats['acc1']:.2f}% (best {max_accuracy:.2f}%)")
+        if model_ema is not None:
+            ema_stats = evaluate(loader_val, model_ema.module, device, amp=cfg.amp, print_freq=cfg.log_period,
+                                 print_fn=log, header="Test (EMA):")
+            test_stats.update({"ema_acc1": ema_stats["acc1"], "ema_acc5": ema_stats["acc5"]})
+        if out and is_main_process():
+            state = checkpoint_state(model_without_ddp, mask, optimizer, lr_scheduler, loss_scaler, model_ema,
+                                     epoch, max_accuracy, record or {})
+            atomic_torch_save(state, os.path.join(out, LAST_CHECKPOINT))
+            if (epoch + 1) % cfg.save_freq == 0:
+                atomic_torch_save(state, os.path.join(out, f"checkpoint_{epoch}.pth"))
+            if improved:
+                atomic_torch_save(state, os.path.join(out, BEST_CHECKPOINT))
+        line = {**{f"train_{k}": v for k, v in train_stats.items()},
+                **{f"test_{k}": v for k, v in test_stats.items()},
+                "epoch": epoch, **(epoch_fields or {})}
+        append_json_line(os.path.join(out, "log.txt") if out else "", line)
+        tb.update(epoch, "test", acc1=test_stats["acc1"], acc5=test_stats["acc5"], loss=test_stats["loss"])
+        tb.flush()
+    tb.close()
+    return {"max_accuracy": max_accuracy, "seconds": time.time() - start}
