@@ -8,20 +8,14 @@
 set -euo pipefail
 SIZE="${1:?usage: bash scripts/finetune.sh tiny|small|base [main_deploy.py flags]}"
 shift
-case "$SIZE" in
-    tiny) DEFAULT_TARGET=0.235 ;;
-    small) DEFAULT_TARGET=0.30 ;;
-    base) DEFAULT_TARGET=0.50 ;;
-    *) echo "error: model size must be tiny, small or base, got '$SIZE'" >&2; exit 2 ;;
-esac
-TARGET="${TARGET:-$DEFAULT_TARGET}"
+source "$(dirname "$0")/paper_setting.sh"
+paper_setting "$SIZE"
 GPU_NUM="${GPU_NUM:-8}"
 MASKED_MODEL="${MASKED_MODEL:-output/${SIZE}_pruning_${TARGET}/checkpoint_pruned_00.pth}"
 TEACHER_PATH="${TEACHER_PATH:-/path/to/regnety_160.pth}"
 DATA_PATH="${DATA_PATH:-/path/to/imagenet}"
 OUTPUT_DIR="${OUTPUT_DIR:-output/${SIZE}_finetune_${TARGET}}"
 TORCHRUN="${TORCHRUN:-torchrun}"
-REPO="$(cd "$(dirname "$0")/.." && pwd)"
 
 $TORCHRUN --nproc_per_node="${GPU_NUM}" "$REPO/main_deploy.py" \
     --dist-eval \

@@ -6,18 +6,12 @@
 set -euo pipefail
 SIZE="${1:?usage: bash scripts/prune.sh tiny|small|base [main.py flags]}"
 shift
-case "$SIZE" in
-    tiny) DEFAULT_TARGET=0.235 ;;
-    small) DEFAULT_TARGET=0.30 ;;
-    base) DEFAULT_TARGET=0.50 ;;
-    *) echo "error: model size must be tiny, small or base, got '$SIZE'" >&2; exit 2 ;;
-esac
-TARGET="${TARGET:-$DEFAULT_TARGET}"
+source "$(dirname "$0")/paper_setting.sh"
+paper_setting "$SIZE"
 DEIT_CHECKPOINT="${DEIT_CHECKPOINT:-/path/to/deit_${SIZE}_patch16_224.pth}"
 DATA_PATH="${DATA_PATH:-/path/to/imagenet}"
 OUTPUT_DIR="${OUTPUT_DIR:-output/${SIZE}_pruning_${TARGET}}"
 PYTHON="${PYTHON:-python}"
-REPO="$(cd "$(dirname "$0")/.." && pwd)"
 
 "$PYTHON" "$REPO/main.py" \
     --finetune="${DEIT_CHECKPOINT}" \
