@@ -35,7 +35,7 @@ from pruning.mask import PruneMask
 from utils import (TensorboardLogger, UserError, append_json_line, atomic_torch_save, checkpoint_state,
                    cleanup_distributed, cli_entry, error_line, init_distributed_mode, is_main_process,
                    load_resume_weights, load_torch_file, prepare_output_dir, refuse_to_clobber, restore_training_state,
-                   set_seed, setup_logging)
+                   save_pruned_safetensors, set_seed, setup_logging)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -49,6 +49,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="measure inference images/s of this model and of the unpruned one, then exit")
     g.add_argument("--auto_resume", action="store_true",
                    help="resume from --output_dir/checkpoint.pth when it exists, else start from epoch 0")
+    g.add_argument("--save_safetensors", action="store_true",
+                   help="also write best_checkpoint.safetensors (weights; architecture, structure and "
+                        "normalisation in its metadata): models.load_pruned reads it")
     return parser
 
 
@@ -233,6 +236,9 @@ def fine_tune(args, model, mask, arch, loader_train, loader_val, num_classes, te
                 atomic_torch_save(state, os.path.join(out, f"checkpoint_{epoch}.pth"))
             if improved:
                 atomic_torch_save(state, os.path.join(out, "best_checkpoint.pth"))
+                if args.save_safetensors:
+                    save_pruned_safetensors(model_without_ddp, mask, args,
+                                            os.path.join(out, "best_checkpoint.safetensors"))
         record = {**{f"train_{k}": v for k, v in train_stats.items()},
                   **{f"test_{k}": v for k, v in test_stats.items()},
                   "epoch": epoch, "n_parameters": complexity["params"], "gmacs": complexity["gmacs"]}
