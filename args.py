@@ -489,7 +489,7 @@ def distill_config(ns) -> DistillConfig:
 def prune_config(ns) -> PruneConfig:
     search = SearchOptions(flops_percentage=ns.pruning_flops_percentage, flops_threshold=ns.pruning_flops_threshold,
                            layers=ns.pruning_layers, protect=ns.pruning_protect, use_interactions=ns.need_hessian,
-                           seed=ns.seed)
+                           seed=ns.seed, round_to=ns.round_to)
     return PruneConfig(method=ns.pruning_method, layers=ns.pruning_layers, feed_percent=ns.pruning_feed_percent,
                        need_hessian=ns.need_hessian, hessian_embed=ns.hessian_embed,
                        micro_batch=ns.pruning_micro_batch, pickle_from=ns.pruning_pickle_from,
@@ -524,6 +524,7 @@ def train_config(ns, world_size: int, start_epoch: Optional[int] = None) -> Tupl
         patience_epochs=ns.patience_epochs, decay_rate=ns.decay_rate, model_ema=ns.model_ema,
         model_ema_decay=ns.model_ema_decay, model_ema_force_cpu=ns.model_ema_force_cpu, amp=ns.amp,
         log_period=ns.log_period, save_freq=ns.save_freq, output_dir=ns.output_dir,
+        save_safetensors=ns.save_safetensors,
         mixup=mixup_config(ns), distill=distill_config(ns))
     return cfg, notes
 

@@ -90,10 +90,15 @@ class MixupConfig:
         return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
 
 
-def _mean_std(cfg: DataConfig) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    if cfg.inception_mean_std:
+def mean_std(inception: bool) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """The input normalisation: ImageNet's statistics, or 0.5 (`--not_imagenet_default_mean_and_std`)."""
+    if inception:
         return IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
     return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+
+def _mean_std(cfg: DataConfig) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    return mean_std(cfg.inception_mean_std)
 
 
 def _posterize_zero_bits_black(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:

@@ -74,6 +74,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="fraction of the training batches used for scoring (at least one batch; default: 0.1)")
     g.add_argument("--pruning_flops_threshold", type=positive_float, default=1e-4,
                    help="tolerance of the search's FLOPs constraint (default: 1e-4)")
+    g.add_argument("--round_to", type=int, default=1,
+                   help="hardware-aligned widths: every block's kept MLP width and the kept embedding width are "
+                        "multiples of N (N must divide both widths; default: 1, the reference's selection)")
     g.add_argument("--need_hessian", action="store_true",
                    help="estimate the interactions between components (SAViT); without it, first-order mode")
     g.add_argument("--hessian_embed", type=float, default=6.0,
@@ -251,7 +254,7 @@ def main(ns: argparse.Namespace) -> None:
     prune_now = not run.eval
     pickles = None
     if prune_now:  # before any data is read
-        check_target_reachable(arch, p.flops_percentage, p.layers, p.search.protect)
+        check_target_reachable(arch, p.flops_percentage, p.layers, p.search.protect, p.search.round_to)
         if p.pickle_from:
             pickles = load_pickles(p.pickle_from, p.method, arch, p.need_hessian)
     dataset_train = dataset_val = num_classes = None

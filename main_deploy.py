@@ -64,6 +64,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="measure inference images/s of this model and of the unpruned one, then exit")
     g.add_argument("--auto_resume", action="store_true",
                    help="resume from --output_dir/checkpoint.pth when it exists, else start from epoch 0")
+    g.add_argument("--save_safetensors", action="store_true",
+                   help="also write best_checkpoint.safetensors (weights; architecture, structure and "
+                        "normalisation in its metadata): models.load_pruned reads it")
     add_reference_group(parser, REFERENCE_FLAGS)
     return parser
 

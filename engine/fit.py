@@ -15,7 +15,7 @@ from datasets import MixupConfig, build_mixup
 from engine.loops import evaluate, make_loss_scaler, train_one_epoch
 from losses import DistillConfig, DistillationLoss, build_base_criterion
 from utils import (TensorboardLogger, append_json_line, atomic_torch_save, checkpoint_state, is_main_process,
-                   restore_training_state)
+                   restore_training_state, save_pruned_safetensors)
 
 LAST_CHECKPOINT, BEST_CHECKPOINT = "checkpoint.pth", "best_checkpoint.pth"
 
@@ -39,6 +39,7 @@ class TrainConfig:
         log_period: progress line every N iterations (`--log_period`).
         save_freq: keep checkpoint_{epoch}.pth every N epochs (`--save_freq`).
         output_dir: where checkpoints, log.txt and TensorBoard go; "" for nowhere (`--output_dir`).
+        save_safetensors: also write best_checkpoint.safetensors (`--save_safetensors`).
         mixup: mixup/cutmix and label smoothing of the training batches.
         distill: distillation settings (the teacher is passed to `fit`).
     """
@@ -72,6 +73,7 @@ class TrainConfig:
     log_period: int = 10
     save_freq: int = 50
     output_dir: str = ""
+    save_safetensors: bool = False
     mixup: MixupConfig = MixupConfig()
     distill: DistillConfig = DistillConfig()
 
@@ -177,6 +179,9 @@ def fit(cfg: TrainConfig, model: nn.Module, mask, loader_train, loader_val, num_
                 atomic_torch_save(state, os.path.join(out, f"checkpoint_{epoch}.pth"))
             if improved:
                 atomic_torch_save(state, os.path.join(out, BEST_CHECKPOINT))
+                if cfg.save_safetensors:
+                    save_pruned_safetensors(model_without_ddp, mask, record or {},
+                                            os.path.join(out, "best_checkpoint.safetensors"))
         line = {**{f"train_{k}": v for k, v in train_stats.items()},
                 **{f"test_{k}": v for k, v in test_stats.items()},
                 "epoch": epoch, **(epoch_fields or {})}

@@ -4,7 +4,7 @@ Head dim never changes. A block whose heads (or neurons) are all pruned keeps an
 identity residual for that branch: the branch module is `None` and is skipped, so no
 zero-size layer exists (ptflops, ONNX and torch.compile stay happy). The constant such a
 branch adds in the gated model (its output bias) is folded into the previous branch's
-output bias by `pruning.deploy.deploy_state_dict`.
+output bias by `models.slicing.deploy_state_dict`.
 """
 from typing import List, Optional
 

@@ -9,6 +9,7 @@ from models.deit_base import DeiTArch
 from models.deit_deploy import DeployDeiT
 from models.deit_gated import GatedDeiT
 from models.registry import register_model
+from models.slicing import deploy_structure
 
 DEPLOY_SUFFIX = "_deploy"
 
@@ -50,8 +51,6 @@ def _register(name: str) -> None:
         arch = arch_of(name, **kwargs)
         if mask is None:
             return DeployDeiT(arch)
-        from pruning.deploy import deploy_structure
-
         mask.check_fits(arch)
         return DeployDeiT(arch, **deploy_structure(mask))
 

@@ -4,8 +4,9 @@
     python -m pruning.export ft/best_checkpoint.pth --format exported-program --out deit_pruned.pt2
 
 The checkpoint is main.py's `checkpoint_pruned_00.pth` (gated weights with 0/1 gates) or
-main_deploy.py's `checkpoint.pth` / `best_checkpoint.pth` (deploy weights). Both carry the
-`mask` and the `arch`, so the file alone rebuilds the physically pruned model: no --model.
+main_deploy.py's `checkpoint.pth` / `best_checkpoint.pth` / `best_checkpoint.safetensors` (deploy
+weights). Each records the architecture and the pruned structure, so the file alone rebuilds the
+physically pruned model (`models.load_pruned`): no --model.
 
 The exported model takes `images` (B, in_chans, img_size, img_size) and returns `logits`
 (B, num_classes); B is dynamic. A distilled DeiT returns the mean of its two heads (its
@@ -21,14 +22,12 @@ eval-mode output). Formats:
 """
 import argparse
 import os
-import pickle
 import tempfile
 import warnings
 from typing import TYPE_CHECKING, Tuple
 
 import torch
 
-from pruning.mask import EMBED_GATE_KEY, PruneMask
 from utils import UserError, _atomic_write, cli_entry
 
 if TYPE_CHECKING:
@@ -39,46 +38,14 @@ DEFAULT_OPSET = 18
 
 
 def load_deploy_checkpoint(path: str) -> Tuple["DeployDeiT", "DeiTArch"]:
-    """The deploy model (eval mode) and the unpruned architecture stored in a checkpoint file.
-
-    Gated weights (main.py) are sliced to the mask; deploy weights (main_deploy.py) are
-    loaded as they are. Only plain tensors and containers are unpickled (weights_only=True).
-    """
-    if not path or not os.path.isfile(path):
-        raise UserError(f"checkpoint file not found: {path!r}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # weights_only refused an object
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"checkpoint {path!r} holds Python objects beyond tensors and plain containers ({first}): "
-                        f"it is not a checkpoint this project wrote; re-save its weights, mask and arch as plain data")
-    except Exception as err:  # zip, pickle and torch errors all mean "not a torch file"
-        raise UserError(f"checkpoint {path!r} is not a readable torch file ({type(err).__name__}: {err})")
+    """The deploy model (eval mode) and the unpruned architecture stored in a pruned file
+    (`models.load_pruned`: gated weights are sliced to the mask, deploy weights loaded as they
+    are; only tensors and plain containers are unpickled)."""
     # imported here: `models` pulls in timm (seconds), which a bad command line need not wait for
-    from models import DeiTArch, DeployDeiT, GatedDeiT
-    from utils import check_keys
-    from pruning.deploy import build_deploy_model, deploy_structure
+    from models import load_pruned
 
-    missing = [k for k in ("model", "mask", "arch") if not isinstance(checkpoint, dict)
-               or not isinstance(checkpoint.get(k), dict)]
-    if missing:
-        raise UserError(f"checkpoint {path!r} has no {'/'.join(repr(k) for k in missing)} entry: expected main.py's "
-                        f"checkpoint_pruned_00.pth or main_deploy.py's checkpoint.pth")
-    try:
-        arch = DeiTArch(**checkpoint["arch"])
-    except TypeError as err:
-        raise UserError(f"checkpoint {path!r}: malformed 'arch' entry ({err})")
-    mask = PruneMask.from_dict(checkpoint["mask"], source=path)
-    mask.check_fits(arch)
-    state_dict = checkpoint["model"]
-    if EMBED_GATE_KEY in state_dict:  # gated model: slice the kept heads, neurons and channels
-        check_keys(state_dict, GatedDeiT(arch), path)
-        model = build_deploy_model(arch, mask, state_dict)
-    else:
-        model = DeployDeiT(arch, **deploy_structure(mask))
-        check_keys(state_dict, model, path)
-        model.load_state_dict(state_dict, strict=True)
-    return model.eval(), arch
+    model = load_pruned(path)
+    return model, model.arch
 
 
 def check_writable(out: str) -> None:

@@ -13,13 +13,15 @@ from models.deit_base import DeiTArch
 from pruning.evolution import CHILDREN, GENERATIONS, POPULATION, evolution_search, interaction_matrix, objective
 from pruning.flops import analytic_macs, mask_macs
 from pruning.mask import COMPONENTS, PruneMask, component_shapes
-from pruning.selection import component_orders, counts_from_ratios, criteria_blocks, mask_from_orders, max_prunable
+from pruning.selection import (block_sequences, component_orders, counts_from_ratios, criteria_blocks,
+                               mask_from_orders, max_prunable)
 from utils import UserError
 
 ACCEPT_TOLERANCE = 0.005  # |achieved - target| of the final mask (absolute fraction of MACs)
 LAYER_CHOICES = {0: "heads", 1: "mlp", 2: "embed", 3: "all"}
 TARGET_FLAG = "--pruning_flops_percentage"
 LAYERS_FLAG = "--pruning_layers"
+ROUND_FLAG = "--round_to"
 Counts = Dict[str, int]
 Move = Callable[[int, int, int], Optional[str]]  # (k_head, k_embed, direction) -> component to move, or None
 
@@ -36,6 +38,8 @@ class SearchOptions:
         use_interactions: use the interaction matrix C (`--need_hessian`); otherwise first-order mode.
         seed: seed of the evolution strategy (`--seed`).
         population, children, generations: the evolution strategy's sizes (reference: 100, 50, 100).
+        round_to: every block's kept MLP width and the kept embedding width are multiples of it
+            (`--round_to`; 1: the reference's unit-level selection).
     """
 
     flops_percentage: float
@@ -47,16 +51,7 @@ class SearchOptions:
     population: int = POPULATION
     children: int = CHILDREN
     generations: int = GENERATIONS
-
-    @classmethod
-    def from_args(cls, args) -> "SearchOptions":
-        """Options from main.py's parsed flags."""
-        return cls(flops_percentage=float(args.pruning_flops_percentage),
-                   flops_threshold=float(getattr(args, "pruning_flops_threshold", 1e-4)),
-                   layers=int(getattr(args, "pruning_layers", 3)),
-                   protect=bool(getattr(args, "pruning_protect", True)),
-                   use_interactions=bool(getattr(args, "need_hessian", False)),
-                   seed=int(getattr(args, "seed", 0)))
+    round_to: int = 1
 
 
 def _check_options(target: float, layers: int) -> None:
@@ -68,6 +63,27 @@ def _check_options(target: float, layers: int) -> None:
         raise UserError(f"{TARGET_FLAG} must be a fraction of the FLOPs to remove in (0, 1), got {target!r}")
     if layers not in LAYER_CHOICES:
         raise UserError(f"{LAYERS_FLAG} must be 0 (heads), 1 (MLP), 2 (embedding) or 3 (all), got {layers!r}")
+
+
+def check_round_to(arch: DeiTArch, round_to) -> None:
+    """Raise `UserError` unless `round_to` is a positive integer dividing the embedding and MLP widths."""
+    if isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer)) or round_to < 1:
+        raise UserError(f"{ROUND_FLAG} must be a positive integer (1: no rounding), got {round_to!r}")
+    for what, width in (("embedding width", arch.embed_dim), ("MLP width", arch.mlp_hidden)):
+        if round_to > width:
+            raise UserError(f"{ROUND_FLAG} {round_to} is larger than the model's {what} {width}")
+        if width % round_to:
+            raise UserError(f"{ROUND_FLAG} {round_to} does not divide the model's {what} {width}: choose a divisor")
+
+
+def _aligned_max_prunable(arch: DeiTArch, protect: bool, round_to: int) -> Dict[str, int]:
+    """`max_prunable` when the kept MLP and embedding widths must be multiples of `round_to`."""
+    limit = dict(max_prunable(arch, protect))
+    for c in ("mlp", "embed"):
+        blocks, n = component_shapes(arch)[c]
+        keep = n - limit[c] // blocks  # the fewest units a block keeps
+        limit[c] = blocks * (n - -(-keep // round_to) * round_to)
+    return limit
 
 
 def _spread(total: int, n: int, depth: int) -> list:
@@ -88,7 +104,8 @@ def _even_reduction(arch: DeiTArch, k: Mapping[str, int]) -> float:
     return 1.0 - _even_macs(arch, k) / analytic_macs(arch)["total"]
 
 
-def check_target_reachable(arch: DeiTArch, target: float, layers: int = 3, protect: bool = True) -> float:
+def check_target_reachable(arch: DeiTArch, target: float, layers: int = 3, protect: bool = True,
+                           round_to: int = 1) -> float:
     """Raise `UserError` unless the allowed components can remove `target` of the FLOPs (+-0.5%).
 
     Cheap (analytic counts only): call it before any data is read. For a single component it
@@ -100,13 +117,15 @@ def check_target_reachable(arch: DeiTArch, target: float, layers: int = 3, prote
         target: fraction of the FLOPs to remove (`--pruning_flops_percentage`).
         layers: `--pruning_layers`.
         protect: `--pruning_protect`.
+        round_to: `--round_to` (checked here too).
 
     Returns:
         The largest reduction the allowed components can give.
     """
     _check_options(target, layers)
+    check_round_to(arch, round_to)
     allowed = COMPONENTS if layers == 3 else (COMPONENTS[layers],)
-    limit = max_prunable(arch, protect)
+    limit = max_prunable(arch, protect) if round_to == 1 else _aligned_max_prunable(arch, protect, round_to)
     k_max = {c: limit[c] for c in allowed}
     best = _even_reduction(arch, k_max)
     what = "all components" if layers == 3 else f"the {LAYER_CHOICES[layers]} alone"
@@ -115,7 +134,8 @@ def check_target_reachable(arch: DeiTArch, target: float, layers: int = 3, prote
                         f"prunable of {what}{' (protection on)' if protect else ''} removes {best:.2%} of the FLOPs")
     if layers in (0, 2):  # coarse units: is some count close enough?
         c = allowed[0]
-        reductions = np.array([_even_reduction(arch, {c: k}) for k in range(limit[c] + 1)])
+        step = round_to if c == "embed" else 1
+        reductions = np.array([_even_reduction(arch, {c: k}) for k in range(0, limit[c] + 1, step)])
         closest = reductions[np.argmin(np.abs(reductions - target))]
         if abs(closest - target) > ACCEPT_TOLERANCE:
             raise UserError(f"{TARGET_FLAG} {target} cannot be met within 0.5% with {LAYERS_FLAG} {layers}: "
@@ -145,8 +165,12 @@ class _Problem:
         return (n - pruned).tolist()
 
     def reduction(self, heads: int = 0, mlp: int = 0, embed: int = 0) -> float:
+        return self.reduction_per_block(heads, self.kept_per_block("mlp", mlp), embed)
+
+    def reduction_per_block(self, heads: int, mlp_kept: list, embed: int) -> float:
+        """As `reduction`, with the kept MLP width of each block given."""
         macs = analytic_macs(self.arch, self.arch.embed_dim - embed, self.kept_per_block("heads", heads),
-                             self.kept_per_block("mlp", mlp))["total"]
+                             mlp_kept)["total"]
         return 1.0 - macs / self.full
 
     def closest(self, reduction: Callable[[int], float], k_max: int) -> int:
@@ -258,6 +282,86 @@ def _calibrate(p: _Problem, start: Mapping[str, int], move: Move) -> Tuple[Count
     return {"heads": k_head, "mlp": k_mlp, "embed": k_embed}, steps
 
 
+# -- hardware-aligned widths (--round_to) --------------------------------------------------------------
+
+class _MlpGroups:
+    """Each block's prunable MLP neurons in groups of `n`, lowest criterion first; `j[b]` groups of
+    block b pruned keep a multiple of n neurons (n divides the MLP width)."""
+
+    def __init__(self, p: _Problem, crit: Mapping[str, np.ndarray], n: int):
+        self.p, self.n = p, n
+        seqs = block_sequences(p.orders["mlp"], p.arch.depth, p.arch.mlp_hidden)
+        self.limit = [len(s) // n for s in seqs]
+        # criterion lost with each group: sum over its n neurons
+        self.score = [[float(crit["mlp"][b, s[g * n:(g + 1) * n]].sum()) for g in range(self.limit[b])]
+                      for b, s in enumerate(seqs)]
+
+    def nearest(self, k_mlp: int) -> list:
+        """Groups per block closest to the per-block counts of the first k_mlp units of the order."""
+        pruned = self.p.arch.mlp_hidden - np.array(self.p.kept_per_block("mlp", k_mlp))
+        return [min(int(np.floor(x / self.n + 0.5)), lim) for x, lim in zip(pruned, self.limit)]
+
+    def reduction(self, k_head: int, j: list, k_embed: int) -> float:
+        m = self.p.arch.mlp_hidden
+        return self.p.reduction_per_block(k_head, [m - self.n * g for g in j], k_embed)
+
+    def calibrate(self, k_head: int, j: list, k_embed: int) -> Tuple[list, float]:
+        """Move one group at a time -- the least important next group to prune more, the most important
+        pruned one to prune less -- while that brings the exact reduction closer to the target."""
+        target, j = self.p.target, list(j)
+        r = self.reduction(k_head, j, k_embed)
+        while True:
+            more = r < target
+            if more:
+                moves = [(self.score[b][g], b) for b, g in enumerate(j) if g < self.limit[b]]
+            else:
+                moves = [(self.score[b][g - 1], b) for b, g in enumerate(j) if g > 0]
+            if not moves:
+                break
+            b = (min(moves) if more else max(moves))[1]
+            trial = list(j)
+            trial[b] += 1 if more else -1
+            r_trial = self.reduction(k_head, trial, k_embed)
+            if abs(r_trial - target) >= abs(r - target):
+                break
+            j, r = trial, r_trial
+        return j, r
+
+
+def _align(p: _Problem, crit: Mapping[str, np.ndarray], k: Counts, options: "SearchOptions") -> dict:
+    """Counts whose kept MLP widths (per block) and embedding width are multiples of `options.round_to`.
+
+    The embedding count goes to the nearest aligned one (then the next nearest, ...); for each,
+    the MLP groups start at the nearest aligned per-block counts and are calibrated on the exact
+    MACs; the first embedding count whose result lies within one MLP group's share of the target
+    is taken (else the closest result). Heads are whole units already.
+
+    Returns:
+        {'heads': int, 'mlp': [pruned neurons per block], 'embed': int}.
+    """
+    n, layers = options.round_to, options.layers
+    groups = _MlpGroups(p, crit, n)
+    start = groups.nearest(k["mlp"])
+    if layers in (0, 1):  # the embedding stays whole
+        embeds = [0]
+    else:
+        limit = p.k_max["embed"] // n * n  # n divides the width: kept = width - multiple of n
+        embeds = sorted(range(0, limit + 1, n), key=lambda e: (abs(e - k["embed"]), e))
+    tol = max(options.flops_threshold, n * p.savings["mlp"] / p.full)
+    best = None
+    for k_embed in embeds:
+        if layers in (1, 3):
+            j, r = groups.calibrate(k["heads"], start, k_embed)
+        else:  # heads or embedding alone: the MLP stays whole
+            j, r = start, groups.reduction(k["heads"], start, k_embed)
+        if best is None or abs(r - p.target) < abs(best[2] - p.target):
+            best = (k_embed, j, r)
+        if layers != 2 and abs(r - p.target) <= tol:
+            break
+    k_embed, j, _ = best
+    return {"heads": k["heads"], "mlp": [n * g for g in j], "embed": k_embed}
+
+
 def _allocate(p: _Problem, crit: Mapping[str, np.ndarray], matrix: np.ndarray,
               options: SearchOptions) -> Tuple[Counts, int, dict]:
     """The counts of the mode `options` selects, the repair steps and the report's mode entries."""
@@ -278,7 +382,9 @@ def prune(criteria: Mapping[str, torch.Tensor], C, arch: DeiTArch, options: Sear
     The target is checked; each component gets its order (`pruning.selection`); the counts come
     from one mode -- `layers` 0|1|2: that component alone; 3 with `use_interactions` and C not all
     zero: the evolution strategy; else first-order -- and, for all three components, the MLP count
-    is calibrated on the exact MACs. The mask's exact reduction must be within 0.5% of the target.
+    is calibrated on the exact MACs. With `round_to` > 1 the counts are then aligned (`_align`):
+    kept MLP widths per block and the kept embedding width become multiples of it, the MLP moving
+    by whole groups. The mask's exact reduction must be within 0.5% of the target.
 
     Args:
         criteria: {'heads': [depth, num_heads], 'mlp': [depth, mlp_hidden], 'embed': [embed_dim]};
@@ -293,21 +399,26 @@ def prune(criteria: Mapping[str, torch.Tensor], C, arch: DeiTArch, options: Sear
         and total counts per component, the final fractions and fitness, and the exact MACs.
     """
     target, layers = options.flops_percentage, options.layers
-    check_target_reachable(arch, target, layers, options.protect)
+    check_target_reachable(arch, target, layers, options.protect, options.round_to)
     if options.flops_threshold < 0 or not np.isfinite(options.flops_threshold):
         raise UserError(f"--pruning_flops_threshold must be >= 0, got {options.flops_threshold!r}")
     crit = criteria_blocks(criteria, arch)
     p = _Problem(arch, component_orders(crit, options.protect), target, options.flops_threshold)
     matrix = interaction_matrix(C) if C is not None else np.zeros((3, 3))
     k, steps, info = _allocate(p, crit, matrix, options)
+    if options.round_to > 1:
+        k = _align(p, crit, k, options)
     mask = mask_from_orders(arch, p.orders, k, model_name)
+    k = {c: int(np.sum(k[c])) for c in COMPONENTS}
     before, after = mask_macs(arch)["total"], mask_macs(arch, mask)["total"]
     achieved = 1.0 - after / before
     if abs(achieved - target) > ACCEPT_TOLERANCE:
         raise UserError(f"{TARGET_FLAG} {target}: the closest mask found removes {achieved:.2%} of the FLOPs "
-                        f"(more than 0.5% off); choose another target or {LAYERS_FLAG}")
+                        f"(more than 0.5% off); choose another target or {LAYERS_FLAG}"
+                        f"{f' or a smaller {ROUND_FLAG}' if options.round_to > 1 else ''}")
     ratios = {c: k[c] / p.totals[c] for c in COMPONENTS}
-    report = dict(target=target, layers=layers, protect=options.protect, seed=options.seed, **info)
+    report = dict(target=target, layers=layers, protect=options.protect, seed=options.seed,
+                  round_to=options.round_to, **info)
     report.update(counts=dict(k), totals=p.totals, ratios=ratios, repair_steps=steps,
                   fitness=float(objective(matrix, ratios["heads"], ratios["mlp"], ratios["embed"])),
                   macs_before=before, macs_after=after, achieved_reduction=achieved)

@@ -2,7 +2,7 @@
 criterion first, each block's top 5% protected by identity; pruning k units = the first k of the
 order. Shared by the search (`pruning.search`) and the baselines (`pruning.baselines`).
 """
-from typing import Dict, Mapping
+from typing import Dict, List, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -136,14 +136,29 @@ def select_units(scores, k: int, protect: bool = True, min_keep: int = 0) -> np.
     return pruned.reshape(shape)
 
 
-def mask_from_orders(arch: DeiTArch, orders: Mapping[str, np.ndarray], counts: Mapping[str, int],
+def block_sequences(order: np.ndarray, blocks: int, n: int) -> List[np.ndarray]:
+    """Each block's part of a component's order: its prunable units (indices within the block),
+    lowest criterion first. Pruning the first k_b of block b's sequence prunes by criterion in that block."""
+    order = np.asarray(order)
+    return [order[order // n == b] % n for b in range(blocks)]
+
+
+def mask_from_orders(arch: DeiTArch, orders: Mapping[str, np.ndarray], counts: Mapping[str, Union[int, Sequence[int]]],
                      model: str = "") -> PruneMask:
-    """The mask that prunes the first `counts[c]` units of each component's order (missing = 0)."""
+    """The mask that prunes the first `counts[c]` units of each component's order (missing = 0).
+
+    A count may also be a list, one count per block: the first `counts[c][b]` units of block
+    b's part of the order (`block_sequences`), as the hardware-aligned widths need."""
     kept = {}
     for c, (blocks, n) in component_shapes(arch).items():
-        pruned = np.zeros(blocks * n, dtype=bool)
-        pruned[orders[c][: int(counts.get(c, 0))]] = True
-        kept[c] = [np.flatnonzero(~row).tolist() for row in pruned.reshape(blocks, n)]
+        pruned = np.zeros((blocks, n), dtype=bool)
+        count = counts.get(c, 0)
+        if np.ndim(count) == 0:
+            pruned.reshape(-1)[orders[c][: int(count)]] = True
+        else:
+            for b, seq in enumerate(block_sequences(orders[c], blocks, n)):
+                pruned[b, seq[: int(count[b])]] = True
+        kept[c] = [np.flatnonzero(~row).tolist() for row in pruned]
     return PruneMask(embed_dim=arch.embed_dim, depth=arch.depth, num_heads=arch.num_heads, head_dim=arch.head_dim,
                      mlp_hidden=arch.mlp_hidden, heads=kept["heads"], mlp=kept["mlp"], embed=kept["embed"][0],
                      model=model)

@@ -251,10 +251,11 @@ def test_pickle_from_reproduces_mask_without_data_pass(runs):
 def search_on_pickles(directory) -> PruneMask:
     """The mask main.py's search makes from the criteria and C saved in `directory` (SAVIT's flags)."""
     import main as prune_main
+    from args import prune_config
 
-    args = prune_main.get_args_parser().parse_args(SAVIT)
+    options = prune_config(prune_main.get_args_parser().parse_args(SAVIT)).search
     criteria, interactions = load_pickles(str(directory), 2, ARCH)
-    return prune(criteria, interactions, ARCH, SearchOptions.from_args(args), model_name=MODEL)[0]
+    return prune(criteria, interactions, ARCH, options, model_name=MODEL)[0]
 
 
 @pytest.mark.e2e

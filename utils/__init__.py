@@ -13,6 +13,7 @@ from utils.logs import TensorboardLogger, append_json_line, setup_logging
 from utils.meters import MetricLogger, SmoothedValue, format_seconds
 from utils.safe_load import TRUST_FLAG, load_numpy_pickle, load_torch_file, state_dict_of
 from utils.seeding import derive_seed, set_seed
+from utils.checkpoint import SAFETENSORS_FORMAT, save_pruned_safetensors
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION", "MetricLogger", "SmoothedValue", "TEMP_PREFIX", "TEMP_SUFFIX", "TRUST_FLAG",
@@ -22,5 +23,5 @@ __all__ = [
     "get_rank", "get_world_size", "init_distributed_mode", "is_dist_avail_and_initialized", "is_main_process",
     "load_numpy_pickle", "load_resume_weights", "load_torch_file", "model_checkpoint", "plain_args",
     "prepare_output_dir", "refuse_to_clobber", "remove_stale_temp_files", "restore_training_state", "set_seed",
-    "setup_logging", "state_dict_of",
+    "setup_logging", "state_dict_of", "SAFETENSORS_FORMAT", "save_pruned_safetensors",
 ]

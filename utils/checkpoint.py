@@ -1,5 +1,6 @@
 """The project's checkpoint format (keys, format version), atomic checkpoint saving, the one
 key/shape check of a state dict against a model, and `--resume` validation and restoring."""
+import json
 import numbers
 from typing import Any, Dict, List
 
@@ -11,6 +12,7 @@ from utils.atomic_io import _atomic_write
 from utils.errors import UserError
 
 CHECKPOINT_FORMAT_VERSION = 1
+SAFETENSORS_FORMAT = "savit-pruned"  # metadata "format" of the .safetensors files
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -43,15 +45,47 @@ def plain_args(args) -> dict:
     return plain(dict(vars(args)) if not isinstance(args, dict) else args)
 
 
+def normalization_of(args) -> dict:
+    """The mean and std the run's images are normalised with (datasets.py's choice, from
+    --not_imagenet_default_mean_and_std), as lists of floats."""
+    from datasets import mean_std  # here, not above: utils imports nothing heavy at module level
+
+    record = args if isinstance(args, dict) else vars(args)
+    mean, std = mean_std(bool(record.get("not_imagenet_default_mean_and_std", False)))
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+
+
+def pruned_description(model: nn.Module, mask, args) -> dict:
+    """What rebuilds the pruned network without flags (`models.load_pruned`): the unpruned
+    architecture (class count and image size included), the kept width, heads and MLP neurons
+    per block, and the input normalisation."""
+    from models.slicing import deploy_structure  # here: `models` imports `utils`
+
+    return {"arch": model.arch.to_dict(), "structure": deploy_structure(mask), "normalization": normalization_of(args)}
+
+
 def model_checkpoint(model: nn.Module, mask, args) -> dict:
-    """What every checkpoint of this project holds: format version, weights, mask, architecture, flags."""
+    """What every checkpoint of this project holds: format version, weights, mask, architecture,
+    per-block structure, normalisation, flags (plain values: loads with weights_only=True)."""
     return {
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "model": model.state_dict(),
         "mask": mask.to_dict(),
-        "arch": model.arch.to_dict(),
+        **pruned_description(model, mask, args),
         "args": plain_args(args),
     }
+
+
+def save_pruned_safetensors(model: nn.Module, mask, args, path: str) -> None:
+    """Write the model's weights to `path` (.safetensors) atomically. The metadata -- JSON strings
+    of the format version, architecture, structure and normalisation -- is what `models.load_pruned`
+    rebuilds the network from."""
+    import safetensors.torch
+
+    metadata = {"format": SAFETENSORS_FORMAT, "format_version": json.dumps(CHECKPOINT_FORMAT_VERSION)}
+    metadata.update({k: json.dumps(v) for k, v in pruned_description(model, mask, args).items()})
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
 
 
 def checkpoint_state(model: nn.Module, mask, optimizer, lr_scheduler, loss_scaler, model_ema, epoch: int,
