@@ -128,6 +128,7 @@ def test_reference_flag_with_an_effective_value_warns_once(module, argv, flag):
     assert len(lines) == 1 and lines[0].startswith(flag) and "no effect" in lines[0]
 
 
+@pytest.mark.e2e  # a subprocess or ONNX export: seconds, not milliseconds
 def test_warning_is_logged(tmp_path, capsys):
     """main.py --eval with --maximum_pruning_iterations 5: the run logs one warning line."""
     argv = ["--model", "deit_test_patch8_32", "--data-set", "DIGITS", "--input-size", "32", "--batch-size", "16",

@@ -102,6 +102,7 @@ def test_checkpoint_rebuilds_the_pruned_network(checkpoints, kind):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.e2e  # a subprocess or ONNX export: seconds, not milliseconds
 def test_onnx_runtime_matches_pytorch_at_batch_1_and_5(checkpoints, tmp_path, capsys):
     """One ONNX export (seconds each): the distilled deploy checkpoint; the gated kind is
     exported by the TorchScript / torch.export test, through the same deploy model."""
@@ -199,6 +200,7 @@ def test_bad_output_and_flags_give_one_line_errors(tmp_path, checkpoints, capsys
             check_writable(str(tmp_path / "ro" / "m.onnx"))
 
 
+@pytest.mark.e2e  # a subprocess or ONNX export: seconds, not milliseconds
 def test_cli_missing_checkpoint_and_unwritable_out_exit_2_with_one_line(tmp_path, checkpoints):
     runs = {"not found": [str(tmp_path / "absent.pth"), "--out", str(tmp_path / "m.onnx")],
             "does not exist": [checkpoints["gated"][0], "--out", str(tmp_path / "missing" / "m.onnx")]}

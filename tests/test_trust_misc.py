@@ -17,6 +17,7 @@ from timm.scheduler import create_scheduler
 
 import main_deploy
 from args import train_config
+from engine import ema_horizon_note
 from models import DeployDeiT, arch_of, create_model
 from pruning import importance
 from pruning.deploy import deploy_structure
@@ -234,6 +235,7 @@ DATA_ARGS = dict(data_set="IMNET", input_size=32, inat_category="name", crop_pct
                  not_imagenet_default_mean_and_std=False)
 
 
+@pytest.mark.e2e  # a subprocess or ONNX export: seconds, not milliseconds
 def test_demo_summary_evaluates_on_the_recorded_image_folder(tmp_path):
     data = tmp_path / "data"
     write_image_folder(data)
@@ -248,6 +250,7 @@ def test_demo_summary_evaluates_on_the_recorded_image_folder(tmp_path):
     assert printed == pytest.approx(expected, abs=0.006)
 
 
+@pytest.mark.e2e  # a subprocess or ONNX export: seconds, not milliseconds
 def test_demo_summary_refuses_runs_without_or_with_disagreeing_records(tmp_path):
     arch = arch_of(NAME, num_classes=3)
     write_runs(tmp_path / "a", {"data_set": None}, arch)  # nothing recorded
@@ -266,12 +269,12 @@ def test_demo_summary_refuses_runs_without_or_with_disagreeing_records(tmp_path)
 # -- 5. EMA horizon --------------------------------------------------------------------------
 
 def test_ema_note_when_the_run_is_shorter_than_the_horizon():
-    note = main_deploy.ema_horizon_note(0.99996, 800)
+    note = ema_horizon_note(0.99996, 800)
     assert note.count("\n") == 0 and "~25000" in note and "800" in note
     assert f"{0.99996 ** 800:.0%}" in note and "--model-ema-decay 0.9875" in note and "--no-model-ema" in note
-    assert main_deploy.ema_horizon_note(0.99, 800) == ""  # horizon 100 steps
-    assert main_deploy.ema_horizon_note(0.99996, 30000) == ""
-    short = main_deploy.ema_horizon_note(0.999, 5)
+    assert ema_horizon_note(0.99, 800) == ""  # horizon 100 steps
+    assert ema_horizon_note(0.99996, 30000) == ""
+    short = ema_horizon_note(0.999, 5)
     assert "--no-model-ema" in short and "--model-ema-decay" not in short
     suggested = float(re.search(r"--model-ema-decay ([\d.]+)", note).group(1))
     assert 1 / (1 - suggested) <= 800 and suggested ** 800 < 1e-3  # the suggestion forgets its start
