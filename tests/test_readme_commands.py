@@ -53,6 +53,7 @@ RUNNERS: List[Tuple[str, str]] = [
     (r"python scripts/demo_spread\.py ", "demo_spread"),
     (r"python benchmarks/bench_deploy_speed\.py ", "bench_speed"),
     (r"python benchmarks/bench_pruning_pass\.py ", "bench_pass"),
+    (r"bash scripts/gpu_check\.sh$", "gpu_check"),
 ]
 
 
@@ -232,6 +233,12 @@ def run_bench_pass(command: str, world: dict) -> None:
     proc = _run(command, world, ["--model", "deit_test_patch8_32", "--input-size", "32", "--batch-size", "2",
                                  "--batches", "1", "--repeats", "1", "--micro-batch", "0"])
     assert "ours" in proc.stdout
+
+
+def run_gpu_check(command: str, world: dict) -> None:
+    _run(command, world)  # no GPU here: the tiny check on CPU
+    with open(os.path.join(world["repo"], "output", "gpu_check", "gpu_check.md")) as f:
+        assert "| 2 | pruning pass | passed |" in f.read()
 
 
 RUN: Dict[str, Callable[[str, dict], None]] = {name[4:]: fn for name, fn in globals().items()
