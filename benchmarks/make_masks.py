@@ -9,10 +9,21 @@ network runs, a second mask per model keeps the paper's own per-component counts
 (docs/METHOD.md section 8, from the reference's ImageNet logs), with the units chosen by the
 same run's criteria (one global threshold per component, protection on).
 
+Hardware-aligned masks (`--round-to`, default 8,32,64): for each N, every block's kept MLP
+width and the kept embedding width are multiples of N (`main.py --round_to N`). They come from
+the SAME run's pickles, so only the alignment differs: main.py's mask is searched again by
+`pruning.search.prune` with `SearchOptions(round_to=N)` (what `main.py --pruning_pickle_from OUT
+--round_to N` does; checked: N = 1 gives main.py's own mask.json bit for bit), and the
+paper-counts mask is aligned by the search's own rounding step (`pruning.search._align`: the
+embedding count to the nearest multiple, each block's MLP count to whole groups of N by
+criterion, calibrated on the exact MACs to the paper-counts mask's own FLOPs reduction, +-0.5%).
+
 Writes, under `--out-dir` (default logs/masks/):
-    {model}_{target}.json              -- main.py's mask.json
-    {model}_{target}_paper-counts.json -- the paper's counts, this run's criteria
-    README.md                          -- the commands and the counts of every mask
+    {model}_{target}.json                  -- main.py's mask.json
+    {model}_{target}_paper-counts.json     -- the paper's counts, this run's criteria
+    {model}_{target}_r{N}.json             -- main.py's search with --round_to N
+    {model}_{target}_paper-counts_r{N}.json -- the paper's counts aligned to N
+    README.md                              -- the commands and the counts of every mask
 
     python benchmarks/make_masks.py                      # all three, about 3 minutes on 2 cores
     python benchmarks/make_masks.py --models deit_tiny_patch16_224
@@ -33,7 +44,8 @@ from models.deit_base import DeiTArch  # noqa: E402
 from pruning.flops import mask_macs  # noqa: E402
 from pruning.mask import PruneMask  # noqa: E402
 from pruning.pickles import load_pickles  # noqa: E402
-from pruning.selection import select_units  # noqa: E402
+from pruning.search import ACCEPT_TOLERANCE, SearchOptions, _align, _Problem, check_round_to, prune  # noqa: E402
+from pruning.selection import component_orders, criteria_blocks, mask_from_orders, select_units  # noqa: E402
 from utils import UserError, atomic_write_text, cli_entry  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +63,18 @@ def mask_file_names(model: str, target: float) -> Tuple[str, str]:
     """File names of the main.py mask and of the paper-counts mask of `model` at `target`."""
     stem = f"{model}_{target:g}"
     return stem + ".json", stem + "_paper-counts.json"
+
+
+def aligned_names(model: str, target: float, n: int) -> Tuple[str, str]:
+    """File names of the main.py mask and of the paper-counts mask aligned to multiples of `n`."""
+    stem = f"{model}_{target:g}"
+    return f"{stem}_r{n}.json", f"{stem}_paper-counts_r{n}.json"
+
+
+def search_options(target: float, seed: int, round_to: int) -> SearchOptions:
+    """The SearchOptions `main_py_command` gives main.py (all components, interactions, protection)."""
+    return SearchOptions(flops_percentage=target, layers=3, protect=True, use_interactions=True, seed=seed,
+                         round_to=round_to)
 
 
 def main_py_command(model: str, target: float, output_dir: str, batch_size: int, feed_percent: float,
@@ -85,6 +109,47 @@ def paper_counts_mask(criteria: Dict[str, "np.ndarray"], arch: DeiTArch, counts:
     return mask
 
 
+def same_units(a: PruneMask, b: PruneMask) -> bool:
+    """Whether two masks keep the same units (the model name and the recorded classes/input size aside)."""
+    skip = ("model", "num_classes", "img_size")
+    da, db = a.to_dict(), b.to_dict()
+    return {k: v for k, v in da.items() if k not in skip} == {k: v for k, v in db.items() if k not in skip}
+
+
+def reduction(mask: PruneMask, arch: DeiTArch) -> float:
+    return 1.0 - mask_macs(arch, mask)["total"] / mask_macs(arch)["total"]
+
+
+def aligned_paper_mask(criteria: Dict[str, "np.ndarray"], arch: DeiTArch, counts: Dict[str, int], n: int,
+                       model: str) -> PruneMask:
+    """The paper-counts mask with widths aligned to multiples of `n` by the search's rounding step.
+
+    Heads keep the paper's count; the embedding count goes to the nearest multiple of `n` and
+    each block's MLP count to whole groups of `n` (by criterion), calibrated on the exact MACs
+    to the unaligned paper-counts mask's FLOPs reduction. Raises `UserError` when the result is
+    more than 0.5% (absolute) off that reduction.
+    """
+    check_round_to(arch, n)
+    blocks = criteria_blocks(criteria, arch)
+    orders = component_orders(blocks, protect=True)
+    target = reduction(mask_from_orders(arch, orders, counts, model), arch)
+    problem = _Problem(arch, orders, target, SearchOptions(flops_percentage=target).flops_threshold)
+    k = _align(problem, blocks, dict(counts), SearchOptions(flops_percentage=target, round_to=n))
+    mask = mask_from_orders(arch, orders, k, model)
+    mask.validate()
+    got = reduction(mask, arch)
+    if abs(got - target) > ACCEPT_TOLERANCE:
+        raise UserError(f"{model}: the paper's counts aligned to {n} remove {got:.2%} of the FLOPs, "
+                        f"more than 0.5% off the unaligned {target:.2%}")
+    return mask
+
+
+def widths(mask: PruneMask) -> str:
+    """Kept embedding width and the distinct kept MLP widths per block."""
+    mlp = sorted({len(b) for b in mask.mlp})
+    return f"width {len(mask.embed)}, MLP widths {{{', '.join(map(str, mlp))}}}"
+
+
 def describe(mask: PruneMask, arch: DeiTArch) -> str:
     """One line: pruned/total units per component and the FLOPs reduction."""
     kept, total = mask.kept_counts(), mask.total_counts()
@@ -101,7 +166,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--feed-percent", type=float, default=0.003,
                    help="main.py --pruning_feed_percent (default 0.003: one batch of 4 of the 1500 DIGITS images)")
     p.add_argument("--seed", type=int, default=0, help="main.py --seed (initial weights, data order)")
-    return p.parse_args(argv)
+    p.add_argument("--round-to", default="8,32,64",
+                   help="comma-separated N of the aligned masks (main.py --round_to N); '' for none (default: 8,32,64)")
+    args = p.parse_args(argv)
+    try:
+        args.round_to = [int(v) for v in args.round_to.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--round-to: expected comma-separated integers > 1, got {args.round_to!r}")
+    if any(n < 2 for n in args.round_to):
+        raise UserError(f"--round-to: expected comma-separated integers > 1, got {args.round_to}")
+    return args
 
 
 @cli_entry
@@ -123,12 +197,30 @@ def main(args: argparse.Namespace) -> None:
             if done.returncode != 0:
                 raise UserError(f"main.py failed for {model} (exit {done.returncode}):\n{done.stdout[-3000:]}")
             mask = PruneMask.load(os.path.join(work, "mask.json"))
-            criteria, _ = load_pickles(work, 2, arch, need_hessian=False, flag="main.py output")
+            criteria, interactions = load_pickles(work, 2, arch, need_hessian=True, flag="main.py output")
         crit = {c: v.numpy() for c, v in criteria.items()}
         paper = paper_counts_mask(crit, arch, counts, model)
         name, paper_name = mask_file_names(model, target)
-        mask.save_json(os.path.join(args.out_dir, name))
-        paper.save_json(os.path.join(args.out_dir, paper_name))
+        # the search again on the run's pickles, on main.py's architecture (its data set's classes:
+        # the head's MACs count in the calibration): with N = 1 it must give main.py's mask exactly
+        run_arch = arch_of(model, num_classes=mask.num_classes, img_size=mask.img_size)
+        again, _ = prune(criteria, interactions, run_arch, search_options(target, args.seed, 1), model_name=model)
+        if not same_units(again, mask):
+            raise UserError(f"{model}: pruning.search.prune on main.py's pickles does not reproduce its mask.json")
+        mask.num_classes = mask.img_size = None  # the speed table's masks fit the 1000-class model
+        aligned = []
+        for n in args.round_to:
+            r_mask, _ = prune(criteria, interactions, run_arch, search_options(target, args.seed, n), model_name=model)
+            aligned.append((n, r_mask, aligned_paper_mask(crit, arch, counts, n, model)))
+        for file_name, m in [(name, mask), (paper_name, paper)] + [
+                (f, m) for n, r_mask, r_paper in aligned for f, m in zip(aligned_names(model, target, n), (r_mask, r_paper))]:
+            path = os.path.join(args.out_dir, file_name)
+            if os.path.isfile(path) and file_name in (name, paper_name):
+                if same_units(PruneMask.load(path), m):  # reproduced: keep the file byte for byte
+                    print(f"  {file_name}: reproduced (same units as the existing file, left as is)", flush=True)
+                    continue
+                print(f"  NOTE: {file_name}: this run differs from the existing file (overwritten)", flush=True)
+            m.save_json(path)
         shown = " ".join(os.path.relpath(c, REPO) if c.startswith(REPO) else c for c in cmd[1:])
         work_arg = cmd.index("--output_dir") + 1
         shown = shown.replace(cmd[work_arg], "OUT")
@@ -138,6 +230,19 @@ def main(args: argparse.Namespace) -> None:
                    "", f"    python {shown}", ""]
         print(f"  {name}: {describe(mask, arch)}")
         print(f"  {paper_name}: {describe(paper, arch)}", flush=True)
+        if aligned:
+            readme += ["Aligned (`--round_to N`: kept MLP width of every block and kept embedding width are "
+                       "multiples of N), from the same run's pickles:", ""]
+        for n, r_mask, r_paper in aligned:
+            r_name, r_paper_name = aligned_names(model, target, n)
+            readme += [f"- `{r_name}`: main.py's search, N={n}: {describe(r_mask, arch)}; {widths(r_mask)}",
+                       f"- `{r_paper_name}`: the paper's counts aligned, N={n}: {describe(r_paper, arch)}; "
+                       f"{widths(r_paper)}"]
+            print(f"  {r_name}: {describe(r_mask, arch)}; {widths(r_mask)}")
+            print(f"  {r_paper_name}: {describe(r_paper, arch)}; {widths(r_paper)}", flush=True)
+        if aligned:
+            readme += ["", f"    python main.py --pruning_pickle_from OUT --round_to N ... (the flags above)  "
+                           f"# same units as {name[:-5]}_rN.json", ""]
     readme_path = os.path.join(args.out_dir, "README.md")
     atomic_write_text("\n".join(readme), readme_path)
     print(f"wrote {readme_path}")
