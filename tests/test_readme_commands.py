@@ -224,8 +224,10 @@ def run_demo_spread(command: str, world: dict) -> None:
 
 
 def run_bench_speed(command: str, world: dict) -> None:
-    proc = _run(command, world, ["--models", "deit_tiny_patch16_224", "--batch-sizes", "1", "--rounds", "1",
-                                 "--iters", "1", "--warmup", "0", "--train-batch-size", "2"])
+    proc = _run(command, world, ["--models", "deit_tiny_patch16_224", "--masks",
+                                 "logs/masks/deit_tiny_patch16_224_0.235.json", "--runtimes", "torch",
+                                 "--batch-sizes", "1", "--rounds", "1", "--iters", "1", "--warmup", "0",
+                                 "--train-batch-size", "2"])
     assert "DeiT-T" in proc.stdout
 
 
