@@ -33,6 +33,7 @@ import torch
 from datasets import DataConfig, MixupConfig
 from engine import TrainConfig
 from losses import DistillConfig
+from models import arch_of, gated_name_of, list_models
 from pruning.search import SearchOptions
 from utils import UserError, init_distributed_mode
 
@@ -345,8 +346,6 @@ def check_common(ns: argparse.Namespace) -> None:
     Raises:
         UserError: the first bad combination found, naming the flags.
     """
-    from models import arch_of, gated_name_of, list_models
-
     if gated_name_of(ns.model) in list_models():  # an unknown model is reported by the script's own check
         patch = arch_of(ns.model).patch_size
         _check(ns.input_size % patch == 0,

@@ -9,8 +9,11 @@ import torch
 
 from models.deit_base import DeiTArch
 from models.deit_deploy import DeployDeiT
+from models.deit_gated import GatedDeiT
+from models.loading import adapt_state_dict, check_keys
 from models.slicing import deploy_state_dict, deploy_structure
 from pruning.mask import PruneMask
+from utils import UserError, load_torch_file, state_dict_of
 
 Tensor = torch.Tensor
 __all__ = ["build_deploy_model", "deploy_state_dict", "deploy_structure", "load_masked_model", "recorded_arch"]
@@ -26,8 +29,6 @@ def build_deploy_model(arch: DeiTArch, mask: PruneMask, gated_state_dict: Dict[s
 
 def recorded_arch(checkpoint, source: str = "") -> Optional[DeiTArch]:
     """The `arch` a checkpoint of this project records (None when it records none)."""
-    from utils import UserError
-
     d = checkpoint.get("arch") if isinstance(checkpoint, dict) else None
     if not isinstance(d, dict):
         return None
@@ -54,10 +55,6 @@ def load_masked_model(arch: Optional[DeiTArch], masked_model: str, weights: str 
     Returns:
         (mask, model).
     """
-    from models.deit_gated import GatedDeiT
-    from models.loading import adapt_state_dict, check_keys
-    from utils import UserError, load_torch_file, state_dict_of
-
     if masked_model.endswith(".json"):
         if not weights:
             raise UserError(f"--masked_model {masked_model!r} is a mask JSON: pass the weights to slice with --finetune")

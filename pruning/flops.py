@@ -19,7 +19,11 @@ from typing import Dict, List, Optional
 import torch
 
 from models.deit_base import DeiTArch
+from models import arch_of, gated_name_of, list_models
+from models.deit_deploy import AttentionCore, DeployDeiT
+from pruning.deploy import deploy_structure
 from pruning.mask import PruneMask
+from utils import UserError, cli_entry
 
 
 def analytic_macs(arch: DeiTArch, width: Optional[int] = None, heads: Optional[List[int]] = None,
@@ -93,9 +97,8 @@ def _attention_core_hook(module, inputs, output) -> None:
 
 def ptflops_macs(model: torch.nn.Module, arch: DeiTArch) -> Dict[str, int]:
     """ptflops count of a deploy (or timm-like) model for one image: {'total', 'params'}."""
-    from ptflops import get_model_complexity_info
+    from ptflops import get_model_complexity_info  # here: seconds to import, needed by this count only
 
-    from models.deit_deploy import AttentionCore
 
     was_training = model.training
     macs, params = get_model_complexity_info(
@@ -128,8 +131,6 @@ def arch_for_mask(name: str, mask: Optional[PruneMask], img_size: Optional[int] 
     """The architecture to count `mask` on: the class count and input size the mask records
     (main.py writes them), unless given explicitly (then the given values win, and a conflict is
     logged); the model's defaults for what neither gives."""
-    from models import arch_of
-
     chosen = {}
     for key, given in (("num_classes", num_classes), ("img_size", img_size)):
         recorded = getattr(mask, key, None) if mask is not None else None
@@ -140,9 +141,6 @@ def arch_for_mask(name: str, mask: Optional[PruneMask], img_size: Optional[int] 
 
 
 def _main(argv=None) -> None:
-    from models import arch_of, gated_name_of, list_models
-    from utils import UserError
-
     parser = argparse.ArgumentParser(description="Print FLOPs (MACs) and params of a DeiT before/after pruning.")
     parser.add_argument("--model", default="deit_base_patch16_224", help="gated or _deploy model name")
     parser.add_argument("--mask", default="", help="mask JSON or gated checkpoint (checkpoint_pruned_00.pth)")
@@ -176,15 +174,10 @@ def _main(argv=None) -> None:
     for line in format_table(arch, mask):
         print(line)
     if args.ptflops:
-        from models.deit_deploy import DeployDeiT
-        from pruning.deploy import deploy_structure
-
         model = DeployDeiT(arch, **deploy_structure(mask)) if mask is not None else DeployDeiT(arch)
         counted = ptflops_macs(model.eval(), arch)
         print(f"ptflops: {counted['total'] / 1e9:.4f} GMACs, {counted['params'] / 1e6:.3f} M params (deploy model)")
 
 
 if __name__ == "__main__":
-    from utils import cli_entry
-
     cli_entry(_main)(sys.argv[1:])
