@@ -55,6 +55,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="estimate the interactions between components (SAViT); without it, first-order mode")
     g.add_argument("--hessian_embed", type=float, default=6.0,
                    help="scale of the embedding normaliser of the interactions (default: 6.0)")
+    g.add_argument("--hessian_estimator", default="reference", choices=["reference", "rb"],
+                   help="estimator of the interactions: reference (one block m per pair) or rb (the exact "
+                        "mean over m <= l: same expectation and cost, lower variance; default: reference)")
+    g.add_argument("--hessian_blocks", type=int, default=1,
+                   help="draws of the block l per batch for the interactions, averaged; each costs 2 more "
+                        "Hessian-vector products (default: 1)")
     g.add_argument("--pruning_micro_batch", type=int, default=0,
                    help="score each batch in chunks of this many images: same criteria and C, peak memory "
                         "about proportional to the chunk (0: whole batches; default: 0)")
@@ -124,7 +130,8 @@ def score(args, model, dataset_train, num_classes: int, device, log):
         f"{mine} on this process; method {args.pruning_method}, interactions {'on' if args.need_hessian else 'off'}")
     scorer = PruningScorer(model, criterion, method=args.pruning_method, need_hessian=args.need_hessian,
                            hessian_embed=args.hessian_embed, seed=args.seed,
-                           micro_batch=args.pruning_micro_batch)
+                           micro_batch=args.pruning_micro_batch,
+                           estimator=args.hessian_estimator, hessian_blocks=args.hessian_blocks)
     model.eval()
     error = None
     if mine:
