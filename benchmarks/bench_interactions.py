@@ -54,7 +54,8 @@ from pruning.mask import COMPONENTS  # noqa: E402
 from pruning.search import SearchOptions, prune  # noqa: E402
 from utils import UserError, atomic_write_json, atomic_write_text, cli_entry, environment_line  # noqa: E402
 
-ESTIMATORS = {"reference": ("reference", 1), "rb": ("rb", 1), "rb K=2": ("rb", 2), "rb K=4": ("rb", 4)}
+ESTIMATORS = {"reference": ("reference", 1), "rb": ("rb", 1), "rb K=2": ("rb", 2), "rb K=4": ("rb", 4),
+              "reference K=4": ("reference", 4)}  # the last: is it rb or the K draws that help?
 ENTRIES = [(i, j) for i in range(3) for j in range(i, 3)]  # what the search reads
 NAMES = ("H", "M", "E")  # heads, MLP, embedding
 MODES = ("seed", "draws")
