@@ -430,6 +430,8 @@ class PruneConfig:
     feed_percent: float
     need_hessian: bool
     hessian_embed: float
+    hessian_estimator: str
+    hessian_blocks: int
     micro_batch: int
     pickle_from: str
     normalize_by_layer: bool
@@ -491,6 +493,7 @@ def prune_config(ns) -> PruneConfig:
                            seed=ns.seed, round_to=ns.round_to)
     return PruneConfig(method=ns.pruning_method, layers=ns.pruning_layers, feed_percent=ns.pruning_feed_percent,
                        need_hessian=ns.need_hessian, hessian_embed=ns.hessian_embed,
+                       hessian_estimator=ns.hessian_estimator, hessian_blocks=ns.hessian_blocks,
                        micro_batch=ns.pruning_micro_batch, pickle_from=ns.pruning_pickle_from,
                        normalize_by_layer=ns.pruning_normalize_by_layer, normalize_type=ns.pruning_normalize_type,
                        silent=ns.pruning_silent, mask_aware_norm=ns.mask_aware_norm, search=search)

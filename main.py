@@ -20,7 +20,7 @@ from args import (WORLD_SIZE, DistributedConfig, ModelConfig, Parser, PruneConfi
                   add_augmentation_args, add_data_args, add_distributed_args, add_mixup_args, add_model_args,
                   add_reference_group, add_run_args, check_common, command_line, data_config, init_distributed,
                   mixup_config, model_config, naming, open_unit_interval, positive_float, prune_config,
-                  reference_warnings, run_config, non_negative_int, upper_unit_interval)
+                  reference_warnings, run_config, non_negative_int, positive_int, upper_unit_interval)
 from datasets import DataConfig, MixupConfig, build_dataset, build_loaders, build_mixup
 from engine import evaluate
 from losses import build_base_criterion
@@ -81,6 +81,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="estimate the interactions between components (SAViT); without it, first-order mode")
     g.add_argument("--hessian_embed", type=float, default=6.0,
                    help="scale of the embedding normaliser of the interactions (default: 6.0)")
+    g.add_argument("--hessian_estimator", default="reference", choices=["reference", "rb"],
+                   help="estimator of the interactions: reference (one block m per pair) or rb (the exact "
+                        "mean over m <= l: same expectation and cost, lower variance; default: reference)")
+    g.add_argument("--hessian_blocks", type=positive_int, default=1,
+                   help="draws of the block l per batch for the interactions, averaged; each costs 2 more "
+                        "Hessian-vector products (default: 1)")
     g.add_argument("--pruning_micro_batch", type=non_negative_int, default=0,
                    help="score each batch in chunks of this many images: same criteria and C, peak memory "
                         "about proportional to the chunk (0: whole batches; default: 0)")
@@ -157,7 +163,8 @@ def score(cfg: PruneRun, model, dataset_train, num_classes: int, device, log):
     log(f"pruning pass: {total} batches of {data.batch_size} ({p.feed_percent:.1%} of the training set), "
         f"{mine} on this process; method {p.method}, interactions {'on' if p.need_hessian else 'off'}")
     scorer = PruningScorer(model, criterion, method=p.method, need_hessian=p.need_hessian,
-                           hessian_embed=p.hessian_embed, seed=cfg.run.seed, micro_batch=p.micro_batch)
+                           hessian_embed=p.hessian_embed, seed=cfg.run.seed, micro_batch=p.micro_batch,
+                           estimator=p.hessian_estimator, hessian_blocks=p.hessian_blocks)
     model.eval()
     error = None
     if mine:

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from models.deit_base import DeiTArch
 from pruning.criteria import CRITERIA, TaylorCapture
-from pruning.interactions import add_interactions, block_draw, interaction_normalisers
+from pruning.interactions import ESTIMATORS, add_interactions, block_draw, interaction_normalisers
 from pruning.mask import COMPONENTS, criteria_shapes
 from utils import UserError, format_seconds
 
@@ -46,7 +46,7 @@ class PruningScorer:
     Model in eval mode, fp32, no optimiser step; only the GATES get gradients (every network
     weight has `requires_grad=False` during the pass). Per batch: 1 backward
     `autograd.grad(loss, gates, create_graph=need_hessian)`, then with `need_hessian` one
-    Hessian-vector product per row of C. C and the criteria average the SAME batches.
+    Hessian-vector product per row of C (2K + 1 with K = `hessian_blocks`). C and the criteria average the SAME batches.
 
     Args:
         model: a `GatedDeiT` (any device); its flags and mode are restored after each batch.
@@ -55,6 +55,9 @@ class PruningScorer:
         need_hessian: also estimate the 3x3 interaction matrix (section 3).
         hessian_embed: `--hessian_embed`, scales the embedding normaliser.
         seed: the run's seed, for the block draws.
+        estimator: `--hessian_estimator`: 'reference' (one block m per pair) or 'rb' (the exact mean
+            over m <= l; same expectation, same cost; `pruning.interactions.add_interactions`).
+        hessian_blocks: `--hessian_blocks` K: draws of l per batch, averaged (2 more products each).
         micro_batch: process each batch in chunks of at most this many samples, whose losses are
             weighted by chunk size / batch size: gradients, Taylor terms and Hessian-vector products
             add up to the whole batch's (for a criterion that averages per-sample losses, as DeiT's
@@ -62,11 +65,16 @@ class PruningScorer:
     """
 
     def __init__(self, model: nn.Module, criterion: Callable, method: int = 2, need_hessian: bool = False,
-                 hessian_embed: float = 6.0, seed: int = 0, micro_batch: Optional[int] = None):
+                 hessian_embed: float = 6.0, seed: int = 0, micro_batch: Optional[int] = None,
+                 estimator: str = "reference", hessian_blocks: int = 1):
         if method not in METHODS:
             raise UserError(f"--pruning_method must be one of {METHODS}, got {method!r}")
         if need_hessian and not hessian_embed > 0:
             raise UserError(f"--hessian_embed must be > 0, got {hessian_embed!r}")
+        if estimator not in ESTIMATORS:
+            raise UserError(f"--hessian_estimator must be one of {'|'.join(ESTIMATORS)}, got {estimator!r}")
+        if isinstance(hessian_blocks, bool) or not isinstance(hessian_blocks, int) or hessian_blocks < 1:
+            raise UserError(f"--hessian_blocks must be an integer >= 1, got {hessian_blocks!r}")
         if micro_batch is not None and micro_batch < 0:
             raise UserError(f"the pruning micro-batch must be >= 1 (or 0 for whole batches), got {micro_batch}")
         self.model = model
@@ -76,6 +84,8 @@ class PruningScorer:
         self.first_order = CRITERIA[method]
         self.need_hessian = need_hessian
         self.seed = seed
+        self.estimator = estimator
+        self.hessian_blocks = hessian_blocks
         self.micro_batch = micro_batch or None
         self.device = model.res_gate.weight.device
         self.normalisers = interaction_normalisers(self.arch, hessian_embed).to(self.device)
@@ -99,7 +109,7 @@ class PruningScorer:
         step = batch if not self.micro_batch else self.micro_batch
         if step < batch and not isinstance(targets, torch.Tensor):
             raise TypeError("micro-batches need the targets as one tensor")
-        draw = block_draw(self.seed, batch_index, self.arch.depth) if self.need_hessian else None
+        draws = self._draws(batch_index) if self.need_hessian else None
         sums: Dict[str, torch.Tensor] = {}  # this batch's per-unit sums
         loss_total = 0.0
         with gates_only_grad(self.model) as gates, torch.enable_grad(), \
@@ -111,8 +121,9 @@ class PruningScorer:
                                                    weight, gates, batch_index)
                 for k, v in part.items():
                     sums[k] = v if k not in sums else sums[k] + v
-                if draw is not None:
-                    add_interactions(self._state["interactions"], self.normalisers, gates, grads, draw)
+                if draws is not None:
+                    add_interactions(self._state["interactions"], self.normalisers, gates, grads, draws,
+                                     self.estimator)
                 del grads
                 loss_total += loss.item()
         with torch.no_grad():
@@ -123,6 +134,13 @@ class PruningScorer:
             self._state["batches"] += 1
         self.last_loss = loss_total
         return loss_total
+
+    def _draws(self, batch_index: int) -> list:
+        """The `hessian_blocks` block draws of a batch: the first is the reference's, the others are
+        keyed by (seed, global batch index, draw), so every process and run sees the same."""
+        depth = self.arch.depth
+        return [block_draw(self.seed, batch_index, depth)] + [
+            block_draw(self.seed, batch_index, depth, draw=k) for k in range(1, self.hessian_blocks)]
 
     def _backward(self, images: torch.Tensor, targets, weight: Optional[float], gates: Sequence[torch.Tensor],
                   batch_index: int) -> Tuple[torch.Tensor, Sequence[torch.Tensor], Dict[str, torch.Tensor]]:
