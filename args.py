@@ -20,10 +20,8 @@ Nothing is parsed at import time.
 """
 import argparse
 import contextlib
-import copy
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -35,24 +33,11 @@ from engine import TrainConfig
 from losses import DistillConfig
 from models import arch_of, gated_name_of, list_models
 from pruning.search import SearchOptions
-from utils import UserError, init_distributed_mode
+from utils import DistributedConfig, UserError, init_distributed_mode
 
 DATA_SETS = ("IMNET", "CIFAR", "INAT", "INAT19", "DIGITS")
 INAT_CATEGORIES = ("kingdom", "phylum", "class", "order", "supercategory", "family", "genus", "name")
 REFERENCE_GROUP = "accepted for the reference's commands (no effect)"
-
-
-class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, `error: --flag: ...`, and exit status 2."""
-
-    def error(self, message: str):
-        # argparse says "argument --x: must be ..."; we say "--x must be ..." (the flag, then what was expected)
-        named = re.match(r"argument (\S+): (must be .*)", message)
-        if named:
-            message = f"{named.group(1)} {named.group(2)}"
-        elif message.startswith("argument "):
-            message = message[len("argument "):]
-        self.exit(2, f"error: {message}\n")
 
 
 # -- value types: each range checked once, while parsing ------------------------------------------
@@ -376,24 +361,9 @@ def check_common(ns: argparse.Namespace) -> None:
 
 # -- configurations ---------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class DistributedConfig:
-    """The process group this process joined (kept here until utils returns it itself)."""
-
-    distributed: bool = False
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    backend: Optional[str] = None
-    device: str = "cpu"  # pinned to cuda:{local_rank} on CUDA
-
-
 def init_distributed(ns: argparse.Namespace) -> DistributedConfig:
-    """`utils.init_distributed_mode` on a copy of the flags, read back as a config (`ns` is not written)."""
-    scratch = copy.copy(ns)
-    init_distributed_mode(scratch)
-    return DistributedConfig(distributed=scratch.distributed, rank=scratch.rank, world_size=scratch.world_size,
-                             local_rank=scratch.gpu, backend=scratch.dist_backend, device=str(scratch.device))
+    """Join the launcher's process group (if any) as the flags say."""
+    return init_distributed_mode(ns.device, ns.dist_url, ns.local_rank)
 
 
 @dataclass(frozen=True)

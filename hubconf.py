@@ -3,7 +3,7 @@
     model = torch.hub.load("path/to/this/repo", "savit_pruned", checkpoint="ft/best_checkpoint.pth",
                            source="local")
 """
-dependencies = ["torch", "timm"]
+dependencies = ["torch", "timm", "safetensors"]
 
 
 def savit_pruned(checkpoint: str, **kwargs):

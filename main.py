@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from args import (WORLD_SIZE, DistributedConfig, ModelConfig, Parser, PruneConfig, ReferenceFlag, RunConfig,
+from args import (WORLD_SIZE, DistributedConfig, ModelConfig, PruneConfig, ReferenceFlag, RunConfig,
                   add_augmentation_args, add_data_args, add_distributed_args, add_mixup_args, add_model_args,
                   add_reference_group, add_run_args, check_common, command_line, data_config, init_distributed,
                   mixup_config, model_config, naming, open_unit_interval, positive_float, prune_config,
@@ -34,9 +34,9 @@ from pruning.mask import PruneMask
 from pruning.pickles import HESSIAN_FILE, criteria_filename, load_pickles, save_pickles
 from pruning.search import check_target_reachable, prune
 from pruning.selection import normalize_by_layer
-from utils import (UserError, all_reduce_sum, atomic_copy, atomic_torch_save, atomic_write_json, cleanup_distributed,
-                   cli_entry, error_line, is_main_process, model_checkpoint, prepare_output_dir, refuse_to_clobber,
-                   set_seed, setup_logging)
+from utils import (Parser, UserError, all_reduce_sum, atomic_copy, atomic_torch_save, atomic_write_json,
+                   cleanup_distributed, cli_entry, error_line, is_main_process, model_checkpoint, prepare_output_dir,
+                   refuse_to_clobber, set_seed, setup_logging)
 
 CHECKPOINT_NAME = "checkpoint_pruned_00.pth"
 MASK_NAME = "mask.json"
@@ -55,7 +55,7 @@ REFERENCE_FLAGS = [
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = Parser("SAViT pruning (main.py)")
+    parser = Parser(description="SAViT pruning: score, search and save the gated model (main.py)")
     add_model_args(parser, ema=False)
     add_augmentation_args(parser, repeated_aug=False)  # the pruning pass sees training transforms and mixup
     add_mixup_args(parser)
@@ -74,7 +74,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="fraction of the training batches used for scoring (at least one batch; default: 0.1)")
     g.add_argument("--pruning_flops_threshold", type=positive_float, default=1e-4,
                    help="tolerance of the search's FLOPs constraint (default: 1e-4)")
-    g.add_argument("--round_to", type=int, default=1,
+    g.add_argument("--round_to", type=positive_int, default=1,
                    help="hardware-aligned widths: every block's kept MLP width and the kept embedding width are "
                         "multiples of N (N must divide both widths; default: 1, the reference's selection)")
     g.add_argument("--need_hessian", action="store_true",
@@ -137,7 +137,7 @@ class PruneRun:
 def settings(ns: argparse.Namespace, dist: DistributedConfig) -> PruneRun:
     """main.py's configuration from its parsed flags and the process group it joined."""
     effective = {"device": dist.device, "world_size": dist.world_size, "rank": dist.rank,
-                 "distributed": dist.distributed}
+                 "distributed": dist.distributed, "dist_backend": dist.backend}
     return PruneRun(run=run_config(ns, dist), model=model_config(ns), data=data_config(ns, dist.device),
                     mixup=mixup_config(ns), prune=prune_config(ns), dist=dist, record={**vars(ns), **effective})
 

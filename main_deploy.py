@@ -15,11 +15,13 @@ import argparse
 import datetime
 import json
 import os
+import re
+import shutil
 from dataclasses import dataclass
 
 import torch
 
-from args import (WORLD_SIZE, DistributedConfig, ModelConfig, Parser, ReferenceFlag, RunConfig, add_augmentation_args,
+from args import (WORLD_SIZE, DistributedConfig, ModelConfig, ReferenceFlag, RunConfig, add_augmentation_args,
                   add_data_args, add_distillation_args, add_distributed_args, add_mixup_args, add_model_args,
                   add_optimizer_args, add_reference_group, add_run_args, add_schedule_args, check_common,
                   command_line, data_config, init_distributed, model_config, naming, reference_warnings, run_config,
@@ -32,8 +34,9 @@ from models.loading import load_pretrained
 from pruning.deploy import deploy_structure, load_masked_model
 from pruning.flops import ptflops_macs
 from pruning.mask import PruneMask
-from utils import (UserError, cleanup_distributed, cli_entry, error_line, is_main_process, load_resume_weights,
-                   load_torch_file, prepare_output_dir, refuse_to_clobber, set_seed, setup_logging)
+from utils import (Parser, UserError, cleanup_distributed, cli_entry, error_line, is_main_process,
+                   load_resume_weights, load_torch_file, prepare_output_dir, refuse_to_clobber, set_seed,
+                   setup_logging)
 
 CHECKPOINT_NAME = LAST_CHECKPOINT
 REFERENCE_FLAGS = [
@@ -46,7 +49,7 @@ REFERENCE_FLAGS = [
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = Parser("SAViT fine-tuning of the pruned DeiT (main_deploy.py)")
+    parser = Parser(description="SAViT fine-tuning of the physically pruned DeiT (main_deploy.py)")
     add_model_args(parser, ema=True)
     add_optimizer_args(parser)
     add_schedule_args(parser)
@@ -117,7 +120,7 @@ def settings(ns: argparse.Namespace, dist: DistributedConfig, resume: str = "") 
     """main_deploy.py's configuration from its flags, the process group and the resolved --resume."""
     train, notes = train_config(ns, dist.world_size)
     effective = {"device": dist.device, "world_size": dist.world_size, "rank": dist.rank,
-                 "distributed": dist.distributed, "resume": resume,
+                 "distributed": dist.distributed, "dist_backend": dist.backend, "resume": resume,
                  "lr": train.lr, "min_lr": train.min_lr, "warmup_lr": train.warmup_lr}
     return DeployRun(run=run_config(ns, dist, resume), model=model_config(ns), data=data_config(ns, dist.device),
                      train=train, dist=dist, masked_model=ns.masked_model, throughput=ns.throughput,
@@ -146,14 +149,18 @@ def build_student(cfg: DeployRun, arch, resume_checkpoint):
 
 
 def start_afresh(out: str, log) -> None:
-    """--overwrite over an earlier run: its log.txt goes, so that log.txt holds this run's epochs only."""
+    """--overwrite over an earlier run: its log, TensorBoard events and extra checkpoints go, so that
+    nothing of it is mistaken for this run's; checkpoint.pth is replaced when this run writes its own."""
     if not os.path.exists(os.path.join(out, CHECKPOINT_NAME)):
         return
     log(f"--overwrite: {out} holds an earlier run; its checkpoints are replaced as this run writes them")
-    log_txt = os.path.join(out, "log.txt")
-    if os.path.isfile(log_txt):
-        os.remove(log_txt)
-        log(f"--overwrite: removed the earlier run's {log_txt}")
+    earlier = [name for name in sorted(os.listdir(out))
+               if name in ("log.txt", "tensorboard") or re.fullmatch(r"(best_checkpoint|checkpoint_\d+)\.\w+", name)]
+    for name in earlier:
+        path = os.path.join(out, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    if earlier:
+        log(f"--overwrite: removed the earlier run's {', '.join(earlier)} from {out}")
 
 
 def log_complexity(model, arch, mask, log) -> dict:

@@ -40,7 +40,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -56,7 +56,7 @@ from pruning.flops import mask_macs  # noqa: E402
 from pruning.mask import COMPONENTS, PruneMask  # noqa: E402
 from pruning.pickles import load_pickles  # noqa: E402
 from pruning.search import SearchOptions, prune  # noqa: E402
-from utils import (UserError, atomic_write_json, atomic_write_text, cli_entry, load_torch_file,  # noqa: E402
+from utils import (Parser, UserError, atomic_write_json, atomic_write_text, cli_entry, load_torch_file,  # noqa: E402
                    state_dict_of)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +76,7 @@ DATA_FLAGS = ["--data-set", "DIGITS", "--input-size", "32", "--num_workers", "1"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--output_dir", default="output/ablation", help="every run's folder goes here")
     p.add_argument("--markdown", default="",
                    help="where to write the table (atomically; default: {output_dir}/ablation.md)")

@@ -59,7 +59,7 @@ from models import arch_of, create_model, list_models  # noqa: E402
 from pruning.export import DEFAULT_OPSET, export  # noqa: E402
 from pruning.flops import mask_macs, mask_params  # noqa: E402
 from pruning.mask import PruneMask  # noqa: E402
-from utils import UserError, atomic_write_text, cli_entry  # noqa: E402
+from utils import Parser, UserError, atomic_write_text, cli_entry  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODELS = "deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224"
@@ -84,7 +84,7 @@ def _int_list(text: str, flag: str) -> List[int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Deploy (pruned) vs unpruned DeiT throughput, side by side.")
+    p = Parser(description="Deploy (pruned) vs unpruned DeiT throughput, side by side.")
     p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated DeiT names (default: T, S, B)")
     p.add_argument("--masks-dir", default=os.path.join(REPO, "logs", "masks"),
                    help="folder with {model}_*.json masks (default: logs/masks)")

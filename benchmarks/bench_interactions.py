@@ -27,7 +27,6 @@ Everything goes under `--output_dir` (default output/bench_interactions), the ta
 """
 import argparse
 import itertools
-import json
 import os
 import shlex
 import statistics
@@ -42,6 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import ablation  # noqa: E402  (the demo's step 1 and data flags)
+from args import data_config, mixup_config  # noqa: E402
 from datasets import build_dataset, build_mixup  # noqa: E402
 from losses import build_base_criterion  # noqa: E402
 from main import get_args_parser  # noqa: E402
@@ -52,7 +52,7 @@ from pruning.importance import PruningScorer, gates_only_grad  # noqa: E402
 from pruning.interactions import block_draw, hvp_sums, interaction_normalisers  # noqa: E402
 from pruning.mask import COMPONENTS  # noqa: E402
 from pruning.search import SearchOptions, prune  # noqa: E402
-from utils import UserError, atomic_write_json, atomic_write_text, cli_entry, environment_line  # noqa: E402
+from utils import Parser, UserError, atomic_write_json, atomic_write_text, cli_entry, environment_line  # noqa: E402
 
 ESTIMATORS = {"reference": ("reference", 1), "rb": ("rb", 1), "rb K=2": ("rb", 2), "rb K=4": ("rb", 4),
               "reference K=4": ("reference", 4)}  # the last: is it rb or the K draws that help?
@@ -62,7 +62,7 @@ MODES = ("seed", "draws")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--pretrained", default="", help="the demo's pretrained checkpoint (default: trained by the "
                                                     "demo's step 1 into {output_dir}/pretrain)")
     p.add_argument("--pretrain_epochs", type=int, default=40, help="the demo's step 1 (default: 40)")
@@ -89,7 +89,7 @@ def main_args(pretrained: str) -> argparse.Namespace:
 
 def load_batches(args, dataset, num_classes: int, seed: int, count: int) -> list:
     """The first `count` batches of the pass of `--seed seed` (any feed's batches are a prefix of these)."""
-    mixup_fn = build_mixup(args, num_classes)
+    mixup_fn = build_mixup(mixup_config(args), num_classes)
     batches, mine, _ = feed_batches(dataset, args.batch_size, 1.0, seed, 0, 1, mixup_fn, 0, False)
     return [b for _, b in zip(range(min(mine, count)), batches)]
 
@@ -265,8 +265,9 @@ def main(args) -> None:
                             f"the demo's step 1, {args.pretrain_epochs} epochs, best checkpoint")
     pretrained = ablation.pretrain(args, runner)
     margs = main_args(pretrained)
-    dataset, num_classes = build_dataset(True, margs, what="training set")
-    criterion = build_base_criterion(build_mixup(margs, num_classes) is not None, margs.smoothing)
+    dataset, num_classes = build_dataset(True, data_config(margs), what="training set")
+    mixup = mixup_config(margs)
+    criterion = build_base_criterion(build_mixup(mixup, num_classes) is not None, mixup.smoothing)
     model = create_model(margs.model, num_classes=num_classes, img_size=margs.input_size)
     load_pretrained(model, pretrained)
     model.eval()

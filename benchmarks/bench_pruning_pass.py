@@ -36,6 +36,7 @@ from models import create_model  # noqa: E402
 from pruning.importance import PruningScorer  # noqa: E402
 from pruning.interactions import block_draw, interaction_normalisers  # noqa: E402
 from pruning.mask import COMPONENTS, criteria_shapes  # noqa: E402
+from utils import Parser  # noqa: E402
 
 VARIANTS = ("plain", "ref", "ours", "ours_mb")
 LABELS = {"plain": "(a) plain forward+backward", "ref": "(b) reference-style pass", "ours": "ours",
@@ -43,7 +44,7 @@ LABELS = {"plain": "(a) plain forward+backward", "ref": "(b) reference-style pas
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="deit_small_patch16_224")
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=8)

@@ -43,7 +43,7 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
-from utils import UserError, atomic_write_text, cli_entry, environment_line  # noqa: E402
+from utils import Parser, UserError, atomic_write_text, cli_entry, environment_line  # noqa: E402
 
 STEPS = ("cuda_tests", "pruning_pass", "deploy_training", "deploy_speed")
 TITLES = {"cuda_tests": "CUDA-only tests", "pruning_pass": "pruning pass",
@@ -68,7 +68,7 @@ def settings(tiny: bool) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="GPU check: CUDA tests, pruning pass, deploy training and speed.")
+    p = Parser(description="GPU check: CUDA tests, pruning pass, deploy training and speed.")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda[:N] or cpu (default: cuda if available)")
     p.add_argument("--tiny", action="store_true", help="deit_test_patch8_32 at batch 4 (automatic on CPU)")

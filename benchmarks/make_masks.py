@@ -46,7 +46,7 @@ from pruning.mask import PruneMask  # noqa: E402
 from pruning.pickles import load_pickles  # noqa: E402
 from pruning.search import ACCEPT_TOLERANCE, SearchOptions, _align, _Problem, check_round_to, prune  # noqa: E402
 from pruning.selection import component_orders, criteria_blocks, mask_from_orders, select_units  # noqa: E402
-from utils import UserError, atomic_write_text, cli_entry  # noqa: E402
+from utils import Parser, UserError, atomic_write_text, cli_entry  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -159,7 +159,7 @@ def describe(mask: PruneMask, arch: DeiTArch) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Make the speed table's masks with main.py on random weights.")
+    p = Parser(description="Make the speed table's masks with main.py on random weights.")
     p.add_argument("--models", default=",".join(PAPER), help="comma-separated DeiT names (default: T, S, B)")
     p.add_argument("--out-dir", default=os.path.join(REPO, "logs", "masks"), help="where the masks go")
     p.add_argument("--batch-size", type=int, default=4, help="main.py --batch-size (default: 4)")

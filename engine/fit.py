@@ -125,7 +125,9 @@ def fit(cfg: TrainConfig, model: nn.Module, mask, loader_train, loader_val, num_
     out = cfg.output_dir
     model_without_ddp = model
     if distributed:  # DDP broadcasts rank 0's weights: wrap before the EMA copies them
-        device_ids = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else None
+        cuda = torch.device(device)
+        device_ids = [cuda.index if cuda.index is not None else torch.cuda.current_device()] \
+            if cuda.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     model_ema = None
     if cfg.model_ema:
@@ -168,7 +170,8 @@ def fit(cfg: TrainConfig, model: nn.Module, mask, loader_train, loader_val, num_
         max_accuracy = max(max_accuracy, test_stats["acc1"])
         log(f"epoch {epoch}: top-1 {test_stats['acc1']:.2f}% (best {max_accuracy:.2f}%)")
         if model_ema is not None:
-            ema_stats = evaluate(loader_val, model_ema.module, device, amp=cfg.amp, print_freq=cfg.log_period,
+            ema_device = next(model_ema.module.parameters()).device  # the CPU with --model-ema-force-cpu
+            ema_stats = evaluate(loader_val, model_ema.module, ema_device, amp=cfg.amp, print_freq=cfg.log_period,
                                  print_fn=log, header="Test (EMA):")
             test_stats.update({"ema_acc1": ema_stats["acc1"], "ema_acc5": ema_stats["acc5"]})
         if out and is_main_process():

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Tuple
 
 import torch
 
-from utils import UserError, _atomic_write, cli_entry
+from utils import Parser, UserError, _atomic_write, cli_entry
 
 if TYPE_CHECKING:
     from models import DeiTArch, DeployDeiT
@@ -102,7 +102,7 @@ def export(model: "DeployDeiT", arch: "DeiTArch", fmt: str, out: str, opset: int
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = Parser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="main.py's checkpoint_pruned_00.pth or main_deploy.py's checkpoint.pth")
     parser.add_argument("--format", required=True, choices=FORMATS)

@@ -12,7 +12,6 @@ attention 2 * h * N^2 * head_dim for q k^T and attn v plus h * N^2 for the softm
 Run `python -m pruning.flops --model deit_base_patch16_224 [--mask FILE]` to print the
 table before/after pruning.
 """
-import argparse
 import sys
 from typing import Dict, List, Optional
 
@@ -23,7 +22,7 @@ from models import arch_of, gated_name_of, list_models
 from models.deit_deploy import AttentionCore, DeployDeiT
 from pruning.deploy import deploy_structure
 from pruning.mask import PruneMask
-from utils import UserError, cli_entry
+from utils import Parser, UserError, cli_entry
 
 
 def analytic_macs(arch: DeiTArch, width: Optional[int] = None, heads: Optional[List[int]] = None,
@@ -141,7 +140,7 @@ def arch_for_mask(name: str, mask: Optional[PruneMask], img_size: Optional[int] 
 
 
 def _main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Print FLOPs (MACs) and params of a DeiT before/after pruning.")
+    parser = Parser(description="Print FLOPs (MACs) and params of a DeiT before/after pruning.")
     parser.add_argument("--model", default="deit_base_patch16_224", help="gated or _deploy model name")
     parser.add_argument("--mask", default="", help="mask JSON or gated checkpoint (checkpoint_pruned_00.pth)")
     parser.add_argument("--input-size", type=int, default=None,

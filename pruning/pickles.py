@@ -30,7 +30,8 @@ def save_pickles(output_dir: str, method: int, criteria: Dict[str, torch.Tensor]
         output_dir: the directory (created when missing).
         method: the pruning method the criteria were computed with.
         criteria: as returned by `PruningScorer.finalize`.
-        interactions: C, or None to write no hessian.pickle.
+        interactions: C, or None to write no hessian.pickle (and to remove an earlier run's, which
+            `--pruning_pickle_from` would otherwise pair with these criteria).
 
     Returns:
         the paths written.
@@ -38,6 +39,8 @@ def save_pickles(output_dir: str, method: int, criteria: Dict[str, torch.Tensor]
     arrays = {criteria_filename(method, layer): criteria[c] for layer, c in enumerate(COMPONENTS)}
     if interactions is not None:
         arrays[HESSIAN_FILE] = interactions
+    elif os.path.isfile(os.path.join(output_dir, HESSIAN_FILE)):
+        os.remove(os.path.join(output_dir, HESSIAN_FILE))
     paths = []
     for name, value in arrays.items():
         paths.append(os.path.join(output_dir, name))

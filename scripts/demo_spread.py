@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils import UserError, atomic_write_json, atomic_write_text, cli_entry, environment_line  # noqa: E402
+from utils import Parser, UserError, atomic_write_json, atomic_write_text, cli_entry, environment_line  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # summary.json key -> label, in the order of the demo's table
@@ -40,7 +40,7 @@ METRICS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one demo run per seed (default: 0 1 2)")
     p.add_argument("--output_dir", default="output/demo_spread", help="the runs' folders: {output_dir}/seed{S}")
     p.add_argument("--out", default="output/demo_spread/demo_spread.md",

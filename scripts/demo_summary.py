@@ -7,7 +7,6 @@ missing or disagree) with the project's own `engine.evaluate`, counts FLOPs with
 `pruning.flops` and times inference with `engine.measure_throughput`, then prints
 the table and writes it to `{output_dir}/summary.md`.
 """
-import argparse
 import json
 import os
 import sys
@@ -22,7 +21,7 @@ from models import DeployDeiT, arch_of, gated_name_of  # noqa: E402
 from pruning.deploy import deploy_structure, load_masked_model  # noqa: E402
 from pruning.flops import mask_macs, mask_params  # noqa: E402
 from pruning.mask import PruneMask  # noqa: E402
-from utils import (UserError, atomic_write_json, atomic_write_text, cli_entry, environment_line,  # noqa: E402
+from utils import (Parser, UserError, atomic_write_json, atomic_write_text, cli_entry, environment_line,  # noqa: E402
                    load_torch_file, state_dict_of)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +91,7 @@ def spread_lines(summary: dict, path: str) -> list:
 
 @cli_entry
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="", help="gated model name (default: the one the runs recorded)")
     parser.add_argument("--output_dir", default="output/demo")
     parser.add_argument("--batch-sizes", default="1,32", help="throughput batch sizes")

@@ -316,9 +316,8 @@ def test_logs_text_json_lines_tensorboard_and_checkpoint(tmp_path):
 def test_single_process_helpers_without_launcher(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
-    ns = make_args()
-    init_distributed_mode(ns)
-    assert (ns.distributed, ns.rank, ns.world_size) == (False, 0, 1)
+    dist_cfg = init_distributed_mode("cpu")
+    assert (dist_cfg.distributed, dist_cfg.rank, dist_cfg.world_size, dist_cfg.backend) == (False, 0, 1, None)
     t = torch.tensor([2.0])
     assert all_reduce_sum(t) is t and t.item() == 2.0
 
@@ -336,7 +335,7 @@ def _two_rank_worker(rank, port, model_path, out_dir):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     ns = make_args("--dist-eval")
-    init_distributed_mode(ns)
+    dist_cfg = init_distributed_mode(ns.device, ns.dist_url)
     try:
         total = all_reduce_sum(torch.tensor([float(rank + 1)])).item()
         meter = SmoothedValue()
@@ -348,7 +347,7 @@ def _two_rank_worker(rank, port, model_path, out_dir):
         model = create_model("deit_test_patch8_32", num_classes=10)
         model.load_state_dict(torch.load(model_path))
         result = evaluate(loader_val, model, CPU, print_fn=_quiet)
-        record = dict(rank=ns.rank, world=ns.world_size, backend=ns.dist_backend, total=total,
+        record = dict(rank=dist_cfg.rank, world=dist_cfg.world_size, backend=dist_cfg.backend, total=total,
                       meter=[meter.count, meter.global_avg], result=result, val_len=len(loader_val.sampler),
                       train_indices=list(loader_train.sampler))
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

@@ -1,6 +1,8 @@
 """torch.distributed plumbing: joining the launcher's process group, rank helpers, barrier,
 a sum all-reduce that also takes CPU tensors under nccl, and leaving the group."""
 import os
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -33,20 +35,32 @@ def barrier() -> None:
             dist.barrier()
 
 
-def init_distributed_mode(args) -> None:
+@dataclass(frozen=True)
+class DistributedConfig:
+    """The process group this process joined (or a single process)."""
+
+    distributed: bool = False
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: Optional[str] = None
+    device: str = "cpu"  # pinned to cuda:{local_rank} on CUDA
+
+
+def init_distributed_mode(device: str, dist_url: str = "env://", local_rank: Optional[int] = None
+                          ) -> DistributedConfig:
     """Join the process group described by the launcher's environment.
 
     torchrun and `torch.distributed.launch --use_env` set RANK, WORLD_SIZE and
     LOCAL_RANK (plus MASTER_ADDR/MASTER_PORT for `--dist_url env://`); the old
     launcher without `--use_env` passes `--local-rank` instead of LOCAL_RANK.
-    Without RANK/WORLD_SIZE the run is single-process.
-
-    Sets on `args`: `distributed` (bool), `rank`, `world_size`, `gpu` (local rank),
-    `dist_backend` ('nccl' on CUDA, 'gloo' on CPU) and, on CUDA, pins
-    `args.device` to `cuda:{local_rank}`.
+    Without RANK/WORLD_SIZE the run is single-process. On CUDA the process is pinned to
+    `cuda:{local_rank}` and uses nccl; on CPU, gloo.
 
     Args:
-        args: namespace with `device`, `dist_url` and optionally `local_rank`.
+        device: `--device` (cuda, cuda:N or cpu).
+        dist_url: `--dist_url`.
+        local_rank: `--local-rank` of the old launcher (LOCAL_RANK wins when set).
 
     Raises:
         UserError: CUDA requested but absent, too few GPUs for the local rank,
@@ -54,38 +68,30 @@ def init_distributed_mode(args) -> None:
     """
     env = os.environ
     if "RANK" not in env or "WORLD_SIZE" not in env:
-        args.distributed = False
-        args.rank, args.world_size, args.gpu = 0, 1, 0
-        args.dist_backend = None
-        return
-    args.rank = int(env["RANK"])
-    args.world_size = int(env["WORLD_SIZE"])
-    local_rank = env.get("LOCAL_RANK")
-    if local_rank is None:
-        local_rank = getattr(args, "local_rank", None)
-    args.gpu = int(local_rank) if local_rank is not None else 0
-    device = torch.device(args.device)
-    if device.type == "cuda":
+        return DistributedConfig(device=str(device))
+    rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+    local = env.get("LOCAL_RANK", local_rank)
+    local = int(local) if local is not None else 0
+    if torch.device(device).type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
-        if args.gpu >= torch.cuda.device_count():
-            err = UserError(f"local rank {args.gpu} has no GPU: only {torch.cuda.device_count()} visible")
+            raise UserError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        if local >= torch.cuda.device_count():
+            err = UserError(f"local rank {local} has no GPU: only {torch.cuda.device_count()} visible")
             err.rank_specific = True
             raise err
-        torch.cuda.set_device(args.gpu)
-        args.device = f"cuda:{args.gpu}"
-        args.dist_backend = "nccl"
+        torch.cuda.set_device(local)
+        device, backend = f"cuda:{local}", "nccl"
     else:
-        args.dist_backend = "gloo"
-    dist_url = getattr(args, "dist_url", "env://") or "env://"
+        backend = "gloo"
+    dist_url = dist_url or "env://"
     if dist_url.startswith("env://"):
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
         if missing:
             raise UserError(f"--dist_url env:// needs {' and '.join(missing)} in the environment (torchrun sets them)")
-    dist.init_process_group(backend=args.dist_backend, init_method=dist_url,
-                            world_size=args.world_size, rank=args.rank)
-    args.distributed = True
+    dist.init_process_group(backend=backend, init_method=dist_url, world_size=world_size, rank=rank)
     barrier()
+    return DistributedConfig(distributed=True, rank=rank, world_size=world_size, local_rank=local, backend=backend,
+                             device=str(device))
 
 
 def cleanup_distributed() -> None:

@@ -1,4 +1,5 @@
 """User errors and the entry-point wrapper that prints them as one line with exit code 2."""
+import argparse
 import functools
 import os
 import re
@@ -58,3 +59,16 @@ def cli_entry(main_fn: Callable[[], Any]) -> Callable[[], Any]:
             sys.exit(2)
 
     return wrapper
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, `error: --flag: ...`, and exit status 2."""
+
+    def error(self, message: str):
+        # argparse says "argument --x: must be ..."; we say "--x must be ..." (the flag, then what was expected)
+        named = re.match(r"argument (\S+): (must be .*)", message)
+        if named:
+            message = f"{named.group(1)} {named.group(2)}"
+        elif message.startswith("argument "):
+            message = message[len("argument "):]
+        self.exit(2, f"error: {message}\n")
