@@ -1,7 +1,7 @@
-"""Training and evaluation loops (`engine.loops`), the fine-tuning loop (`engine.fit`) and throughput
+"""Training and evaluation loops (`engine.loops`), the fine-tuning loop (`engine.training`) and throughput
 measurement (`engine.throughput`)."""
 from engine.loops import NonFiniteLossError, all_ranks_finite, evaluate, make_loss_scaler, train_one_epoch
-from engine.fit import BEST_CHECKPOINT, LAST_CHECKPOINT, TrainConfig, ema_horizon_note, fit
+from engine.training import BEST_CHECKPOINT, LAST_CHECKPOINT, TrainConfig, ema_horizon_note, fit
 from engine.throughput import measure_throughput
 
 __all__ = ["BEST_CHECKPOINT", "LAST_CHECKPOINT", "NonFiniteLossError", "TrainConfig", "all_ranks_finite",

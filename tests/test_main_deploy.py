@@ -194,10 +194,10 @@ import os, sys
 import torch
 import torch.distributed as dist
 sys.path.insert(0, {repo!r})
-import engine.fit
+import engine.training
 import main_deploy
 
-real_evaluate = engine.fit.evaluate
+real_evaluate = engine.training.evaluate
 
 
 def spy_evaluate(loader, model, device, *args, header="Test:", **kwargs):
@@ -210,7 +210,7 @@ def spy_evaluate(loader, model, device, *args, header="Test:", **kwargs):
     return stats
 
 
-engine.fit.evaluate = spy_evaluate  # the training loop, engine.fit.fit, evaluates each epoch
+engine.training.evaluate = spy_evaluate  # the training loop, engine.fit, evaluates each epoch
 main_deploy.main(main_deploy.get_args_parser().parse_args())
 """
 
