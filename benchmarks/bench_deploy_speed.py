@@ -260,6 +260,9 @@ def ort_session(model: torch.nn.Module, arch, threads: int, path: str):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # no busy-waiting between runs: ORT's idle worker threads would otherwise spin on the cores
+    # while the PyTorch model of the same process is timed
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
