@@ -86,6 +86,7 @@ def _epochs(folder) -> list:
 # main_deploy.py: --auto_resume, refusal, --overwrite
 # ---------------------------------------------------------------------------
 
+@pytest.mark.e2e  # subprocess runs: seconds
 def test_auto_resume_starts_then_resumes_and_a_plain_run_is_refused(tmp_path, capsys):
     out = tmp_path / "ft"
     # nothing there yet: starts from epoch 0 and says so
@@ -213,6 +214,7 @@ _atomic_write(os.path.join({out!r}, "checkpoint_pruned_00.pth"), outer)
 """
 
 
+@pytest.mark.e2e  # subprocess runs: seconds
 def test_stale_temp_files_of_a_killed_writer_are_removed_and_nothing_else(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -350,6 +352,7 @@ def test_flops_cli_flags(argv, words, capsys):
     assert exit_.value.code == 2 and all(w in line for w in words), line
 
 
+@pytest.mark.e2e  # subprocess runs: seconds
 def test_flops_cli_input_size_zero_on_the_command_line():
     proc = _run(["-m", "pruning.flops", "--input-size", "0"], timeout=120)
     assert proc.returncode == 2
