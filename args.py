@@ -31,7 +31,7 @@ import torch
 from datasets import DataConfig, MixupConfig
 from engine import TrainConfig
 from losses import DistillConfig
-from models import arch_of, gated_name_of, list_models
+from models import arch_of, is_prunable
 from pruning.search import SearchOptions
 from utils import DistributedConfig, UserError, init_distributed_mode
 
@@ -283,7 +283,7 @@ def reference_warnings(ns: argparse.Namespace, flags: List[ReferenceFlag]) -> Li
 
 FLAG_OF_FIELD: Dict[str, str] = {
     "finetune": "--finetune", "masked_model": "--masked_model", "resume": "--resume",
-    "teacher_path": "--teacher-path", "data_path": "--data-path", "pruning_pickle_from": "--pruning_pickle_from",
+    "model": "--model", "teacher_path": "--teacher-path", "data_path": "--data-path", "pruning_pickle_from": "--pruning_pickle_from",
 }
 
 
@@ -331,7 +331,7 @@ def check_common(ns: argparse.Namespace) -> None:
     Raises:
         UserError: the first bad combination found, naming the flags.
     """
-    if gated_name_of(ns.model) in list_models():  # an unknown model is reported by the script's own check
+    if is_prunable(ns.model):  # an unknown or unsupported model is reported by the script's own check
         patch = arch_of(ns.model).patch_size
         _check(ns.input_size % patch == 0,
                f"--input-size {ns.input_size} is not a multiple of the patch size {patch} of --model {ns.model}")

@@ -23,9 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from models import DeployDeiT, arch_of, create_model, is_project_model
+from models import arch_of, build_deploy_model, create_model, is_prunable
 from models.loading import _is_gate_key
-from pruning.deploy import deploy_state_dict, deploy_structure, recorded_arch
+from models.slicing import deploy_state_dict
+from pruning.deploy import recorded_arch
 from pruning.mask import PruneMask
 from utils import UserError, check_keys, load_torch_file, state_dict_of
 
@@ -157,11 +158,11 @@ def _classifier_key(model: nn.Module) -> Optional[str]:
 
 
 def _plain_teacher(model_name: str, checkpoint, state: dict, num_classes: int, path: str):
-    """(teacher model, its state dict). Teachers are never gated: a project DeiT name builds
-    the plain DeiT (timm's key names); a gated checkpoint (main.py's) is sliced to its deploy
+    """(teacher model, its state dict). Teachers are never gated: a prunable ViT name builds
+    the plain ViT (timm's key names); a gated checkpoint (main.py's) is sliced to its deploy
     model and a fine-tuned pruned checkpoint (main_deploy.py's) gets its mask's structure
     (and the input size the checkpoint records)."""
-    if not is_project_model(model_name):
+    if not is_prunable(model_name):
         return create_model(model_name, num_classes=num_classes), state
     recorded = recorded_arch(checkpoint, path)  # our checkpoints record the input size they were made for
     arch = arch_of(model_name, num_classes=num_classes, img_size=recorded.img_size if recorded else None)
@@ -176,8 +177,8 @@ def _plain_teacher(model_name: str, checkpoint, state: dict, num_classes: int, p
         except UserError as err:
             raise UserError(f"--teacher-path {path!r} does not fit --teacher-model {model_name}: {err}") from None
         if any(_is_gate_key(k) for k in state):
-            state = deploy_state_dict(mask, state)
-    return DeployDeiT(arch, **(deploy_structure(mask) if mask is not None else {})), state
+            return build_deploy_model(arch, mask), deploy_state_dict(mask, state, arch)
+    return build_deploy_model(arch, mask), state
 
 
 def build_teacher(model_name: str, path: str, num_classes: int, device: torch.device,
@@ -185,7 +186,7 @@ def build_teacher(model_name: str, path: str, num_classes: int, device: torch.de
     """The distillation teacher: built by name, loaded from `path`, frozen, in eval mode, on `device`.
 
     Args:
-        model_name: any name `models.create_model` resolves (timm's `regnety_160`, a project DeiT
+        model_name: any name `models.create_model` resolves (timm's `regnety_160`, a prunable ViT
             name such as `deit_tiny_patch16_224`, built ungated: see `_plain_teacher`).
         path: a state dict or `{'model': state_dict}` file.
         num_classes: the data set's class count; the teacher must predict as many.

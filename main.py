@@ -24,7 +24,7 @@ from args import (WORLD_SIZE, DistributedConfig, ModelConfig, PruneConfig, Refer
 from datasets import DataConfig, MixupConfig, build_dataset, build_loaders, build_mixup
 from engine import evaluate
 from losses import build_base_criterion
-from models import arch_of, create_model, gated_name_of, is_deploy_name, list_models
+from models import arch_of, build_deploy_model, create_model, is_deploy_name
 from models.loading import load_pretrained
 from pruning.deploy import deploy_structure
 from pruning.feed import feed_batches
@@ -114,9 +114,10 @@ def check_pruning_flags(ns) -> None:
     if ns.resume:
         raise UserError("--resume: main.py prunes in one pass and has nothing to resume; "
                         "resume fine-tuning with main_deploy.py --resume")
-    if is_deploy_name(ns.model) or gated_name_of(ns.model) not in list_models():
-        raise UserError(f"--model {ns.model!r}: main.py prunes a gated DeiT; choose from "
-                        f"{', '.join(n for n in list_models() if not is_deploy_name(n))}")
+    if is_deploy_name(ns.model):
+        raise UserError(f"--model {ns.model!r}: main.py prunes a gated model; drop the '_deploy' suffix")
+    with naming("model"):
+        arch_of(ns.model)  # one line for a model SAViT cannot prune, before any data is read
     if ns.pruning_pickle_from and not os.path.isdir(ns.pruning_pickle_from):
         raise UserError(f"--pruning_pickle_from: not a directory: {ns.pruning_pickle_from!r}")
 
@@ -232,8 +233,7 @@ def run_pruning(cfg: PruneRun, model, dataset_train, num_classes, device, log, p
         log(line)
     for line in format_table(arch, mask):
         log(line)
-    deploy = create_model(gated_name_of(cfg.model.name) + "_deploy", num_classes=num_classes,
-                          img_size=cfg.model.input_size, mask=mask)
+    deploy = build_deploy_model(arch, mask)
     counted = ptflops_macs(deploy.eval(), arch)
     before = mask_macs(arch)["total"]
     achieved = 1 - counted["total"] / before

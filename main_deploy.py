@@ -29,7 +29,7 @@ from args import (WORLD_SIZE, DistributedConfig, ModelConfig, ReferenceFlag, Run
 from datasets import DataConfig, build_dataset, build_loaders
 from engine import LAST_CHECKPOINT, TrainConfig, evaluate, fit, measure_throughput
 from losses import build_teacher
-from models import DeployDeiT, arch_of, gated_name_of, is_deploy_name, list_models
+from models import arch_of, build_deploy_model, gated_name_of, is_deploy_name
 from models.loading import load_pretrained
 from pruning.deploy import deploy_structure, load_masked_model
 from pruning.flops import ptflops_macs
@@ -89,9 +89,11 @@ def resolve_auto_resume(ns) -> str:
 
 def check_deploy_flags(ns, resume: str) -> None:
     """Checks of main_deploy.py's own flags that need no file to be read."""
-    if not is_deploy_name(ns.model) or gated_name_of(ns.model) not in list_models():
-        raise UserError(f"--model {ns.model!r}: main_deploy.py builds a _deploy DeiT; choose from "
-                        f"{', '.join(n for n in list_models() if is_deploy_name(n))}")
+    if not is_deploy_name(ns.model):
+        raise UserError(f"--model {ns.model!r}: main_deploy.py builds a deploy model; add the '_deploy' suffix "
+                        f"(e.g. {ns.model}_deploy)")
+    with naming("model"):
+        arch_of(ns.model)  # one line for a model SAViT cannot prune, before any data is read
     for flag, path in (("--resume", resume), ("--masked_model", ns.masked_model), ("--finetune", ns.finetune)):
         if path and not os.path.isfile(path):
             raise UserError(f"{flag}: file not found: {path!r}")
@@ -137,10 +139,10 @@ def build_student(cfg: DeployRun, arch, resume_checkpoint):
         mask = PruneMask.from_dict(resume_checkpoint["mask"], source=run.resume)
         with naming("resume", f" (with --model {name})"):
             mask.check_fits(arch)
-        model = DeployDeiT(arch, **deploy_structure(mask))
+        model = build_deploy_model(arch, mask)
     else:
         mask = PruneMask.full(arch, model=gated_name_of(name))
-        model = DeployDeiT(arch)
+        model = build_deploy_model(arch)
         if run.finetune:
             with naming("finetune"):
                 load_pretrained(model, run.finetune, trust=run.trust_checkpoint)
@@ -165,7 +167,7 @@ def start_afresh(out: str, log) -> None:
 
 def log_complexity(model, arch, mask, log) -> dict:
     """ptflops count of the deploy model next to the unpruned model's; returns the numbers."""
-    full = ptflops_macs(DeployDeiT(arch).eval(), arch)
+    full = ptflops_macs(build_deploy_model(arch).eval(), arch)
     ours = ptflops_macs(model, arch)
     kept, total = mask.kept_counts(), mask.total_counts()
     log(f"unpruned model: {full['total'] / 1e9:.4f} GMACs, {full['params'] / 1e6:.3f} M params")
@@ -178,7 +180,7 @@ def log_complexity(model, arch, mask, log) -> dict:
 
 def run_throughput(cfg: DeployRun, model, arch, complexity, device, log) -> None:
     """Images/s of the unpruned and the deploy model side by side: inference, then a training step."""
-    unpruned = DeployDeiT(arch)
+    unpruned = build_deploy_model(arch)
     batch = cfg.data.batch_size
     for train_step, kind in ((False, "inference"), (True, "training step")):
         ips = [measure_throughput(net, batch, arch.img_size, device, train_step=train_step, amp=cfg.run.amp)

@@ -55,7 +55,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from engine import measure_throughput  # noqa: E402
-from models import arch_of, create_model, list_models  # noqa: E402
+from models import arch_of, build_deploy_model, is_prunable  # noqa: E402
 from pruning.export import DEFAULT_OPSET, export  # noqa: E402
 from pruning.flops import mask_macs, mask_params  # noqa: E402
 from pruning.mask import PruneMask  # noqa: E402
@@ -366,21 +366,21 @@ def run(args: argparse.Namespace) -> Tuple[List[dict], List[str]]:
     warnings = []
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
-        if m not in list_models() or m.endswith("_deploy"):
-            raise UserError(f"--models: {m!r} is not a gated DeiT name of this project (e.g. deit_base_patch16_224)")
+        if m.endswith("_deploy") or not is_prunable(m):
+            raise UserError(f"--models: {m!r} is not a prunable ViT name (e.g. deit_base_patch16_224)")
     plan = [(m, find_masks(args.masks_dir, m, args.masks)) for m in models]
     rows = []
     for model, masks in plan:
         arch = arch_of(model)
         with tempfile.TemporaryDirectory(prefix="bench_onnx_") as tmp:
-            unpruned = create_model(model + "_deploy").eval()
+            unpruned = build_deploy_model(arch).eval()
             sessions = {}
             if "onnxruntime" in args.runtimes:
                 print(f"{short(model)}: exporting the unpruned model to ONNX ...", flush=True)
                 sessions["unpruned"] = ort_session(unpruned, arch, args.threads, os.path.join(tmp, "unpruned.onnx"))
             unpruned = unpruned.to(device)
             for path, mask in masks:
-                pruned = create_model(model + "_deploy", mask=mask).eval()
+                pruned = build_deploy_model(arch, mask).eval()
                 if "onnxruntime" in args.runtimes:
                     sessions["pruned"] = ort_session(pruned, arch, args.threads, os.path.join(tmp, "pruned.onnx"))
                 pruned = pruned.to(device)

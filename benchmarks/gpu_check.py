@@ -392,15 +392,15 @@ def time_forward(net, batch: int, img: int, device: torch.device, bf16: bool, wa
 
 
 def worker_deploy_speed(args, cfg) -> dict:
-    from models import create_model
+    from models import build_deploy_model
     from pruning.flops import mask_macs
 
     device = torch.device(args.device)
     mask, arch = load_mask(cfg)
     flops_ratio = mask_macs(arch)["total"] / mask_macs(arch, mask)["total"]
     torch.manual_seed(0)
-    nets = {"unpruned": create_model(cfg["model"] + "_deploy").eval().to(device),
-            "pruned": create_model(cfg["model"] + "_deploy", mask=mask).eval().to(device)}
+    nets = {"unpruned": build_deploy_model(arch).eval().to(device),
+            "pruned": build_deploy_model(arch, mask).eval().to(device)}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
     rows = []

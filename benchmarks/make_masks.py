@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from models import arch_of  # noqa: E402
-from models.deit_base import DeiTArch  # noqa: E402
+from models.vit_arch import ViTArch  # noqa: E402
 from pruning.flops import mask_macs  # noqa: E402
 from pruning.mask import PruneMask  # noqa: E402
 from pruning.pickles import load_pickles  # noqa: E402
@@ -87,7 +87,7 @@ def main_py_command(model: str, target: float, output_dir: str, batch_size: int,
             "--finetune_op", "2", "--seed", str(seed), "--pruning_silent", "--output_dir", output_dir]
 
 
-def paper_counts_mask(criteria: Dict[str, "np.ndarray"], arch: DeiTArch, counts: Dict[str, int],
+def paper_counts_mask(criteria: Dict[str, "np.ndarray"], arch: ViTArch, counts: Dict[str, int],
                       model: str) -> PruneMask:
     """Prune exactly `counts` units per component, lowest criteria first (one threshold per component).
 
@@ -116,11 +116,11 @@ def same_units(a: PruneMask, b: PruneMask) -> bool:
     return {k: v for k, v in da.items() if k not in skip} == {k: v for k, v in db.items() if k not in skip}
 
 
-def reduction(mask: PruneMask, arch: DeiTArch) -> float:
+def reduction(mask: PruneMask, arch: ViTArch) -> float:
     return 1.0 - mask_macs(arch, mask)["total"] / mask_macs(arch)["total"]
 
 
-def aligned_paper_mask(criteria: Dict[str, "np.ndarray"], arch: DeiTArch, counts: Dict[str, int], n: int,
+def aligned_paper_mask(criteria: Dict[str, "np.ndarray"], arch: ViTArch, counts: Dict[str, int], n: int,
                        model: str) -> PruneMask:
     """The paper-counts mask with widths aligned to multiples of `n` by the search's rounding step.
 
@@ -150,7 +150,7 @@ def widths(mask: PruneMask) -> str:
     return f"width {len(mask.embed)}, MLP widths {{{', '.join(map(str, mlp))}}}"
 
 
-def describe(mask: PruneMask, arch: DeiTArch) -> str:
+def describe(mask: PruneMask, arch: ViTArch) -> str:
     """One line: pruned/total units per component and the FLOPs reduction."""
     kept, total = mask.kept_counts(), mask.total_counts()
     before, after = mask_macs(arch)["total"], mask_macs(arch, mask)["total"]

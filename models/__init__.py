@@ -1,11 +1,11 @@
-"""Models: gated DeiTs (for pruning), deploy DeiTs (physically pruned), and timm's others."""
-from models.deit_base import DeiTArch
-from models.deit_deploy import DeployDeiT
-from models.deit_gated import GatedDeiT
-from models.registry import create_model, is_project_model, list_models, register_model
-from models import variants  # noqa: F401  (registers the named architectures)
-from models.variants import arch_of, gated_name_of, is_deploy_name
+"""Models: gated ViTs (for pruning), deploy ViTs (physically pruned), and timm's others."""
+from models.vit_arch import ViTArch
+from models.vit_deploy import DeployViT
+from models.vit_gated import GatedViT
+from models.build import build_deploy_model
+from models.registry import (TEST_CONFIGS, arch_of, create_model, gated_name_of, is_deploy_name, is_prunable,
+                             list_models)
 from models.pruned import load_pruned
 
-__all__ = ["DeiTArch", "DeployDeiT", "GatedDeiT", "create_model", "is_project_model", "list_models",
-           "register_model", "arch_of", "gated_name_of", "is_deploy_name", "load_pruned"]
+__all__ = ["ViTArch", "DeployViT", "GatedViT", "build_deploy_model", "TEST_CONFIGS", "arch_of", "create_model",
+           "gated_name_of", "is_deploy_name", "is_prunable", "list_models", "load_pruned"]

@@ -1,5 +1,7 @@
-"""Loading DeiT weights from files (official DeiT/timm checkpoints, our own, the reference's)."""
+"""Loading ViT weights from files: timm state dicts and `.safetensors` files, official DeiT and
+DeiT III checkpoints, this project's checkpoints and the reference's."""
 import logging
+import re
 from typing import Dict
 
 import torch
@@ -10,37 +12,61 @@ from utils import UserError, check_keys, load_torch_file, state_dict_of
 
 logger = logging.getLogger(__name__)
 
+PREFIX_TOKENS = ("cls_token", "dist_token", "reg_token")
+
 
 def _is_gate_key(key: str) -> bool:
     return key.endswith(("attn_gate.weight", "hidden_gate1.weight", "res_gate.weight"))
 
 
+def _timm_names(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Keys as timm names them: no DDP `module.` prefix; the official DeiT III repository's
+    `blocks.N.gamma_1` / `gamma_2` are timm's `blocks.N.ls1.gamma` / `ls2.gamma`."""
+    out = {}
+    for key, value in sd.items():
+        key = key[len("module."):] if key.startswith("module.") else key
+        key = re.sub(r"^(blocks\.\d+)\.gamma_([12])$", r"\1.ls\2.gamma", key)
+        out[key] = value
+    return out
+
+
+def _prefix_tokens(sd: Dict[str, torch.Tensor]) -> Dict[str, int]:
+    return {t: int(sd[t].shape[1]) for t in PREFIX_TOKENS if t in sd and sd[t] is not None}
+
+
+def _resample_pos_embed(sd: Dict[str, torch.Tensor], model: nn.Module, path: str) -> None:
+    pos, own = sd["pos_embed"], model.state_dict()["pos_embed"]
+    arch = model.arch
+    if pos.shape[-1] != own.shape[-1]:
+        raise UserError(f"checkpoint {path!r}: pos_embed width {pos.shape[-1]} does not match the model's "
+                        f"{own.shape[-1]} (another model size?)")
+    prefix = arch.num_pos_tokens - arch.num_patches  # prefix rows inside pos_embed (0 with no_embed_class)
+    side = int(round((pos.shape[1] - prefix) ** 0.5))
+    if side * side != pos.shape[1] - prefix:
+        raise UserError(f"checkpoint {path!r}: pos_embed has {pos.shape[1] - prefix} patch rows, not a square grid "
+                        f"(a model with other prefix tokens, or no_embed_class where the model has none?)")
+    grid = arch.img_size // arch.patch_size
+    # DeiT's fine-tuning recipe: plain bicubic, align_corners=False, no antialiasing
+    # (timm's default antialias=True gives other values, even when upsampling)
+    sd["pos_embed"] = resample_abs_pos_embed(pos, [grid, grid], num_prefix_tokens=prefix, antialias=False)
+    logger.info("resampled pos_embed %s -> %s (bicubic, prefix tokens kept)", tuple(pos.shape),
+                tuple(sd["pos_embed"].shape))
+
+
 def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, path: str = "") -> Dict[str, torch.Tensor]:
-    """Fit a DeiT state dict to `model`: resample `pos_embed` to its patch grid, drop a
-    classifier of another shape, fill absent gates with the model's own (all ones)."""
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    """Fit a ViT state dict to `model`: timm's key names, `pos_embed` resampled to its patch grid,
+    a classifier of another shape dropped (logged), absent gates filled with the model's own (all ones)."""
+    sd = _timm_names(state_dict)
     own = model.state_dict()
-    pos = sd.get("pos_embed")
-    if pos is not None and "pos_embed" in own and pos.shape != own["pos_embed"].shape:
-        prefix = model.arch.num_prefix_tokens
-        grid = model.arch.img_size // model.arch.patch_size
-        if pos.shape[-1] != own["pos_embed"].shape[-1]:
-            raise UserError(f"checkpoint {path!r}: pos_embed width {pos.shape[-1]} does not match the model's "
-                            f"{own['pos_embed'].shape[-1]} (another DeiT size?)")
-        theirs = 2 if "dist_token" in sd else 1
-        if theirs != prefix:
-            kind = {1: "a plain DeiT (no distillation token)", 2: "a distilled DeiT (with a distillation token)"}
-            raise UserError(f"checkpoint {path!r} is {kind[theirs]} but the model is {kind[prefix]}: "
-                            f"choose the matching model name")
-        side = int(round((pos.shape[1] - prefix) ** 0.5))
-        if side * side != pos.shape[1] - prefix:
-            raise UserError(f"checkpoint {path!r}: pos_embed has {pos.shape[1] - prefix} patch tokens, "
-                            f"not a square grid")
-        # DeiT's fine-tuning recipe: plain bicubic, align_corners=False, no antialiasing
-        # (timm's default antialias=True gives other values, even when upsampling)
-        sd["pos_embed"] = resample_abs_pos_embed(pos, [grid, grid], num_prefix_tokens=prefix, antialias=False)
-        logger.info("resampled pos_embed %s -> %s (bicubic, prefix tokens kept)", tuple(pos.shape),
-                    tuple(sd["pos_embed"].shape))
+    theirs, ours = _prefix_tokens(sd), _prefix_tokens(own)
+    if "pos_embed" in sd and theirs != ours:
+        def describe(tokens):
+            return ", ".join(f"{n} {t}" for t, n in tokens.items()) or "no prefix tokens"
+
+        raise UserError(f"checkpoint {path!r} has {describe(theirs)} but the model has {describe(ours)}: "
+                        f"choose the model name that matches the checkpoint")
+    if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
+        _resample_pos_embed(sd, model, path)
     for head in ("head", "head_dist"):
         w = sd.get(head + ".weight")
         if w is not None and head + ".weight" in own and w.shape != own[head + ".weight"].shape:
@@ -57,9 +83,10 @@ def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, path
 
 
 def load_pretrained(model: nn.Module, path: str, trust: bool = False) -> Dict[str, torch.Tensor]:
-    """Load a DeiT checkpoint file (a state dict or {'model': state_dict}) into `model`.
+    """Load a ViT checkpoint file into `model`: a state dict, {'model': state_dict}, or a timm
+    `.safetensors` file.
 
-    `trust` (`--trust_checkpoint`) allows a file that needs full unpickling.
+    `trust` (`--trust_checkpoint`) allows a torch file that needs full unpickling.
     Returns the adapted state dict that was loaded.
     """
     checkpoint = load_torch_file(path, "--finetune checkpoint", trust=trust)

@@ -1,4 +1,4 @@
-"""`load_pruned`: the ready physically pruned DeiT from one self-describing file, no flags.
+"""`load_pruned`: the ready physically pruned ViT from one self-describing file, no flags.
 
 The file is main.py's `checkpoint_pruned_00.pth` (gated weights with 0/1 gates: sliced here),
 main_deploy.py's `checkpoint.pth` / `best_checkpoint.pth` (deploy weights) or its
@@ -14,10 +14,11 @@ from typing import Optional
 
 import torch
 
-from models.deit_base import DeiTArch
-from models.deit_deploy import DeployDeiT
-from models.deit_gated import GatedDeiT
-from models.slicing import deploy_state_dict, deploy_structure
+from models.build import build_deploy_model
+from models.slicing import deploy_structure
+from models.vit_arch import ViTArch
+from models.vit_deploy import DeployViT
+from models.vit_gated import GatedViT
 from utils import CHECKPOINT_FORMAT_VERSION, SAFETENSORS_FORMAT, UserError, check_keys
 
 GATE_KEY = "res_gate.weight"  # present in gated weights only (the shared embedding gate)
@@ -74,7 +75,7 @@ def _int_list(value, length: int, high: int, what: str) -> list:
     return value
 
 
-def _mask_lists(d, arch: DeiTArch, path: str) -> SimpleNamespace:
+def _mask_lists(d, arch: ViTArch, path: str) -> SimpleNamespace:
     """The kept-unit lists of a recorded mask, checked against `arch` (what the slicing reads)."""
     where = f"checkpoint {path!r}: 'mask' entry"
     if not isinstance(d, dict) or not all(isinstance(d.get(k), list) for k in ("heads", "mlp", "embed")):
@@ -93,7 +94,7 @@ def _mask_lists(d, arch: DeiTArch, path: str) -> SimpleNamespace:
                            num_heads=arch.num_heads, head_dim=arch.head_dim)
 
 
-def _structure(checkpoint: dict, arch: DeiTArch, mask: Optional[SimpleNamespace], path: str) -> dict:
+def _structure(checkpoint: dict, arch: ViTArch, mask: Optional[SimpleNamespace], path: str) -> dict:
     """The recorded structure (checked), or the mask's for files written before it was recorded."""
     s = checkpoint.get("structure")
     if s is None:  # written before the structure was recorded (the mask is there: checked by the caller)
@@ -109,7 +110,7 @@ def _structure(checkpoint: dict, arch: DeiTArch, mask: Optional[SimpleNamespace]
     return structure
 
 
-def load_pruned(path: str) -> DeployDeiT:
+def load_pruned(path: str) -> DeployViT:
     """The physically pruned DeiT (eval mode, on CPU) that a pruned file describes.
 
     Args:
@@ -117,7 +118,7 @@ def load_pruned(path: str) -> DeployDeiT:
             best_checkpoint.pth, or a .safetensors file from main_deploy.py --save_safetensors.
 
     Returns:
-        the `DeployDeiT`; `model.arch` is the unpruned architecture (class count, image size),
+        the `DeployViT`; `model.arch` is the unpruned architecture (class count, image size),
         `model.normalization` the recorded {'mean', 'std'} of its inputs (None when not recorded).
 
     Raises:
@@ -138,17 +139,17 @@ def load_pruned(path: str) -> DeployDeiT:
     if missing:
         raise UserError(f"checkpoint {path!r} has no {'/'.join(repr(k) for k in missing)} entry: expected {EXPECTED}")
     try:
-        arch = DeiTArch(**checkpoint["arch"])
+        arch = ViTArch.from_dict(checkpoint["arch"], f"checkpoint {path!r}")
     except TypeError as err:
         raise UserError(f"checkpoint {path!r}: malformed 'arch' entry ({err})") from None
     mask = _mask_lists(checkpoint["mask"], arch, path) if "mask" in checkpoint else None
     structure = _structure(checkpoint, arch, mask, path)
     if gated:  # main.py's gated model: slice the kept heads, neurons and channels
-        check_keys(state_dict, GatedDeiT(arch), path)
-        state_dict = deploy_state_dict(mask, state_dict)
-    model = DeployDeiT(arch, **structure)
-    check_keys(state_dict, model, path)
-    model.load_state_dict(state_dict, strict=True)
+        check_keys(state_dict, GatedViT(arch), path)
+        model = build_deploy_model(arch, mask, weights=state_dict)
+    else:
+        check_keys(state_dict, DeployViT(arch, **structure), path)
+        model = build_deploy_model(arch, structure=structure, deploy_weights=state_dict)
     norm = checkpoint.get("normalization")
     model.normalization = norm if isinstance(norm, dict) else None
     return model.eval()

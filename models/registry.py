@@ -1,47 +1,108 @@
-"""The project's own model registry, falling back to timm for every other name.
+"""Model names: every supported timm ViT name, the project's tiny test configurations, and
+`<name>_deploy` for the physically pruned form of each; any other timm model for teachers.
 
-The gated DeiT names (`deit_base_patch16_224`, ...) are the same as timm's, so the
-project keeps its own table instead of registering into timm's: timm's entries stay
-untouched and teachers such as `regnety_160` still come from timm.
+The architecture of a name always comes from timm's own configuration (`timm_arch`): for a
+timm name, `timm.create_model(name, pretrained=False)` on the meta device; for a tiny
+configuration, timm's `VisionTransformer` (or `VisionTransformerDistilled`) built with the
+keyword arguments below. Nothing is registered into timm.
 """
-from typing import Callable, Dict, List
+import functools
+from functools import partial
+from typing import Dict, List
 
 import timm
 import torch.nn as nn
 
+from models.build import build_deploy_model
+from models.vit_arch import ViTArch, timm_arch
+from models.vit_gated import GatedViT
 from utils import UserError
 
-_MODELS: Dict[str, Callable[..., nn.Module]] = {}
+DEPLOY_SUFFIX = "_deploy"
+
+_TINY = dict(img_size=32, patch_size=8, num_classes=10, embed_dim=64, depth=3, num_heads=4)
+# tiny configurations (head dim 16) of each family, for tests and the offline demo: timm kwargs
+TEST_CONFIGS: Dict[str, dict] = {
+    "deit_test_patch8_32": dict(_TINY),
+    "deit_test_distilled_patch8_32": dict(_TINY, distilled=True),
+    "deit_demo_patch8_32": dict(_TINY, embed_dim=96, depth=6, num_heads=6),
+    "vit_test_patch8_32": dict(_TINY),                                          # ViT (AugReg)
+    "deit3_test_patch8_32": dict(_TINY, no_embed_class=True, init_values=1e-6),  # DeiT III
+    "vit_test_reg4_gap_patch8_32": dict(_TINY, class_token=False, no_embed_class=True, global_pool="avg",
+                                        reg_tokens=4),                            # registers, avg + fc_norm
+    "vit_test_gap_patch8_32": dict(_TINY, class_token=False, global_pool="avg", fc_norm=False, qkv_bias=False,
+                                   init_values=1e-6),                             # avg pool, no fc_norm
+    "vit_test_prenorm_qknorm_patch8_32": dict(_TINY, pre_norm=True, qk_norm=True, eps=1e-5),  # CLIP-like
+}
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Decorator: register `fn` under its own name."""
-    if fn.__name__ in _MODELS:
-        raise ValueError(f"model {fn.__name__} registered twice")
-    _MODELS[fn.__name__] = fn
-    return fn
+def build_timm_test_model(name: str, **overrides) -> nn.Module:
+    """timm's own model for a tiny configuration (random weights): the reference the tests compare to."""
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
+
+    kwargs = dict(TEST_CONFIGS[name], **overrides)
+    cls = VisionTransformerDistilled if kwargs.pop("distilled", False) else VisionTransformer
+    eps = kwargs.pop("eps", None)
+    if eps is not None:
+        kwargs["norm_layer"] = partial(nn.LayerNorm, eps=eps)
+    return cls(**kwargs)
+
+
+def is_deploy_name(name: str) -> bool:
+    return name.endswith(DEPLOY_SUFFIX)
+
+
+def gated_name_of(name: str) -> str:
+    return name[: -len(DEPLOY_SUFFIX)] if is_deploy_name(name) else name
+
+
+@functools.lru_cache(maxsize=None)
+def _base_arch(name: str) -> ViTArch:
+    if name in TEST_CONFIGS:
+        return timm_arch(name, build=lambda: build_timm_test_model(name))
+    if timm.is_model(name):
+        return timm_arch(name)  # a one-line UserError for a model it cannot prune
+    raise UserError(f"unknown model {name!r}: expected a timm ViT name (e.g. vit_base_patch16_224, "
+                    f"deit_small_patch16_224, deit3_base_patch16_224) or one of {', '.join(TEST_CONFIGS)}")
+
+
+def arch_of(name: str, **kwargs) -> ViTArch:
+    """The architecture of a gated or `_deploy` name, with create_model kwargs applied.
+
+    Raises UserError, in one line, for an unknown name or a model SAViT cannot prune."""
+    return _base_arch(gated_name_of(name)).with_options(**kwargs)
+
+
+def is_prunable(name: str) -> bool:
+    try:
+        arch_of(name)
+    except UserError:
+        return False
+    return True
 
 
 def list_models() -> List[str]:
-    return sorted(_MODELS)
-
-
-def is_project_model(name: str) -> bool:
-    return name in _MODELS
+    """The tiny configurations (each also with `_deploy`); timm's ViT names work as well."""
+    return sorted(list(TEST_CONFIGS) + [n + DEPLOY_SUFFIX for n in TEST_CONFIGS])
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
-    """Build a model by name: the project's gated/deploy DeiTs first, then any timm model.
+    """Build a model by name (random weights; load weights from a file).
 
-    Timm models are built without pretrained weights (no downloads); load weights
-    from a file instead.
+    A prunable ViT name gives the gated model (`mask_aware_norm=...` allowed); `<name>_deploy`
+    the deploy model (`width`, `heads`, `hidden`: the pruned structure, unpruned without them);
+    any other timm name (teachers such as `regnety_160`) timm's model, built with pretrained=False.
     """
-    if name in _MODELS:
-        return _MODELS[name](**kwargs)
-    if name in timm.list_models():
+    gated_name = gated_name_of(name)
+    if gated_name in TEST_CONFIGS or is_prunable(gated_name):
+        if is_deploy_name(name):
+            structure = {k: kwargs.pop(k) for k in ("width", "heads", "hidden") if kwargs.get(k) is not None}
+            return build_deploy_model(arch_of(name, **kwargs), structure=structure or None)
+        mask_aware_norm = kwargs.pop("mask_aware_norm", False)
+        return GatedViT(arch_of(name, **kwargs), mask_aware_norm=mask_aware_norm)
+    if not is_deploy_name(name) and timm.is_model(name):
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         return timm.create_model(name, pretrained=False, **kwargs)
-    raise UserError(
-        f"unknown model {name!r}; this project's models are: {', '.join(list_models())} "
-        f"(any other timm model name is accepted too, e.g. regnety_160)"
-    )
+    arch_of(name)  # raises the one-line reason
+    raise AssertionError("unreachable")

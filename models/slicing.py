@@ -1,4 +1,4 @@
-"""Gated (or plain DeiT) weights -> the weights of the physically smaller DeiT (docs/METHOD.md
+"""Gated (or plain ViT) weights -> the weights of the physically smaller ViT (docs/METHOD.md
 sections 1 and 5): pure functions that slice tensors and touch no model.
 
 A mask here is anything with the lists `heads` (kept heads per block), `mlp` (kept neurons per
@@ -6,7 +6,7 @@ block) and `embed` (kept channels) and the ints `depth`, `num_heads`, `head_dim`
 `pruning.mask.PruneMask`, or the lists a checkpoint records (`models.pruned`). Kept in `models`
 so that loading a pruned file needs nothing from `pruning`.
 """
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 
@@ -27,19 +27,23 @@ def _proj_cols(heads, head_dim: int) -> Tensor:
 
 
 def deploy_structure(mask) -> dict:
-    """Kept width, heads per block and MLP neurons per block: `DeployDeiT`'s keyword arguments."""
+    """Kept width, heads per block and MLP neurons per block: `DeployViT`'s keyword arguments."""
     return {"width": len(mask.embed), "heads": [len(h) for h in mask.heads], "hidden": [len(m) for m in mask.mlp]}
 
 
-def deploy_state_dict(mask, gated: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """Slice a gated (or plain DeiT) state dict down to the kept heads, neurons and channels.
+def deploy_state_dict(mask, gated: Dict[str, Tensor], arch) -> Dict[str, Tensor]:
+    """Slice a gated (or plain timm/DeiT) ViT state dict down to the kept heads, neurons and channels.
 
     Gate entries are dropped; every other tensor keeps its key. A block branch whose
-    units are all pruned loses all its tensors (its norm included), but not its effect:
-    the gated model still adds that branch's output bias (`proj(0) = proj.bias`, and
-    `fc2(GELU(0)) = fc2.bias`). Nothing reads the residual stream between the previous
-    writer and that branch, so the bias is folded into the previous kept branch's output
-    bias (or into `pos_embed` before block 0): exact in eval mode, no extra layer.
+    units are all pruned loses all its tensors (its norm and LayerScale included), but not
+    its effect: the gated model still adds that branch's output bias times its LayerScale
+    (`proj(0) = proj.bias`, and `fc2(GELU(0)) = fc2.bias`). Nothing reads the residual
+    stream between the previous writer and that branch, so the constant is folded into the
+    previous writer: the previous kept branch's output bias (divided by its LayerScale), or
+    the embedding (`norm_pre.bias`; else `pos_embed`, and the prefix tokens when they get no
+    position embedding). Exact in eval mode, no extra layer.
+
+    `arch` is the unpruned `ViTArch` (where the embedding ends: `pre_norm`, `no_embed_class`).
     """
     e = torch.tensor(mask.embed, dtype=torch.long)
     hd, H = mask.head_dim, mask.num_heads
@@ -51,34 +55,62 @@ def deploy_state_dict(mask, gated: Dict[str, Tensor]) -> Dict[str, Tensor]:
             t = t.index_select(dim, idx)
         out[key] = t.clone()
 
-    take("patch_embed.proj.weight", {0: e})
-    take("patch_embed.proj.bias", {0: e})
-    take("cls_token", {2: e})
-    if "dist_token" in gated:
-        take("dist_token", {2: e})
-    take("pos_embed", {2: e})
-    writer = "pos_embed"  # last tensor that adds a constant to the residual stream
+    def take_if_present(key: str, dim_index: Dict[int, Tensor]) -> None:
+        if key in gated:
+            take(key, dim_index)
 
-    def fold_bias(key: str) -> None:
-        bias = gated[key].index_select(0, e).to(out[writer].dtype)
-        out[writer] = out[writer] + (bias if writer != "pos_embed" else bias.view(1, 1, -1))
+    take("patch_embed.proj.weight", {0: e})
+    take_if_present("patch_embed.proj.bias", {0: e})
+    for token in ("cls_token", "dist_token", "reg_token"):
+        take_if_present(token, {2: e})
+    take("pos_embed", {2: e})
+    if arch.pre_norm:
+        take("norm_pre.weight", {0: e})
+        take("norm_pre.bias", {0: e})
+        embedding_writers = ["norm_pre.bias"]
+    elif arch.no_embed_class:  # the prefix tokens are not covered by pos_embed
+        embedding_writers = ["pos_embed"] + [t for t in ("cls_token", "dist_token", "reg_token") if t in gated]
+    else:
+        embedding_writers = ["pos_embed"]
+    writer: Tuple[str, ...] = ("embedding",)  # (bias key, LayerScale key or absent) of the last writer
+
+    def fold_constant(bias_key: str, scale_key: str) -> None:
+        constant = gated[bias_key].index_select(0, e)
+        if scale_key in gated:
+            constant = constant * gated[scale_key].index_select(0, e)
+        if writer == ("embedding",):
+            for key in embedding_writers:
+                out[key] = out[key] + constant.to(out[key].dtype).view(*([1] * (out[key].dim() - 1)), -1)
+            return
+        target, scale = writer
+        if scale in out:  # the writer adds gamma * (W h + b): add constant / gamma to b
+            gamma = out[scale].to(torch.float64)
+            if bool((gamma == 0).any() & (constant != 0).any()):
+                raise ValueError(f"cannot fold the constant of an emptied branch into {target}: "
+                                 f"its LayerScale {scale} has zero channels")
+            constant = (constant.to(torch.float64) / gamma)
+        out[target] = out[target] + constant.to(out[target].dtype)
 
     for i in range(mask.depth):
         p = f"blocks.{i}."
         # in stream order: attention branch, then MLP branch
         if not mask.heads[i]:
-            fold_bias(p + "attn.proj.bias")
+            fold_constant(p + "attn.proj.bias", p + "ls1.gamma")
         else:
             rows = _qkv_rows(mask.heads[i], hd, H)
             take(p + "norm1.weight", {0: e})
             take(p + "norm1.bias", {0: e})
             take(p + "attn.qkv.weight", {0: rows, 1: e})
-            take(p + "attn.qkv.bias", {0: rows})
+            take_if_present(p + "attn.qkv.bias", {0: rows})
+            for norm in ("q_norm", "k_norm"):  # over the head dim: unchanged
+                take_if_present(p + f"attn.{norm}.weight", {})
+                take_if_present(p + f"attn.{norm}.bias", {})
             take(p + "attn.proj.weight", {0: e, 1: _proj_cols(mask.heads[i], hd)})
             take(p + "attn.proj.bias", {0: e})
-            writer = p + "attn.proj.bias"
+            take_if_present(p + "ls1.gamma", {0: e})
+            writer = (p + "attn.proj.bias", p + "ls1.gamma")
         if not mask.mlp[i]:
-            fold_bias(p + "mlp.fc2.bias")
+            fold_constant(p + "mlp.fc2.bias", p + "ls2.gamma")
         else:
             n = torch.tensor(mask.mlp[i], dtype=torch.long)
             take(p + "norm2.weight", {0: e})
@@ -87,11 +119,14 @@ def deploy_state_dict(mask, gated: Dict[str, Tensor]) -> Dict[str, Tensor]:
             take(p + "mlp.fc1.bias", {0: n})
             take(p + "mlp.fc2.weight", {0: e, 1: n})
             take(p + "mlp.fc2.bias", {0: e})
-            writer = p + "mlp.fc2.bias"
-    take("norm.weight", {0: e})
-    take("norm.bias", {0: e})
+            take_if_present(p + "ls2.gamma", {0: e})
+            writer = (p + "mlp.fc2.bias", p + "ls2.gamma")
+    for norm in ("norm", "fc_norm"):
+        take_if_present(norm + ".weight", {0: e})
+        take_if_present(norm + ".bias", {0: e})
     for head in ("head", "head_dist"):
         if head + ".weight" in gated:
             take(head + ".weight", {1: e})
             take(head + ".bias", {})
     return out
+

@@ -6,7 +6,7 @@ from typing import Dict, Mapping, Tuple
 
 import torch
 
-from models.deit_base import DeiTArch
+from models.vit_arch import ViTArch
 from pruning.flops import mask_macs
 from pruning.mask import COMPONENTS, PruneMask, component_shapes
 from pruning.selection import counts_from_ratios, mask_from_counts
@@ -15,7 +15,7 @@ from utils import UserError
 Tensor = torch.Tensor
 
 
-def magnitude_criteria(state_dict: Mapping[str, Tensor], arch: DeiTArch) -> Dict[str, Tensor]:
+def magnitude_criteria(state_dict: Mapping[str, Tensor], arch: ViTArch) -> Dict[str, Tensor]:
     """L1 norm of the weight-matrix entries each unit owns: those the deploy model loses with the unit.
 
     In the criteria format of `pruning.importance`, so it can go through `pruning.search.prune`.
@@ -62,7 +62,7 @@ def pruned_counts(mask: PruneMask) -> Dict[str, int]:
     return {c: total[c] - kept[c] for c in COMPONENTS}
 
 
-def random_mask(arch: DeiTArch, counts: Mapping[str, int], seed: int, protect: bool = True,
+def random_mask(arch: ViTArch, counts: Mapping[str, int], seed: int, protect: bool = True,
                 model: str = "") -> PruneMask:
     """`counts[c]` units of each component chosen uniformly at random (seeded): `mask_from_counts` of
     random scores, so no block loses more units than SAViT's own rule allows.
@@ -81,7 +81,7 @@ def random_mask(arch: DeiTArch, counts: Mapping[str, int], seed: int, protect: b
     return mask_from_counts(scores, arch, counts, protect, model)
 
 
-def uniform_mask(scores: Mapping[str, Tensor], arch: DeiTArch, target: float, protect: bool = True,
+def uniform_mask(scores: Mapping[str, Tensor], arch: ViTArch, target: float, protect: bool = True,
                  model: str = "", iterations: int = 60) -> Tuple[PruneMask, float]:
     """The same pruned fraction r of every component, r meeting the FLOPs target on the exact count.
 
@@ -118,7 +118,7 @@ def uniform_mask(scores: Mapping[str, Tensor], arch: DeiTArch, target: float, pr
     return (mask_lo, lo) if abs(red_lo - target) < abs(red_hi - target) else (mask_hi, hi)
 
 
-def _uniform(scores: Mapping[str, Tensor], arch: DeiTArch, protect: bool, model: str, full: float,
+def _uniform(scores: Mapping[str, Tensor], arch: ViTArch, protect: bool, model: str, full: float,
              r: float) -> Tuple[PruneMask, float]:
     """The mask pruning the fraction r of every component, and its exact reduction of the MACs `full`."""
     mask = mask_from_counts(scores, arch, counts_from_ratios(arch, {c: r for c in COMPONENTS}, protect), protect, model)

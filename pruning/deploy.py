@@ -1,45 +1,36 @@
-"""Mask + gated weights -> the physically smaller DeiT (docs/METHOD.md sections 1 and 5).
+"""`--masked_model` (+ `--finetune`) -> the physically smaller ViT (docs/METHOD.md sections 1 and 5).
 
-The slicing itself (`deploy_state_dict`, `deploy_structure`) lives in `models.slicing`, so that
-`models.load_pruned` needs nothing from `pruning`; both names are re-exported here.
+The model itself comes from `models.build_deploy_model`, the one way from (architecture,
+mask, weights) to a deploy model; this module finds the mask, the architecture and the
+weights in the files a user passes.
 """
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
-import torch
-
-from models.deit_base import DeiTArch
-from models.deit_deploy import DeployDeiT
-from models.deit_gated import GatedDeiT
+from models.build import build_deploy_model
 from models.loading import adapt_state_dict, check_keys
-from models.slicing import deploy_state_dict, deploy_structure
+from models.slicing import deploy_structure
+from models.vit_arch import ViTArch
+from models.vit_deploy import DeployViT
+from models.vit_gated import GatedViT
 from pruning.mask import PruneMask
 from utils import UserError, load_torch_file, state_dict_of
 
-Tensor = torch.Tensor
-__all__ = ["build_deploy_model", "deploy_state_dict", "deploy_structure", "load_masked_model", "recorded_arch"]
+__all__ = ["deploy_structure", "load_masked_model", "recorded_arch"]
 
 
-def build_deploy_model(arch: DeiTArch, mask: PruneMask, gated_state_dict: Dict[str, Tensor]) -> DeployDeiT:
-    """The smaller DeiT holding the kept weights of `gated_state_dict` (strict load)."""
-    mask.check_fits(arch)
-    model = DeployDeiT(arch, **deploy_structure(mask))
-    model.load_state_dict(deploy_state_dict(mask, gated_state_dict), strict=True)
-    return model
-
-
-def recorded_arch(checkpoint, source: str = "") -> Optional[DeiTArch]:
+def recorded_arch(checkpoint, source: str = "") -> Optional[ViTArch]:
     """The `arch` a checkpoint of this project records (None when it records none)."""
     d = checkpoint.get("arch") if isinstance(checkpoint, dict) else None
     if not isinstance(d, dict):
         return None
     try:
-        return DeiTArch(**d)
+        return ViTArch.from_dict(d, f"checkpoint {source!r}")
     except TypeError as err:
-        raise UserError(f"checkpoint {source!r}: its 'arch' entry is not a DeiT architecture ({err})") from None
+        raise UserError(f"checkpoint {source!r}: its 'arch' entry is not a ViT architecture ({err})") from None
 
 
-def load_masked_model(arch: Optional[DeiTArch], masked_model: str, weights: str = "",
-                      trust: bool = False) -> Tuple[PruneMask, DeployDeiT]:
+def load_masked_model(arch: Optional[ViTArch], masked_model: str, weights: str = "",
+                      trust: bool = False) -> Tuple[PruneMask, DeployViT]:
     """The deploy model of `--masked_model`, with its weights.
 
     Args:
@@ -78,8 +69,8 @@ def load_masked_model(arch: Optional[DeiTArch], masked_model: str, weights: str 
             raise UserError(f"--masked_model {source!r} was trained for {classes} classes but {arch.num_classes} "
                             f"are requested (num_classes / the data set's class count)")
     mask.check_fits(arch)
-    # the weights go through the same checks and pos_embed adaptation as any DeiT checkpoint
-    reference = GatedDeiT(arch)
+    # the weights go through the same checks and pos_embed adaptation as any ViT checkpoint
+    reference = GatedViT(arch)
     sd = adapt_state_dict(state_dict_of(checkpoint, source), reference, source)
     check_keys(sd, reference, source)
-    return mask, build_deploy_model(arch, mask, sd)
+    return mask, build_deploy_model(arch, mask, weights=sd)

@@ -9,7 +9,7 @@ from typing import Tuple
 import numpy as np
 import torch
 
-from models.deit_base import DeiTArch
+from models.vit_arch import ViTArch
 from utils import UserError
 
 # the reference's evolution-strategy constants
@@ -30,7 +30,7 @@ def interaction_matrix(C) -> np.ndarray:
     return m
 
 
-def reference_flops_fraction(arch: DeiTArch, a, b, e):
+def reference_flops_fraction(arch: ViTArch, a, b, e):
     """Remaining fraction of the blocks' MACs under the reference's FLOPs model.
 
     The reference counts, per block, `2 L D (L a + 2 a e D + 4 b e D)` (L tokens, D embedding dim,
@@ -46,7 +46,7 @@ def reference_flops_fraction(arch: DeiTArch, a, b, e):
     return (L * A * a + 2 * D * A * a * e + D * H * b * e) / (L * A + 2 * D * A + D * H)
 
 
-def solve_mlp_ratio(arch: DeiTArch, r_head, r_embed, target: float, threshold: float = 1e-4,
+def solve_mlp_ratio(arch: ViTArch, r_head, r_embed, target: float, threshold: float = 1e-4,
                     max_ratio: float = 1.0) -> Tuple[np.ndarray, np.ndarray]:
     """Pruned MLP fraction that makes the reference FLOPs model remove `target`.
 
@@ -97,7 +97,7 @@ def objective(C, r_head, r_mlp, r_embed):
     return -np.einsum("...i,ij,...j->...", r, upper, r)
 
 
-def _fitness(C: np.ndarray, arch: DeiTArch, target: float, threshold: float, max_mlp: float,
+def _fitness(C: np.ndarray, arch: ViTArch, target: float, threshold: float, max_mlp: float,
              genes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """(F, r_mlp) of each row (r_head, r_embed) of `genes`; F is -inf where infeasible."""
     r_mlp, ok = solve_mlp_ratio(arch, genes[:, 0], genes[:, 1], target, threshold, max_mlp)
@@ -116,7 +116,7 @@ class SearchResult:
     feasible: bool
 
 
-def evolution_search(C, arch: DeiTArch, target: float, threshold: float = 1e-4, seed: int = 0,
+def evolution_search(C, arch: ViTArch, target: float, threshold: float = 1e-4, seed: int = 0,
                      max_ratios: Tuple[float, float, float] = (1.0, 1.0, 1.0), population: int = POPULATION,
                      children: int = CHILDREN, generations: int = GENERATIONS) -> SearchResult:
     """The reference's evolution strategy over (r_head, r_embed), vectorised over the population.

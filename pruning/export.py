@@ -31,13 +31,13 @@ import torch
 from utils import Parser, UserError, _atomic_write, cli_entry
 
 if TYPE_CHECKING:
-    from models import DeiTArch, DeployDeiT
+    from models import ViTArch, DeployViT
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 DEFAULT_OPSET = 18
 
 
-def load_deploy_checkpoint(path: str) -> Tuple["DeployDeiT", "DeiTArch"]:
+def load_deploy_checkpoint(path: str) -> Tuple["DeployViT", "ViTArch"]:
     """The deploy model (eval mode) and the unpruned architecture stored in a pruned file
     (`models.load_pruned`: gated weights are sliced to the mask, deploy weights loaded as they
     are; only tensors and plain containers are unpickled)."""
@@ -65,7 +65,7 @@ def check_writable(out: str) -> None:
         raise UserError(f"--out {out!r}: cannot write in {folder!r} ({err.strerror or err})")
 
 
-def export(model: "DeployDeiT", arch: "DeiTArch", fmt: str, out: str, opset: int = DEFAULT_OPSET,
+def export(model: "DeployViT", arch: "ViTArch", fmt: str, out: str, opset: int = DEFAULT_OPSET,
            batch_size: int = 2) -> None:
     """Write `model` (eval mode) to `out` atomically in format `fmt`, with a dynamic batch axis.
 

@@ -17,15 +17,14 @@ from typing import Dict, List, Optional
 
 import torch
 
-from models.deit_base import DeiTArch
-from models import arch_of, gated_name_of, list_models
-from models.deit_deploy import AttentionCore, DeployDeiT
-from pruning.deploy import deploy_structure
+from models.vit_arch import ViTArch
+from models import arch_of, build_deploy_model, gated_name_of
+from models.vit_deploy import AttentionCore
 from pruning.mask import PruneMask
 from utils import Parser, UserError, cli_entry
 
 
-def analytic_macs(arch: DeiTArch, width: Optional[int] = None, heads: Optional[List[int]] = None,
+def analytic_macs(arch: ViTArch, width: Optional[int] = None, heads: Optional[List[int]] = None,
                   hidden: Optional[List[int]] = None) -> Dict[str, int]:
     """MACs of one image, split 'attn' (norm1..proj), 'mlp' (norm2..fc2), 'other' (stem,
     final norm, classifiers) and 'total'. Defaults describe the unpruned model."""
@@ -50,14 +49,14 @@ def analytic_macs(arch: DeiTArch, width: Optional[int] = None, heads: Optional[L
     return {"attn": attn, "mlp": mlp, "other": other, "total": attn + mlp + other}
 
 
-def mask_macs(arch: DeiTArch, mask: Optional[PruneMask] = None) -> Dict[str, int]:
+def mask_macs(arch: ViTArch, mask: Optional[PruneMask] = None) -> Dict[str, int]:
     """Analytic MACs of the gated model under `mask` (= those of its deploy model)."""
     if mask is None:
         return analytic_macs(arch)
     return analytic_macs(arch, len(mask.embed), [len(h) for h in mask.heads], [len(m) for m in mask.mlp])
 
 
-def analytic_params(arch: DeiTArch, width: Optional[int] = None, heads: Optional[List[int]] = None,
+def analytic_params(arch: ViTArch, width: Optional[int] = None, heads: Optional[List[int]] = None,
                     hidden: Optional[List[int]] = None) -> Dict[str, int]:
     """Parameters of the deploy model (gates excluded), split like `analytic_macs`."""
     d = arch.embed_dim if width is None else width
@@ -76,12 +75,12 @@ def analytic_params(arch: DeiTArch, width: Optional[int] = None, heads: Optional
     return {"attn": attn, "mlp": mlp, "other": other, "total": attn + mlp + other}
 
 
-def mask_params(arch: DeiTArch, mask: Optional[PruneMask] = None) -> int:
+def mask_params(arch: ViTArch, mask: Optional[PruneMask] = None) -> int:
     """Total parameters of the deploy model of `mask` (the unpruned model without one)."""
     return mask_param_parts(arch, mask)["total"]
 
 
-def mask_param_parts(arch: DeiTArch, mask: Optional[PruneMask] = None) -> Dict[str, int]:
+def mask_param_parts(arch: ViTArch, mask: Optional[PruneMask] = None) -> Dict[str, int]:
     if mask is None:
         return analytic_params(arch)
     return analytic_params(arch, len(mask.embed), [len(h) for h in mask.heads], [len(m) for m in mask.mlp])
@@ -94,7 +93,7 @@ def _attention_core_hook(module, inputs, output) -> None:
     module.__flops__ += int(b * h * n * m * (2 * hd + 1))
 
 
-def ptflops_macs(model: torch.nn.Module, arch: DeiTArch) -> Dict[str, int]:
+def ptflops_macs(model: torch.nn.Module, arch: ViTArch) -> Dict[str, int]:
     """ptflops count of a deploy (or timm-like) model for one image: {'total', 'params'}."""
     from ptflops import get_model_complexity_info  # here: seconds to import, needed by this count only
 
@@ -111,7 +110,7 @@ def ptflops_macs(model: torch.nn.Module, arch: DeiTArch) -> Dict[str, int]:
     return {"total": int(macs), "params": int(params)}
 
 
-def format_table(arch: DeiTArch, mask: Optional[PruneMask]) -> List[str]:
+def format_table(arch: ViTArch, mask: Optional[PruneMask]) -> List[str]:
     """Lines comparing the unpruned and the pruned model (analytic counts): MACs and params,
     attention / MLP / total."""
     before, after = mask_macs(arch), mask_macs(arch, mask)
@@ -126,7 +125,7 @@ def format_table(arch: DeiTArch, mask: Optional[PruneMask]) -> List[str]:
 
 
 def arch_for_mask(name: str, mask: Optional[PruneMask], img_size: Optional[int] = None,
-                  num_classes: Optional[int] = None, log=print) -> DeiTArch:
+                  num_classes: Optional[int] = None, log=print) -> ViTArch:
     """The architecture to count `mask` on: the class count and input size the mask records
     (main.py writes them), unless given explicitly (then the given values win, and a conflict is
     logged); the model's defaults for what neither gives."""
@@ -140,7 +139,7 @@ def arch_for_mask(name: str, mask: Optional[PruneMask], img_size: Optional[int] 
 
 
 def _main(argv=None) -> None:
-    parser = Parser(description="Print FLOPs (MACs) and params of a DeiT before/after pruning.")
+    parser = Parser(description="Print FLOPs (MACs) and params of a ViT before/after pruning.")
     parser.add_argument("--model", default="deit_base_patch16_224", help="gated or _deploy model name")
     parser.add_argument("--mask", default="", help="mask JSON or gated checkpoint (checkpoint_pruned_00.pth)")
     parser.add_argument("--input-size", type=int, default=None,
@@ -152,9 +151,10 @@ def _main(argv=None) -> None:
                         help="read a --mask checkpoint that needs full unpickling (RUNS CODE FROM THE FILE)")
     args = parser.parse_args(argv)
     name = gated_name_of(args.model)
-    if name not in list_models():
-        raise UserError(f"--model {args.model!r} is not a DeiT of this project; choose from {', '.join(list_models())}")
-    patch = arch_of(name).patch_size
+    try:
+        patch = arch_of(name).patch_size
+    except UserError as err:
+        raise UserError(f"--model: {err}") from None
     if args.input_size is not None and not (args.input_size >= 1 and args.input_size % patch == 0):
         raise UserError(f"--input-size must be a positive multiple of the patch size {patch} of --model {args.model}, "
                         f"got {args.input_size}")
@@ -173,7 +173,7 @@ def _main(argv=None) -> None:
     for line in format_table(arch, mask):
         print(line)
     if args.ptflops:
-        model = DeployDeiT(arch, **deploy_structure(mask)) if mask is not None else DeployDeiT(arch)
+        model = build_deploy_model(arch, mask)
         counted = ptflops_macs(model.eval(), arch)
         print(f"ptflops: {counted['total'] / 1e9:.4f} GMACs, {counted['params'] / 1e6:.3f} M params (deploy model)")
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from models.deit_base import DeiTArch
+from models.vit_arch import ViTArch
 from pruning.criteria import CRITERIA, TaylorCapture
 from pruning.interactions import ESTIMATORS, add_interactions, block_draw, interaction_normalisers
 from pruning.mask import COMPONENTS, criteria_shapes
@@ -22,7 +22,7 @@ _STATE_KEYS = COMPONENTS + ("interactions", "denominator", "batches")
 
 @contextmanager
 def gates_only_grad(model: nn.Module) -> Iterator[List[nn.Parameter]]:
-    """Within the block only the gate weights of `model` (a `GatedDeiT`) require grad, in eval mode;
+    """Within the block only the gate weights of `model` (a `GatedViT`) require grad, in eval mode;
     both are restored after. Yields the gates: heads per block, MLP per block, the embedding gate."""
     gates = model.gate_parameters()
     gate_ids = {id(g) for g in gates}
@@ -49,7 +49,7 @@ class PruningScorer:
     Hessian-vector product per row of C (2K + 1 with K = `hessian_blocks`). C and the criteria average the SAME batches.
 
     Args:
-        model: a `GatedDeiT` (any device); its flags and mode are restored after each batch.
+        model: a `GatedViT` (any device); its flags and mode are restored after each batch.
         criterion: `criterion(outputs, targets) -> scalar loss`; targets may be soft (mixup).
         method: `--pruning_method`, 1..4 (section 2).
         need_hessian: also estimate the 3x3 interaction matrix (section 3).
@@ -78,7 +78,7 @@ class PruningScorer:
         if micro_batch is not None and micro_batch < 0:
             raise UserError(f"the pruning micro-batch must be >= 1 (or 0 for whole batches), got {micro_batch}")
         self.model = model
-        self.arch: DeiTArch = model.arch
+        self.arch: ViTArch = model.arch
         self.criterion = criterion
         self.method = method
         self.first_order = CRITERIA[method]

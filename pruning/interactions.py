@@ -11,10 +11,10 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from models.deit_base import DeiTArch
+from models.vit_arch import ViTArch
 
 
-def interaction_normalisers(arch: DeiTArch, hessian_embed: float) -> torch.Tensor:
+def interaction_normalisers(arch: ViTArch, hessian_embed: float) -> torch.Tensor:
     """N[i, j] = n_i * n_j with n = (D, mlp hidden, D * depth * hessian_embed), float64 [3, 3]."""
     d = float(arch.embed_dim)
     n = torch.tensor([d, float(arch.mlp_hidden), d * arch.depth * hessian_embed], dtype=torch.float64)

@@ -22,7 +22,7 @@ COMPONENTS = ("heads", "mlp", "embed")  # component (layer) 0, 1, 2 of the refer
 
 
 def component_shapes(arch) -> Dict[str, Tuple[int, int]]:
-    """(blocks, units per block) of each component of `arch` (a `DeiTArch`); the embedding is one block."""
+    """(blocks, units per block) of each component of `arch` (a `ViTArch`); the embedding is one block."""
     return {"heads": (arch.depth, arch.num_heads), "mlp": (arch.depth, arch.mlp_hidden), "embed": (1, arch.embed_dim)}
 
 
@@ -62,7 +62,7 @@ class PruneMask:
     # -- construction ------------------------------------------------------------
     @classmethod
     def full(cls, arch, model: str = "") -> "PruneMask":
-        """The mask that keeps everything of `arch` (a `DeiTArch`)."""
+        """The mask that keeps everything of `arch` (a `ViTArch`)."""
         return cls(
             embed_dim=arch.embed_dim, depth=arch.depth, num_heads=arch.num_heads, head_dim=arch.head_dim,
             mlp_hidden=arch.mlp_hidden,
@@ -208,7 +208,7 @@ class PruneMask:
         return out
 
     def apply_to(self, gated_model) -> None:
-        """Set the gates of a `GatedDeiT` to this mask (checks that it fits first)."""
+        """Set the gates of a `GatedViT` to this mask (checks that it fits first)."""
         self.check_fits(gated_model.arch)
         with torch.no_grad():
             for key, value in self.gate_vectors().items():

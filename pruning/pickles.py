@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from models.deit_base import DeiTArch
+from models.vit_arch import ViTArch
 from pruning.mask import COMPONENTS, criteria_shapes
 from utils import UserError, atomic_write_pickle, load_numpy_pickle
 
@@ -67,7 +67,7 @@ def _load_array(path: str, shape: Tuple[int, ...], what: str, flag: str) -> torc
     return torch.from_numpy(array)
 
 
-def load_pickles(directory: str, method: int, arch: DeiTArch, need_hessian: bool = True,
+def load_pickles(directory: str, method: int, arch: ViTArch, need_hessian: bool = True,
                  flag: str = "--pruning_pickle_from") -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
     """Read the criteria (and C) written by `save_pickles`, validated against `arch`.
 

@@ -9,7 +9,7 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from models.deit_base import DeiTArch
+from models.vit_arch import ViTArch
 from pruning.evolution import CHILDREN, GENERATIONS, POPULATION, evolution_search, interaction_matrix, objective
 from pruning.flops import analytic_macs, mask_macs
 from pruning.mask import COMPONENTS, PruneMask, component_shapes
@@ -65,7 +65,7 @@ def _check_options(target: float, layers: int) -> None:
         raise UserError(f"{LAYERS_FLAG} must be 0 (heads), 1 (MLP), 2 (embedding) or 3 (all), got {layers!r}")
 
 
-def check_round_to(arch: DeiTArch, round_to) -> None:
+def check_round_to(arch: ViTArch, round_to) -> None:
     """Raise `UserError` unless `round_to` is a positive integer dividing the embedding and MLP widths."""
     if isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer)) or round_to < 1:
         raise UserError(f"{ROUND_FLAG} must be a positive integer (1: no rounding), got {round_to!r}")
@@ -76,7 +76,7 @@ def check_round_to(arch: DeiTArch, round_to) -> None:
             raise UserError(f"{ROUND_FLAG} {round_to} does not divide the model's {what} {width}: choose a divisor")
 
 
-def _aligned_max_prunable(arch: DeiTArch, protect: bool, round_to: int) -> Dict[str, int]:
+def _aligned_max_prunable(arch: ViTArch, protect: bool, round_to: int) -> Dict[str, int]:
     """`max_prunable` when the kept MLP and embedding widths must be multiples of `round_to`."""
     limit = dict(max_prunable(arch, protect))
     for c in ("mlp", "embed"):
@@ -92,7 +92,7 @@ def _spread(total: int, n: int, depth: int) -> list:
     return [n - base - (1 if i < extra else 0) for i in range(depth)]
 
 
-def _even_macs(arch: DeiTArch, k: Mapping[str, int]) -> int:
+def _even_macs(arch: ViTArch, k: Mapping[str, int]) -> int:
     """Exact MACs when the k pruned units of each component are spread evenly over the blocks (the
     count only depends on the per-block totals: the same for any spread that empties no block)."""
     depth = arch.depth
@@ -100,11 +100,11 @@ def _even_macs(arch: DeiTArch, k: Mapping[str, int]) -> int:
                          _spread(k.get("mlp", 0), arch.mlp_hidden, depth))["total"]
 
 
-def _even_reduction(arch: DeiTArch, k: Mapping[str, int]) -> float:
+def _even_reduction(arch: ViTArch, k: Mapping[str, int]) -> float:
     return 1.0 - _even_macs(arch, k) / analytic_macs(arch)["total"]
 
 
-def check_target_reachable(arch: DeiTArch, target: float, layers: int = 3, protect: bool = True,
+def check_target_reachable(arch: ViTArch, target: float, layers: int = 3, protect: bool = True,
                            round_to: int = 1) -> float:
     """Raise `UserError` unless the allowed components can remove `target` of the FLOPs (+-0.5%).
 
@@ -151,7 +151,7 @@ class _Problem:
     The tolerance of the calibration is max(threshold, one MLP neuron's share of the MACs).
     """
 
-    def __init__(self, arch: DeiTArch, orders: Mapping[str, np.ndarray], target: float, threshold: float):
+    def __init__(self, arch: ViTArch, orders: Mapping[str, np.ndarray], target: float, threshold: float):
         self.arch, self.orders, self.target = arch, orders, target
         self.full = analytic_macs(arch)["total"]
         self.k_max = {c: len(orders[c]) for c in COMPONENTS}
@@ -375,7 +375,7 @@ def _allocate(p: _Problem, crit: Mapping[str, np.ndarray], matrix: np.ndarray,
     return (*_calibrate(p, start, move), info)
 
 
-def prune(criteria: Mapping[str, torch.Tensor], C, arch: DeiTArch, options: SearchOptions,
+def prune(criteria: Mapping[str, torch.Tensor], C, arch: ViTArch, options: SearchOptions,
           model_name: str = "") -> Tuple[PruneMask, dict]:
     """Choose the pruned units (docs/METHOD.md section 4).
 

@@ -7,7 +7,7 @@ from typing import Dict, List, Mapping, Sequence, Union
 import numpy as np
 import torch
 
-from models.deit_base import DeiTArch
+from models.vit_arch import ViTArch
 from pruning.mask import COMPONENTS, PruneMask, component_shapes
 from utils import UserError
 
@@ -24,13 +24,13 @@ def _kept_per_block(n: int, protect: bool, min_keep: int) -> int:
     return max(protected_count(n) if protect else 0, min_keep)
 
 
-def max_prunable(arch: DeiTArch, protect: bool = True) -> Dict[str, int]:
+def max_prunable(arch: ViTArch, protect: bool = True) -> Dict[str, int]:
     """Largest number of units of each component that may be pruned."""
     shapes = component_shapes(arch)
     return {c: blocks * (n - _kept_per_block(n, protect, ALWAYS_KEPT[c])) for c, (blocks, n) in shapes.items()}
 
 
-def counts_from_ratios(arch: DeiTArch, ratios: Mapping[str, float], protect: bool = True) -> Dict[str, int]:
+def counts_from_ratios(arch: ViTArch, ratios: Mapping[str, float], protect: bool = True) -> Dict[str, int]:
     """Number of units to prune per component: round(ratio * total), clipped to what is prunable.
 
     Args:
@@ -74,7 +74,7 @@ def _as_blocks(scores) -> np.ndarray:
     return s.reshape(1, -1) if s.ndim == 1 else s
 
 
-def criteria_blocks(criteria: Mapping[str, torch.Tensor], arch: DeiTArch) -> Dict[str, np.ndarray]:
+def criteria_blocks(criteria: Mapping[str, torch.Tensor], arch: ViTArch) -> Dict[str, np.ndarray]:
     """Each component's criteria as a float64 [blocks, n] array, checked against `arch` (shape, finite)."""
     out = {}
     for c, (blocks, n) in component_shapes(arch).items():
@@ -143,7 +143,7 @@ def block_sequences(order: np.ndarray, blocks: int, n: int) -> List[np.ndarray]:
     return [order[order // n == b] % n for b in range(blocks)]
 
 
-def mask_from_orders(arch: DeiTArch, orders: Mapping[str, np.ndarray], counts: Mapping[str, Union[int, Sequence[int]]],
+def mask_from_orders(arch: ViTArch, orders: Mapping[str, np.ndarray], counts: Mapping[str, Union[int, Sequence[int]]],
                      model: str = "") -> PruneMask:
     """The mask that prunes the first `counts[c]` units of each component's order (missing = 0).
 
@@ -164,7 +164,7 @@ def mask_from_orders(arch: DeiTArch, orders: Mapping[str, np.ndarray], counts: M
                      model=model)
 
 
-def mask_from_counts(scores: Mapping[str, torch.Tensor], arch: DeiTArch, counts: Mapping[str, int],
+def mask_from_counts(scores: Mapping[str, torch.Tensor], arch: ViTArch, counts: Mapping[str, int],
                      protect: bool = True, model: str = "") -> PruneMask:
     """Prune `counts[c]` units of each component c: the lowest scores, one global threshold per component.
 

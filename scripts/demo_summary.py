@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets import DataConfig, build_dataset, build_loaders  # noqa: E402
 from engine import evaluate, measure_throughput  # noqa: E402
-from models import DeployDeiT, arch_of, gated_name_of  # noqa: E402
-from pruning.deploy import deploy_structure, load_masked_model  # noqa: E402
+from models import DeployViT, arch_of, build_deploy_model, gated_name_of  # noqa: E402
+from pruning.deploy import load_masked_model  # noqa: E402
 from pruning.flops import mask_macs, mask_params  # noqa: E402
 from pruning.mask import PruneMask  # noqa: E402
 from utils import (Parser, UserError, atomic_write_json, atomic_write_text, cli_entry, environment_line,  # noqa: E402
@@ -58,12 +58,10 @@ def recorded_data(checkpoints: dict, out: str) -> dict:
     return first
 
 
-def load_trained(arch, path: str, checkpoint: dict) -> DeployDeiT:
+def load_trained(arch, path: str, checkpoint: dict) -> DeployViT:
     """A deploy model from a main_deploy.py training checkpoint (its mask decides the structure)."""
     mask = PruneMask.from_dict(checkpoint["mask"], path) if "mask" in checkpoint else PruneMask.full(arch)
-    model = DeployDeiT(arch, **deploy_structure(mask))
-    model.load_state_dict(state_dict_of(checkpoint, path))
-    return model
+    return build_deploy_model(arch, mask, deploy_weights=state_dict_of(checkpoint, path))
 
 
 def spread_lines(summary: dict, path: str) -> list:

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # tiny models: one thread is fastest and immune to oversubscription on a busy 2-core machine
 torch.set_num_threads(1)
 
-from models.deit_base import DeiTArch  # noqa: E402 (after the sys.path line)
+from models.vit_arch import ViTArch  # noqa: E402 (after the sys.path line)
 from pruning.mask import PruneMask  # noqa: E402
 
 
@@ -37,7 +37,7 @@ MASK_CASES = {
 }
 
 
-def random_mask(arch: DeiTArch, seed: int, embed: bool = False,
+def random_mask(arch: ViTArch, seed: int, embed: bool = False,
                 empty: Union[str, Iterable[Tuple[int, str]]] = ()) -> PruneMask:
     """A seeded random mask: per block a random sorted subset (possibly empty) of heads and of
     neurons; a random non-empty subset of embedding channels when `embed`, else all of them.
@@ -67,7 +67,7 @@ def random_mask(arch: DeiTArch, seed: int, embed: bool = False,
     return mask
 
 
-def mask_case(arch: DeiTArch, case: str, embed: bool = False) -> PruneMask:
+def mask_case(arch: ViTArch, case: str, embed: bool = False) -> PruneMask:
     seed, empty = MASK_CASES[case]
     return random_mask(arch, seed, embed=embed, empty=empty)
 
@@ -86,12 +86,12 @@ def randomize_(model: nn.Module, seed: int, scale: float = 0.1) -> nn.Module:
     return model
 
 
-def images(arch: DeiTArch, n: int = 3, seed: int = 0) -> torch.Tensor:
+def images(arch: ViTArch, n: int = 3, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, arch.in_chans, arch.img_size, arch.img_size, generator=g)
 
 
-def timm_twin(arch: DeiTArch) -> nn.Module:
+def timm_twin(arch: ViTArch) -> nn.Module:
     """timm's own DeiT class for `arch`."""
     from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import VisionTransformer

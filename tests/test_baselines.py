@@ -5,7 +5,7 @@ import torch
 
 from models import arch_of, create_model
 from pruning.baselines import magnitude_criteria, pruned_counts, random_mask, uniform_mask
-from pruning.deploy import deploy_state_dict
+from models.slicing import deploy_state_dict
 from pruning.flops import mask_macs
 from pruning.mask import PruneMask
 from pruning.selection import mask_from_counts, max_prunable, protected_count
@@ -42,8 +42,8 @@ def one_unit_mask(arch, component: str, block: int, unit: int) -> PruneMask:
 def test_magnitude_is_the_l1_of_the_matrix_entries_the_deploy_model_loses(arch_and_weights, component, block, unit):
     arch, sd = arch_and_weights
     crit = magnitude_criteria(sd, arch)
-    lost = matrix_l1(deploy_state_dict(PruneMask.full(arch), sd)) - \
-        matrix_l1(deploy_state_dict(one_unit_mask(arch, component, block, unit), sd))
+    lost = matrix_l1(deploy_state_dict(PruneMask.full(arch), sd, arch)) - \
+        matrix_l1(deploy_state_dict(one_unit_mask(arch, component, block, unit), sd, arch))
     value = crit["embed"][unit] if component == "embed" else crit[component][block, unit]
     assert float(value) == pytest.approx(lost, rel=1e-9)
     assert crit["heads"].shape == (arch.depth, arch.num_heads)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import GatedDeiT, arch_of, create_model
-from pruning.deploy import build_deploy_model
+from models import GatedViT, arch_of, create_model
+from models import build_deploy_model
 from pruning.export import check_writable, load_deploy_checkpoint, main
 from pruning.mask import PruneMask
 
@@ -37,7 +37,7 @@ def pruning_mask(arch, seed: int) -> PruneMask:
     return mask
 
 
-def gated_model(name: str, seed: int) -> GatedDeiT:
+def gated_model(name: str, seed: int) -> GatedViT:
     """A gated model with noisy weights (logits of order 1) and the mask's 0/1 gates."""
     model = create_model(name, mask_aware_norm=True)
     g = torch.Generator().manual_seed(seed)
@@ -50,7 +50,7 @@ def gated_model(name: str, seed: int) -> GatedDeiT:
     return model.eval()
 
 
-def gated_checkpoint(model: GatedDeiT) -> dict:
+def gated_checkpoint(model: GatedViT) -> dict:
     """What main.py writes as checkpoint_pruned_00.pth."""
     mask = PruneMask.from_gate_state_dict(model.state_dict())
     return {"model": model.state_dict(), "mask": mask.to_dict(), "arch": model.arch.to_dict(),
@@ -58,10 +58,10 @@ def gated_checkpoint(model: GatedDeiT) -> dict:
             "format_version": 1}
 
 
-def deploy_checkpoint(model: GatedDeiT) -> dict:
+def deploy_checkpoint(model: GatedViT) -> dict:
     """What main_deploy.py writes as checkpoint.pth (deploy weights, training state, mask, arch)."""
     mask = PruneMask.from_gate_state_dict(model.state_dict())
-    deploy = build_deploy_model(model.arch, mask, model.state_dict())
+    deploy = build_deploy_model(model.arch, mask, weights=model.state_dict())
     optimizer = torch.optim.AdamW(deploy.parameters(), lr=1e-3)
     return {"format_version": 1, "model": deploy.state_dict(), "mask": mask.to_dict(),
             "arch": deploy.arch.to_dict(), "optimizer": optimizer.state_dict(), "lr_scheduler": {"last_epoch": 3},
@@ -167,7 +167,7 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, checkpoints, capsys):
     assert "not found" in error_of(tmp_path / "absent.pth")
     (tmp_path / "text.pth").write_text("hello")
     assert "not a readable torch file" in error_of(tmp_path / "text.pth")
-    torch.save({"model": GatedDeiT(arch_of(PLAIN)).state_dict()}, tmp_path / "bare.pth")
+    torch.save({"model": GatedViT(arch_of(PLAIN)).state_dict()}, tmp_path / "bare.pth")
     assert "no 'mask'/'arch' entry" in error_of(tmp_path / "bare.pth")
     torch.save({"model": {}, "mask": {}, "arch": {}, "args": torch.nn.Linear(2, 2)}, tmp_path / "obj.pth")
     assert "not a checkpoint this project wrote" in error_of(tmp_path / "obj.pth")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from models import DeployDeiT, arch_of
+from models import DeployViT, arch_of
 from pruning.deploy import deploy_structure
 from pruning.flops import analytic_macs, mask_macs, mask_param_parts, mask_params, ptflops_macs
 from pruning.mask import PruneMask
@@ -15,8 +15,8 @@ from conftest import MASK_CASES, mask_case
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def deploy_of(arch, mask) -> DeployDeiT:
-    return DeployDeiT(arch, **deploy_structure(mask)).eval()
+def deploy_of(arch, mask) -> DeployViT:
+    return DeployViT(arch, **deploy_structure(mask)).eval()
 
 
 @pytest.mark.parametrize("embed", [False, True], ids=["blocks_only", "with_embed"])
@@ -58,7 +58,7 @@ def test_unpruned_totals_match_the_papers(name, gmacs, mparams):
     total = mask_macs(arch)["total"]
     assert abs(total / 1e9 / gmacs - 1) < 0.01, total
     assert abs(mask_params(arch) / 1e6 / mparams - 1) < 0.01  # DeiT paper: 5.7 / 22 / 86 M
-    assert mask_params(arch) == sum(p.numel() for p in DeployDeiT(arch).parameters())
+    assert mask_params(arch) == sum(p.numel() for p in DeployViT(arch).parameters())
 
 
 def test_split_and_emptied_branches_cost_nothing():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import images, random_mask, randomize_
-from models import DeployDeiT, arch_of, create_model, load_pruned
+from models import DeployViT, arch_of, create_model, load_pruned
 from models.slicing import deploy_state_dict, deploy_structure
 from utils import UserError, checkpoint_state, model_checkpoint, save_pruned_safetensors
 
@@ -36,9 +36,9 @@ def gated(name: str, seed: int):
     return model.eval(), mask
 
 
-def deploy_of(model, mask) -> DeployDeiT:
-    deploy = DeployDeiT(model.arch, **deploy_structure(mask))
-    deploy.load_state_dict(deploy_state_dict(mask, model.state_dict()))
+def deploy_of(model, mask) -> DeployViT:
+    deploy = DeployViT(model.arch, **deploy_structure(mask))
+    deploy.load_state_dict(deploy_state_dict(mask, model.state_dict(), model.arch))
     return deploy
 
 
@@ -63,7 +63,7 @@ def files(tmp_path_factory):
     return out
 
 
-def assert_same_network(loaded: DeployDeiT, reference) -> None:
+def assert_same_network(loaded: DeployViT, reference) -> None:
     def shape(arch) -> dict:  # training-only rates (dropout, drop path) aside
         return {k: v for k, v in arch.to_dict().items() if "drop" not in k}
 

@@ -31,7 +31,7 @@ import main_deploy
 from args import DistributedConfig, data_config
 from conftest import assert_accuracy, images, randomize_
 from datasets import DigitsDataset, build_transform
-from models import DeployDeiT, arch_of, create_model
+from models import DeployViT, arch_of, create_model
 from pruning.deploy import deploy_structure, load_masked_model
 from pruning.flops import mask_macs, mask_params
 from pruning.mask import PruneMask
@@ -75,10 +75,10 @@ def _load(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _deploy_model(checkpoint: dict, model_name: str = MODEL) -> DeployDeiT:
+def _deploy_model(checkpoint: dict, model_name: str = MODEL) -> DeployViT:
     """The network a main_deploy.py checkpoint describes, rebuilt from its mask and weights."""
     arch = arch_of(model_name, img_size=32, num_classes=NUM_CLASSES)
-    net = DeployDeiT(arch, **deploy_structure(PruneMask.from_dict(checkpoint["mask"])))
+    net = DeployViT(arch, **deploy_structure(PruneMask.from_dict(checkpoint["mask"])))
     net.load_state_dict(checkpoint["model"])
     return net.eval()
 
@@ -492,7 +492,7 @@ def previous_run(work):
     out = work / "previous"
     out.mkdir()
     arch = arch_of(MODEL, img_size=32, num_classes=NUM_CLASSES)
-    torch.save({"model": DeployDeiT(arch).state_dict(), "mask": PruneMask.full(arch).to_dict(), "epoch": 0},
+    torch.save({"model": DeployViT(arch).state_dict(), "mask": PruneMask.full(arch).to_dict(), "epoch": 0},
                out / "checkpoint.pth")
     (out / "log.txt").write_text('{"epoch": 0}\n')
     return out

@@ -29,7 +29,7 @@ from PIL import Image
 
 from conftest import assert_accuracy
 from models import arch_of, create_model
-from models.deit_gated import GatedDeiT
+from models.vit_gated import GatedViT
 from pruning.deploy import load_masked_model
 from pruning.flops import mask_macs, ptflops_macs
 from pruning.pickles import load_pickles
@@ -377,7 +377,7 @@ def test_eval_mask_aware_gated_equals_deploy(runs):
     assert_accuracy(printed[1], logits, labels, k=5, slack=0.006)
     assert printed[2] == pytest.approx(_scores(deploy, images, labels)[2], abs=6e-4)
     # the reference LayerNorm (statistics over all D channels) is another network exactly when channels are pruned
-    reference = GatedDeiT(ARCH)
+    reference = GatedViT(ARCH)
     reference.load_state_dict(torch.load(ckpt, map_location="cpu")["model"])
     with torch.no_grad():
         differs = (reference.eval()(images) - logits).abs().max().item() > 1e-3

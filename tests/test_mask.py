@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import MASK_CASES, mask_case, random_mask, randomize_
-from models import GatedDeiT, arch_of, create_model
-from models.deit_base import DeiTArch
+from models import GatedViT, arch_of, create_model
+from models.vit_arch import ViTArch
 from models.loading import load_pretrained
 from pruning.mask import MASK_FORMAT, MASK_VERSION, PruneMask
 from utils import UserError
@@ -65,11 +65,11 @@ def test_checkpoint_with_explicit_mask_entry(tmp_path):
     assert PruneMask.load(str(path)) == mask  # the explicit entry wins over the (all-ones) gates
 
 
-def reference_checkpoint(arch: DeiTArch, seed: int):
+def reference_checkpoint(arch: ViTArch, seed: int):
     """A gated state dict as the reference writes it, built by hand: timm-named weights plus
     0/1 gates, with the per-block alias of the embedding gate. Returns (state dict, kept)."""
     g = torch.Generator().manual_seed(seed)
-    sd = {k: v for k, v in randomize_(GatedDeiT(arch), seed).state_dict().items() if "gate" not in k}
+    sd = {k: v for k, v in randomize_(GatedViT(arch), seed).state_dict().items() if "gate" not in k}
     head_gates = (torch.rand(arch.depth, arch.num_heads, generator=g) < 0.6).float()
     head_gates[1] = 0  # one block without heads
     mlp_gates = (torch.rand(arch.depth, arch.mlp_hidden, generator=g) < 0.5).float()

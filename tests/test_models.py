@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from conftest import MASK_CASES, images, mask_case, randomize_, timm_twin
-from models import DeployDeiT, GatedDeiT, arch_of, create_model, list_models
-from pruning.deploy import build_deploy_model, deploy_state_dict, deploy_structure
+from models import DeployViT, GatedViT, arch_of, create_model, is_prunable, list_models
+from models import build_deploy_model
+from models.slicing import deploy_state_dict, deploy_structure
 from utils import UserError
 
 ATOL = 1e-5
@@ -94,7 +95,7 @@ def gated_and_deploy(name: str, case: str, embed: bool, mask_aware_norm: bool, s
     mask = mask_case(arch, case, embed=embed)
     gated = randomize_(create_model(name, mask_aware_norm=mask_aware_norm), seed=3, scale=scale)
     mask.apply_to(gated)
-    deploy = build_deploy_model(arch, mask, gated.state_dict())
+    deploy = build_deploy_model(arch, mask, weights=gated.state_dict())
     return mask, gated.eval(), deploy.eval()
 
 
@@ -156,14 +157,14 @@ def test_deploy_train_mode_distilled_pair():
 def test_emptied_branch_has_no_layers_and_slicing_is_pure():
     arch = arch_of("deit_demo_patch8_32")
     mask = mask_case(arch, "emptied", embed=True)
-    gated = randomize_(GatedDeiT(arch), seed=4)
+    gated = randomize_(GatedViT(arch), seed=4)
     before = {k: v.clone() for k, v in gated.state_dict().items()}
-    sd = deploy_state_dict(mask, gated.state_dict())
+    sd = deploy_state_dict(mask, gated.state_dict(), arch)
     for k, v in gated.state_dict().items():  # the input is untouched
         assert torch.equal(v, before[k]), k
     assert not any(k.startswith("blocks.0.") for k in sd)  # block 0 emptied entirely
     assert not any("gate" in k for k in sd)
-    deploy = DeployDeiT(arch, **deploy_structure(mask))
+    deploy = DeployViT(arch, **deploy_structure(mask))
     assert deploy.blocks[0].attn is None and deploy.blocks[0].mlp is None
     assert deploy.blocks[1].mlp is None and deploy.blocks[-1].attn is None
     assert all(p.numel() > 0 for p in deploy.parameters())
@@ -179,14 +180,16 @@ def test_emptied_branch_has_no_layers_and_slicing_is_pure():
 
 def test_registry_names_and_timm_fallback():
     names = list_models()
-    for size in ("tiny", "small", "base"):
-        assert f"deit_{size}_patch16_224" in names and f"deit_{size}_distilled_patch16_224_deploy" in names
-    assert isinstance(create_model("deit_test_patch8_32"), GatedDeiT)
-    assert isinstance(create_model("deit_test_patch8_32_deploy"), DeployDeiT)
+    assert "deit_test_patch8_32" in names and "deit3_test_patch8_32_deploy" in names
+    for size in ("tiny", "small", "base"):  # timm's own names, read from timm's configuration
+        assert is_prunable(f"deit_{size}_patch16_224") and is_prunable(f"deit_{size}_distilled_patch16_224_deploy")
+        assert isinstance(create_model(f"deit_{size}_patch16_224_deploy", depth=1), DeployViT)
+    assert isinstance(create_model("deit_test_patch8_32"), GatedViT)
+    assert isinstance(create_model("deit_test_patch8_32_deploy"), DeployViT)
     model = create_model("deit_test_patch8_32", num_classes=7, img_size=48, drop_path_rate=0.1)
     assert model.arch.num_classes == 7 and model.pos_embed.shape[1] == 36 + 1
     timm_model = create_model("resnet18", num_classes=3).eval()
-    assert not isinstance(timm_model, (GatedDeiT, DeployDeiT))
+    assert not isinstance(timm_model, (GatedViT, DeployViT))
     assert timm_model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
 
 
@@ -195,4 +198,4 @@ def test_unknown_model_name_lists_known_names():
         create_model("deit_nope_patch16_224")
     message = str(err.value)
     assert "deit_nope_patch16_224" in message
-    assert "deit_small_patch16_224" in message and "deit_base_distilled_patch16_224_deploy" in message
+    assert "deit_small_patch16_224" in message and "deit_test_patch8_32" in message

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models import arch_of
-from models.deit_deploy import DeployDeiT
+from models.vit_deploy import DeployViT
 from pruning.deploy import deploy_structure
 from pruning.flops import mask_macs, ptflops_macs
 from pruning.mask import PruneMask
@@ -200,8 +200,8 @@ def test_deploy_model_count_agrees():
     """The achieved reduction holds on the deploy model counted by ptflops (an independent counter)."""
     arch = arch_of("deit_test_patch8_32")
     mask, report = prune(random_criteria(arch), interaction_matrix("random"), arch, SearchOptions(0.3))
-    before = ptflops_macs(DeployDeiT(arch).eval(), arch)["total"]
-    after = ptflops_macs(DeployDeiT(arch, **deploy_structure(mask)).eval(), arch)["total"]
+    before = ptflops_macs(DeployViT(arch).eval(), arch)["total"]
+    after = ptflops_macs(DeployViT(arch, **deploy_structure(mask)).eval(), arch)["total"]
     assert 1 - after / before == pytest.approx(report["achieved_reduction"], abs=1e-9)
 
 

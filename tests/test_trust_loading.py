@@ -16,7 +16,7 @@ import main as prune_main
 from args import DistributedConfig
 import main_deploy
 from losses import build_teacher
-from models import DeployDeiT, arch_of, create_model
+from models import DeployViT, arch_of, create_model
 from models.loading import load_pretrained
 from pruning.deploy import deploy_structure, load_masked_model
 from pruning.flops import arch_for_mask, mask_params
@@ -215,7 +215,7 @@ def test_deploy_checkpoint_loads_weights_only(tmp_path):
     arch = arch_of(MODEL)
     mask = PruneMask.full(arch, model=MODEL)
     mask.heads[1] = [0, 2]
-    model = DeployDeiT(arch, **deploy_structure(mask))
+    model = DeployViT(arch, **deploy_structure(mask))
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     optimizer.step()  # optimiser state with tensors
@@ -228,7 +228,7 @@ def test_deploy_checkpoint_loads_weights_only(tmp_path):
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     assert loaded["args"]["extra"] == [3, 0.5, "cpu"]
     # and it resumes: weights, optimiser, scheduler, scaler, EMA
-    fresh = DeployDeiT(arch, **deploy_structure(mask))
+    fresh = DeployViT(arch, **deploy_structure(mask))
     load_resume_weights(loaded, path, fresh, mask)
     optimizer2 = create_optimizer_v2(fresh, **optimizer_kwargs(cfg=args))
     scheduler2, _ = create_scheduler(args, optimizer2)

@@ -18,7 +18,7 @@ from timm.scheduler import create_scheduler
 import main_deploy
 from args import train_config
 from engine import ema_horizon_note
-from models import DeployDeiT, arch_of, create_model
+from models import DeployViT, arch_of, create_model
 from pruning import importance
 from pruning.deploy import deploy_structure
 from pruning.importance import PruningScorer
@@ -196,8 +196,8 @@ def write_runs(out, data_args: dict, arch):
     mask = PruneMask.full(arch, model=NAME)
     mask.heads[0] = [1, 2, 3]
     mask.mlp[1] = list(range(0, arch.mlp_hidden, 2))  # embed channels kept: gated == deploy model exactly
-    models = {"unpruned": randomized(DeployDeiT(arch), 11), "pruned": randomized(create_model(NAME, num_classes=3), 12),
-              "finetuned": randomized(DeployDeiT(arch, **deploy_structure(mask)), 13)}
+    models = {"unpruned": randomized(DeployViT(arch), 11), "pruned": randomized(create_model(NAME, num_classes=3), 12),
+              "finetuned": randomized(DeployViT(arch, **deploy_structure(mask)), 13)}
     mask.apply_to(models["pruned"])
     files = {"unpruned": ("1_pretrain", "best_checkpoint.pth", PruneMask.full(arch, model=NAME), "_deploy"),
              "pruned": ("2_prune", "checkpoint_pruned_00.pth", mask, ""),

@@ -53,13 +53,16 @@ def _unsafe_globals(path: str) -> list:
 def load_torch_file(path: str, what: str = "checkpoint", trust: bool = False) -> Any:
     """Load a torch file on CPU, turning a missing, unreadable or unsafe file into a `UserError`.
 
-    Files are read with `torch.load(weights_only=True)`: tensors and plain Python values
+    A `.safetensors` file (timm's download format) gives its tensors as a state dict.
+    Other files are read with `torch.load(weights_only=True)`: tensors and plain Python values
     only, so a file from elsewhere cannot run code. A file that needs full unpickling (it
     names other globals, e.g. `argparse.Namespace`) is refused unless `trust` is set
     (`--trust_checkpoint`), which loads it with `weights_only=False`.
     """
     if not path or not os.path.isfile(path):
         raise UserError(f"{what} file not found: {path!r}")
+    if str(path).endswith(".safetensors"):
+        return _load_safetensors(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as err:
@@ -72,6 +75,18 @@ def load_torch_file(path: str, what: str = "checkpoint", trust: bool = False) ->
         raise UserError(f"{what} file {path!r} is not a readable torch file (UnpicklingError: {reason})") from None
     except Exception as err:  # zip and torch errors all mean "not a checkpoint"
         raise UserError(f"{what} file {path!r} is not a readable torch file ({type(err).__name__}: {err})") from None
+
+
+def _load_safetensors(path: str, what: str) -> dict:
+    """A safetensors file's tensors (the format holds nothing that could run)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except Exception as err:  # safetensors' own errors, OS errors
+        reason = " ".join(str(err).split())[:200]
+        raise UserError(f"{what} file {path!r} is not a readable safetensors file ({type(err).__name__}: "
+                        f"{reason})") from None
 
 
 # what criteria/hessian pickles may name: numpy arrays, their dtypes and scalars (numpy 1 and 2 paths)

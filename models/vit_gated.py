@@ -1,12 +1,14 @@
-"""DeiT with SAViT's multiplicative 0/1 gates (docs/METHOD.md section 1).
+"""A timm-style ViT with SAViT's multiplicative 0/1 gates (docs/METHOD.md section 1).
 
 Three kinds of gate, each a `Gate` whose `weight` holds one scalar per unit:
   * `blocks.N.attn.attn_gate`   -- per head, on softmax(qk^T)v before the heads are merged;
   * `blocks.N.mlp.hidden_gate1` -- per MLP neuron, on the output of fc1 (before GELU);
   * `res_gate`                  -- ONE vector over the embedding channels shared by the
-    whole model, applied after pos_embed and after both residual additions of every
-    block. Each block holds the same module, so the state dict also carries the
-    reference's alias `blocks.N.res_gate.weight`.
+    whole model, applied to the residual stream where it starts (after the token embedding,
+    prefix tokens included, and after `norm_pre` when there is one) and after both
+    residual additions of every block (after LayerScale and drop path). Each block holds
+    the same module, so the state dict also carries the reference's alias
+    `blocks.N.res_gate.weight`.
 Gates are parameters with `requires_grad=False`: no optimizer ever updates them; the
 pruning pass switches their gradients on (and the weights' off) itself.
 """
@@ -16,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.deit_base import DeiTArch, DeiTBase, optional_drop_path, stochastic_depth_rates
+from models.vit_arch import ViTArch
+from models.vit_base import ViTBase, layer_norm, optional_drop_path, optional_layer_scale, stochastic_depth_rates
 
 
 class Gate(nn.Module):
@@ -54,20 +57,25 @@ def layer_norm_over_kept(x: torch.Tensor, norm: nn.LayerNorm, keep: Optional[tor
 
 
 class GatedAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, head_dim: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
+    def __init__(self, arch: ViTArch, dim: int, num_heads: int, head_dim: int):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.scale = head_dim ** -0.5
-        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim)
-        self.attn_drop = nn.Dropout(attn_drop)
+        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=arch.qkv_bias)
+        # qk_norm: LayerNorm over each head's dim, untouched by pruning whole heads
+        self.q_norm = layer_norm(arch, head_dim) if arch.qk_norm else None
+        self.k_norm = layer_norm(arch, head_dim) if arch.qk_norm else None
+        self.attn_drop = nn.Dropout(arch.attn_drop_rate)
         self.attn_gate = Gate(num_heads, dim=1)
         self.proj = nn.Linear(num_heads * head_dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = nn.Dropout(arch.drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if torch.is_grad_enabled():
             # explicit form: twice differentiable, needed for the gate Hessian
             attn = (q * self.scale) @ k.transpose(-2, -1)
@@ -93,28 +101,34 @@ class GatedMlp(nn.Module):
         return self.drop2(self.fc2(x))
 
 
+def scaled(ls: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    return ls(x) if ls is not None else x
+
+
 class GatedBlock(nn.Module):
-    def __init__(self, arch: DeiTArch, res_gate: Gate, drop_path: float):
+    def __init__(self, arch: ViTArch, res_gate: Gate, drop_path: float):
         super().__init__()
         dim = arch.embed_dim
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = GatedAttention(dim, arch.num_heads, arch.head_dim, arch.attn_drop_rate, arch.drop_rate)
+        self.norm1 = layer_norm(arch, dim)
+        self.attn = GatedAttention(arch, dim, arch.num_heads, arch.head_dim)
+        self.ls1 = optional_layer_scale(arch, dim)
         self.drop_path1 = optional_drop_path(drop_path)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = layer_norm(arch, dim)
         self.mlp = GatedMlp(dim, arch.mlp_hidden, arch.drop_rate)
+        self.ls2 = optional_layer_scale(arch, dim)
         self.drop_path2 = optional_drop_path(drop_path)
         self.res_gate = res_gate  # shared with the model: the reference's per-block alias
 
     def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = self.res_gate(x + self.drop_path1(self.attn(layer_norm_over_kept(x, self.norm1, keep))))
-        x = self.res_gate(x + self.drop_path2(self.mlp(layer_norm_over_kept(x, self.norm2, keep))))
+        x = self.res_gate(x + self.drop_path1(scaled(self.ls1, self.attn(layer_norm_over_kept(x, self.norm1, keep)))))
+        x = self.res_gate(x + self.drop_path2(scaled(self.ls2, self.mlp(layer_norm_over_kept(x, self.norm2, keep)))))
         return x
 
 
-class GatedDeiT(DeiTBase):
-    """DeiT with SAViT gates. Set `mask_aware_norm = True` for the exact pruned network."""
+class GatedViT(ViTBase):
+    """A ViT with SAViT gates. Set `mask_aware_norm = True` for the exact pruned network."""
 
-    def __init__(self, arch: DeiTArch, mask_aware_norm: bool = False):
+    def __init__(self, arch: ViTArch, mask_aware_norm: bool = False):
         super().__init__(arch, arch.embed_dim)
         self.res_gate = Gate(arch.embed_dim)
         rates = stochastic_depth_rates(arch)
@@ -122,12 +136,20 @@ class GatedDeiT(DeiTBase):
         self.mask_aware_norm = mask_aware_norm
         self.init_weights()
 
+    def _keep(self) -> Optional[torch.Tensor]:
+        return self.res_gate.weight if self.mask_aware_norm else None
+
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        keep = self.res_gate.weight if self.mask_aware_norm else None
+        keep = self._keep()
         x = self.res_gate(x)
+        if self.norm_pre is not None:
+            x = self.res_gate(layer_norm_over_kept(x, self.norm_pre, keep))
         for block in self.blocks:
             x = block(x, keep)
-        return layer_norm_over_kept(x, self.norm, keep)
+        return layer_norm_over_kept(x, self.norm, keep) if self.norm is not None else x
+
+    def pooled_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm_over_kept(x, self.fc_norm, self._keep()) if self.fc_norm is not None else x
 
     # -- gate access -------------------------------------------------------------
     def head_gates(self):

@@ -1,10 +1,10 @@
-"""The physically pruned DeiT: per-block head and neuron counts, one reduced width.
+"""The physically pruned ViT: per-block head and neuron counts, one reduced width.
 
 Head dim never changes. A block whose heads (or neurons) are all pruned keeps an
 identity residual for that branch: the branch module is `None` and is skipped, so no
 zero-size layer exists (ptflops, ONNX and torch.compile stay happy). The constant such a
-branch adds in the gated model (its output bias) is folded into the previous branch's
-output bias by `models.slicing.deploy_state_dict`.
+branch adds in the gated model (its output bias, times its LayerScale) is folded into the
+previous writer of the residual stream by `models.slicing.deploy_state_dict`.
 """
 from typing import List, Optional
 
@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.deit_base import DeiTArch, DeiTBase, optional_drop_path, stochastic_depth_rates
+from models.vit_arch import ViTArch
+from models.vit_base import ViTBase, layer_norm, optional_drop_path, optional_layer_scale, stochastic_depth_rates
 
 
 class AttentionCore(nn.Module):
@@ -28,18 +29,22 @@ class AttentionCore(nn.Module):
 
 
 class DeployAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, head_dim: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
+    def __init__(self, arch: ViTArch, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.head_dim = head_dim
-        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim)
-        self.core = AttentionCore(attn_drop)
-        self.proj = nn.Linear(num_heads * head_dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.head_dim = arch.head_dim
+        self.qkv = nn.Linear(dim, 3 * num_heads * self.head_dim, bias=arch.qkv_bias)
+        self.q_norm = layer_norm(arch, self.head_dim) if arch.qk_norm else None
+        self.k_norm = layer_norm(arch, self.head_dim) if arch.qk_norm else None
+        self.core = AttentionCore(arch.attn_drop_rate)
+        self.proj = nn.Linear(num_heads * self.head_dim, dim)
+        self.proj_drop = nn.Dropout(arch.drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         out = self.core(q, k, v)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
 
@@ -58,28 +63,33 @@ class DeployMlp(nn.Module):
 
 
 class DeployBlock(nn.Module):
-    def __init__(self, arch: DeiTArch, width: int, num_heads: int, hidden: int, drop_path: float):
+    def __init__(self, arch: ViTArch, width: int, num_heads: int, hidden: int, drop_path: float):
         super().__init__()
-        # an emptied branch has no norm and no layers at all: x + 0
-        self.norm1 = nn.LayerNorm(width, eps=1e-6) if num_heads else None
-        self.attn = DeployAttention(width, num_heads, arch.head_dim, arch.attn_drop_rate, arch.drop_rate) if num_heads else None
+        # an emptied branch has no norm, no layers and no scale at all: x + 0
+        self.norm1 = layer_norm(arch, width) if num_heads else None
+        self.attn = DeployAttention(arch, width, num_heads) if num_heads else None
+        self.ls1 = optional_layer_scale(arch, width) if num_heads else None
         self.drop_path1 = optional_drop_path(drop_path)
-        self.norm2 = nn.LayerNorm(width, eps=1e-6) if hidden else None
+        self.norm2 = layer_norm(arch, width) if hidden else None
         self.mlp = DeployMlp(width, hidden, arch.drop_rate) if hidden else None
+        self.ls2 = optional_layer_scale(arch, width) if hidden else None
         self.drop_path2 = optional_drop_path(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.attn is not None:
-            x = x + self.drop_path1(self.attn(self.norm1(x)))
+            y = self.attn(self.norm1(x))
+            x = x + self.drop_path1(self.ls1(y) if self.ls1 is not None else y)
         if self.mlp is not None:
-            x = x + self.drop_path2(self.mlp(self.norm2(x)))
+            y = self.mlp(self.norm2(x))
+            x = x + self.drop_path2(self.ls2(y) if self.ls2 is not None else y)
         return x
 
 
-class DeployDeiT(DeiTBase):
-    """A DeiT with `heads[l]` heads and `hidden[l]` MLP neurons in block l and width `width`."""
+class DeployViT(ViTBase):
+    """A ViT with `heads[l]` heads and `hidden[l]` MLP neurons in block l and width `width`
+    (the unpruned structure of `arch` for what is not given)."""
 
-    def __init__(self, arch: DeiTArch, width: Optional[int] = None, heads: Optional[List[int]] = None,
+    def __init__(self, arch: ViTArch, width: Optional[int] = None, heads: Optional[List[int]] = None,
                  hidden: Optional[List[int]] = None):
         width = arch.embed_dim if width is None else width
         heads = [arch.num_heads] * arch.depth if heads is None else list(heads)
@@ -97,9 +107,11 @@ class DeployDeiT(DeiTBase):
         self.init_weights()
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_pre is not None:
+            x = self.norm_pre(x)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)
+        return self.norm(x) if self.norm is not None else x
 
     def structure(self) -> dict:
         return {

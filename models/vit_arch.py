@@ -1,0 +1,231 @@
+"""The architecture record of a prunable ViT, read from timm's own configuration of a name.
+
+`ViTArch` describes the unpruned network; the gated and the deploy models are built from it.
+`arch_from_timm` reads it off a timm `VisionTransformer` (or DeiT's distilled variant) built
+on the meta device (no weights are allocated, nothing is downloaded), and refuses, in one line,
+anything that is not made of timm's standard pre-norm `Block`: the gates of SAViT are defined
+for that block only.
+"""
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from utils import UserError
+
+POOLS = ("token", "avg")
+
+
+@dataclass(frozen=True)
+class ViTArch:
+    """The unpruned architecture of a ViT (head dim = embed_dim / num_heads).
+
+    The defaults are DeiT's, so the `arch` entry of a DeiT checkpoint written before the
+    other fields existed still reads as the same model.
+    """
+
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    distilled: bool = False
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    # the timm VisionTransformer options beyond DeiT's
+    class_token: bool = True
+    reg_tokens: int = 0
+    no_embed_class: bool = False     # pos_embed covers the patches only (DeiT III)
+    global_pool: str = "token"       # 'token' (class token) or 'avg' (mean of the patch tokens)
+    fc_norm: bool = False            # the final norm sits after the pooling (then `norm` is absent)
+    pre_norm: bool = False           # `norm_pre` after the embedding; the patch conv has no bias then
+    init_values: Optional[float] = None  # LayerScale (`ls1`, `ls2`) when set
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.global_pool not in POOLS:
+            raise UserError(f"global_pool {self.global_pool!r} is not supported (expected one of {POOLS})")
+        if self.global_pool == "token" and not self.class_token:
+            raise UserError("global_pool 'token' needs the class token")
+        if self.embed_dim % self.num_heads:
+            raise UserError(f"embed_dim {self.embed_dim} is not a multiple of num_heads {self.num_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Class, distillation and register tokens, in that order before the patches."""
+        return int(self.class_token) + int(self.distilled) + self.reg_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + self.num_prefix_tokens
+
+    @property
+    def num_pos_tokens(self) -> int:
+        """Rows of `pos_embed`: the patches only with `no_embed_class`."""
+        return self.num_patches if self.no_embed_class else self.num_tokens
+
+    @property
+    def patch_bias(self) -> bool:
+        return not self.pre_norm
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "") -> "ViTArch":
+        """The `arch` entry of a checkpoint (unknown keys are an error, missing ones take the defaults)."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise UserError(f"{source}: 'arch' entry has unknown fields {unknown} (written by a newer version?)")
+        return cls(**d)
+
+    def with_options(self, **kwargs) -> "ViTArch":
+        """Copy with the usual `create_model` keyword arguments applied.
+
+        Accepts timm/DeiT-style kwargs (`num_classes`, `img_size`, `drop_rate`,
+        `drop_path_rate`, ...); `None` values and `pretrained=False` are ignored.
+        """
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if kwargs.pop("pretrained", False):
+            raise UserError("pretrained=True is not supported offline; pass weights with --finetune")
+        kwargs.pop("drop_block_rate", None)
+        if "input_size" in kwargs:
+            kwargs["img_size"] = kwargs.pop("input_size")
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unexpected model arguments: {unknown}")
+        arch = replace(self, **kwargs)
+        if arch.img_size % arch.patch_size:
+            raise UserError(f"input size {arch.img_size} is not a multiple of the patch size {arch.patch_size}")
+        return arch
+
+
+def _square(value, what: str, name: str) -> int:
+    value = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if value[0] != value[1]:
+        raise UserError(f"model {name!r}: non-square {what} {value} is not supported")
+    return int(value[0])
+
+
+def _exactly(module: nn.Module, cls: type) -> bool:
+    return type(module) is cls
+
+
+def arch_from_timm(model: nn.Module, name: str) -> ViTArch:
+    """Read the `ViTArch` of a timm VisionTransformer; one-line UserError for anything else.
+
+    `model` may live on the meta device: only module types, shapes and plain attributes are read.
+    """
+    from timm.layers import LayerScale, Mlp, PatchEmbed
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import Attention, Block, VisionTransformer
+
+    def refuse(what: str) -> UserError:
+        return UserError(f"model {name!r} is not supported: {what}. SAViT here prunes timm VisionTransformers "
+                         f"built from the standard pre-norm Block (ViT, DeiT, DeiT III, register and avg-pool ViTs)")
+
+    distilled = _exactly(model, VisionTransformerDistilled)
+    if not (distilled or _exactly(model, VisionTransformer)):
+        raise refuse(f"it is a {type(model).__name__}, not a timm VisionTransformer")
+    if not _exactly(model.patch_embed, PatchEmbed) or not isinstance(model.patch_embed.norm, nn.Identity):
+        raise refuse(f"its patch embedding is a {type(model.patch_embed).__name__} with a norm or another layout")
+    if getattr(model, "dynamic_img_size", False) or getattr(model.patch_embed, "dynamic_img_pad", False):
+        raise refuse("dynamic image size / padding")
+    if model.pos_embed is None:
+        raise refuse("it has no learned absolute position embedding")
+    if not isinstance(getattr(model, "patch_drop", nn.Identity()), nn.Identity):
+        raise refuse("patch dropout")
+    if getattr(model, "attn_pool", None) is not None or model.global_pool not in POOLS:
+        raise refuse(f"global_pool {model.global_pool!r} (supported: {', '.join(POOLS)})")
+    if getattr(model, "pool_include_prefix", False):
+        raise refuse("pooling that includes the prefix tokens")
+    if distilled and (model.no_embed_class or model.num_reg_tokens):
+        raise refuse("a distilled model with no_embed_class or register tokens")
+    fc_norm = not isinstance(model.fc_norm, nn.Identity)
+    if isinstance(model.norm, nn.Identity) == (not fc_norm):
+        raise refuse("no final norm (final_norm=False)")
+    blocks = list(model.blocks)
+    first = blocks[0]
+    norms = [model.norm_pre, model.norm, model.fc_norm]
+    for i, b in enumerate(blocks):
+        where = f"block {i}"
+        if not _exactly(b, Block):
+            raise refuse(f"{where} is a {type(b).__name__}, not timm's standard Block")
+        if not _exactly(b.attn, Attention):
+            raise refuse(f"{where} attention is a {type(b.attn).__name__} (RoPE, differential, ... attention)")
+        if not _exactly(b.mlp, Mlp) or not _exactly(b.mlp.act, nn.GELU) or b.mlp.act.approximate != "none":
+            raise refuse(f"{where} MLP is a {type(b.mlp).__name__} with {type(getattr(b.mlp, 'act', None)).__name__}"
+                         f" (only Mlp with exact GELU is supported)")
+        if not isinstance(getattr(b.attn, "norm", nn.Identity()), nn.Identity) or \
+                not isinstance(getattr(b.mlp, "norm", nn.Identity()), nn.Identity):
+            raise refuse(f"{where} has a norm inside its attention or MLP (scale_attn_norm / scale_mlp_norm)")
+        if b.attn.proj.bias is None or b.mlp.fc1.bias is None or b.mlp.fc2.bias is None:
+            raise refuse(f"{where} has a projection without bias")
+        if b.attn.num_heads * b.attn.head_dim != model.embed_dim:
+            raise refuse(f"{where} attention width {b.attn.num_heads * b.attn.head_dim} is not the embedding width")
+        for ls in (b.ls1, b.ls2):
+            if not (isinstance(ls, nn.Identity) or _exactly(ls, LayerScale)):
+                raise refuse(f"{where} has a {type(ls).__name__} residual scale")
+        same = (b.attn.num_heads, b.mlp.fc1.out_features, b.attn.qkv.bias is None, type(b.ls1), type(b.attn.q_norm))
+        if same != (first.attn.num_heads, first.mlp.fc1.out_features, first.attn.qkv.bias is None, type(first.ls1),
+                    type(first.attn.q_norm)):
+            raise refuse(f"{where} differs in shape or options from block 0")
+        norms += [b.norm1, b.norm2, b.attn.q_norm, b.attn.k_norm]
+    eps = {m.eps for m in norms if not isinstance(m, nn.Identity)}
+    if any(not _exactly(m, nn.LayerNorm) and not isinstance(m, nn.Identity) and
+           type(m).__name__ != "LayerNorm" for m in norms) or len(eps) != 1:
+        raise refuse("a norm other than LayerNorm, or LayerNorms with different eps")
+    hidden = first.mlp.fc1.out_features
+    mlp_ratio = hidden / model.embed_dim
+    if int(model.embed_dim * mlp_ratio) != hidden:
+        raise refuse(f"MLP width {hidden} is not embed_dim * mlp_ratio")
+    init_values = None
+    if not isinstance(first.ls1, nn.Identity):
+        init_values = getattr(first.ls1, "init_values", None)
+        if init_values is None:  # older timm keeps only gamma: read it (meta tensors have no values)
+            init_values = 1e-5 if first.ls1.gamma.is_meta else float(first.ls1.gamma.flatten()[0])
+    if (model.patch_embed.proj.bias is None) != (not isinstance(model.norm_pre, nn.Identity)):
+        raise refuse("a patch embedding bias that does not follow pre_norm (bias exactly when no norm_pre)")
+    head = model.head
+    num_classes = head.out_features if isinstance(head, nn.Linear) else 0
+    return ViTArch(
+        embed_dim=model.embed_dim, depth=len(blocks), num_heads=first.attn.num_heads, mlp_ratio=mlp_ratio,
+        img_size=_square(model.patch_embed.img_size, "image size", name),
+        patch_size=_square(model.patch_embed.patch_size, "patch size", name),
+        in_chans=model.patch_embed.proj.in_channels, num_classes=num_classes, distilled=distilled,
+        class_token=model.cls_token is not None, reg_tokens=int(model.num_reg_tokens),
+        no_embed_class=bool(model.no_embed_class), global_pool=model.global_pool, fc_norm=fc_norm,
+        pre_norm=not isinstance(model.norm_pre, nn.Identity), init_values=init_values,
+        qkv_bias=first.attn.qkv.bias is not None, qk_norm=not isinstance(first.attn.q_norm, nn.Identity),
+        norm_eps=float(eps.pop()),
+    )
+
+
+def timm_arch(name: str, build=None) -> ViTArch:
+    """The `ViTArch` of timm's configuration of `name` (or of the timm model `build()` returns),
+    built on the meta device with `pretrained=False`."""
+    import timm
+
+    with torch.device("meta"):
+        model = build() if build is not None else timm.create_model(name, pretrained=False)
+    return arch_from_timm(model, name)
