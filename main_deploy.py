@@ -134,7 +134,8 @@ def build_student(cfg: DeployRun, arch, resume_checkpoint):
     run, name = cfg.run, cfg.model.name
     if cfg.masked_model:
         with naming("masked_model", f" (with --model {name})"):  # the file may be fine, just not for this --model
-            mask, model = load_masked_model(arch, cfg.masked_model, run.finetune, trust=run.trust_checkpoint)
+            mask, model = load_masked_model(arch, cfg.masked_model, run.finetune, trust=run.trust_checkpoint,
+                                            classes_from_checkpoint=cfg.throughput)
     elif resume_checkpoint is not None and isinstance(resume_checkpoint.get("mask"), dict):
         mask = PruneMask.from_dict(resume_checkpoint["mask"], source=run.resume)
         with naming("resume", f" (with --model {name})"):
@@ -211,6 +212,7 @@ def main(ns: argparse.Namespace) -> None:
     if resume_checkpoint is not None and not isinstance(resume_checkpoint, dict):
         raise UserError(f"--resume {run.resume!r} is not a training checkpoint (expected a dict)")
     mask, model = build_student(cfg, arch, resume_checkpoint)
+    arch = model.arch  # with --throughput, the class count comes from --masked_model
     if resume_checkpoint is not None:
         load_resume_weights(resume_checkpoint, run.resume, model, mask)
         del resume_checkpoint["model"]  # loaded; no second copy of the weights for the whole run

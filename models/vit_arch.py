@@ -146,7 +146,7 @@ def arch_from_timm(model: nn.Module, name: str) -> ViTArch:
 
     distilled = _exactly(model, VisionTransformerDistilled)
     if not (distilled or _exactly(model, VisionTransformer)):
-        raise refuse(f"it is a {type(model).__name__}, not a timm VisionTransformer")
+        raise refuse(f"its class is {type(model).__name__}, not timm's VisionTransformer")
     if not _exactly(model.patch_embed, PatchEmbed) or not isinstance(model.patch_embed.norm, nn.Identity):
         raise refuse(f"its patch embedding is a {type(model.patch_embed).__name__} with a norm or another layout")
     if getattr(model, "dynamic_img_size", False) or getattr(model.patch_embed, "dynamic_img_pad", False):

@@ -4,6 +4,7 @@ The model itself comes from `models.build_deploy_model`, the one way from (archi
 mask, weights) to a deploy model; this module finds the mask, the architecture and the
 weights in the files a user passes.
 """
+from dataclasses import replace
 from typing import Optional, Tuple
 
 from models.build import build_deploy_model
@@ -30,7 +31,7 @@ def recorded_arch(checkpoint, source: str = "") -> Optional[ViTArch]:
 
 
 def load_masked_model(arch: Optional[ViTArch], masked_model: str, weights: str = "",
-                      trust: bool = False) -> Tuple[PruneMask, DeployViT]:
+                      trust: bool = False, classes_from_checkpoint: bool = False) -> Tuple[PruneMask, DeployViT]:
     """The deploy model of `--masked_model`, with its weights.
 
     Args:
@@ -42,9 +43,11 @@ def load_masked_model(arch: Optional[ViTArch], masked_model: str, weights: str =
         weights: with a mask JSON, the file holding the gated or plain DeiT weights to slice
             (starting weights: a classifier of another size is replaced, as with --finetune).
         trust: allow files that need full unpickling (`--trust_checkpoint`).
+        classes_from_checkpoint: a checkpoint's class count replaces `arch.num_classes` instead of
+            being checked against it (`--throughput` reads no data set to count classes from).
 
     Returns:
-        (mask, model).
+        (mask, model); `model.arch` is the architecture it was built with.
     """
     if masked_model.endswith(".json"):
         if not weights:
@@ -65,7 +68,9 @@ def load_masked_model(arch: Optional[ViTArch], masked_model: str, weights: str =
             arch = recorded
         head = state_dict_of(checkpoint, source).get("head.weight")
         classes = head.shape[0] if head is not None else (recorded.num_classes if recorded is not None else None)
-        if classes is not None and classes != arch.num_classes:
+        if classes is not None and classes != arch.num_classes and classes_from_checkpoint:
+            arch = replace(arch, num_classes=classes)
+        elif classes is not None and classes != arch.num_classes:
             raise UserError(f"--masked_model {source!r} was trained for {classes} classes but {arch.num_classes} "
                             f"are requested (num_classes / the data set's class count)")
     mask.check_fits(arch)

@@ -482,6 +482,21 @@ def test_throughput_prints_images_per_second_for_unpruned_and_deploy(explicit, c
         assert flops_ratio == pytest.approx(expected_ratio, abs=0.005 + 1e-9)
 
 
+def test_throughput_takes_the_class_count_of_the_masked_model(tmp_path, capsys):
+    """--throughput reads no data set: a checkpoint trained for 3 classes (the model's default is
+    another count) is measured as it is, not refused for a class-count mismatch."""
+    arch = arch_of("deit_test_patch8_32", num_classes=3)
+    model = create_model("deit_test_patch8_32", num_classes=3)
+    mask = PruneMask(embed_dim=64, depth=3, num_heads=4, head_dim=16, mlp_hidden=256, model="deit_test_patch8_32",
+                     **EXPLICIT)
+    mask.apply_to(model)
+    path = tmp_path / "checkpoint_pruned_00.pth"
+    torch.save({"model": model.state_dict(), "mask": mask.to_dict(), "arch": arch.to_dict()}, path)
+    _deploy(["--model", MODEL, "--input-size", "32", "--batch-size", "4", "--throughput", "--masked_model", str(path),
+             "--output_dir", ""])
+    assert re.search(r"throughput \(inference, batch 4, cpu\): unpruned [\d.]+ images/s", capsys.readouterr().out)
+
+
 # ---------------------------------------------------------------------------
 # 9. Bad input: exit 2, one error line naming the flag, nothing written
 # ---------------------------------------------------------------------------
