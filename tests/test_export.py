@@ -136,6 +136,27 @@ def test_onnx_runtime_matches_pytorch_at_batch_1_and_5(checkpoints, tmp_path, ca
         assert diff <= 1e-4
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", ["deit3_test_patch8_32", "vit_test_reg4_gap_patch8_32", "vit_test_gap_patch8_32",
+                                  "vit_test_prenorm_qknorm_patch8_32"])
+def test_onnx_export_of_every_vit_family_matches_the_gated_model(name, tmp_path):
+    """LayerScale, registers, avg pooling + fc_norm, norm_pre and qk_norm survive slicing and export:
+    ONNX Runtime on the exported deploy model == the gated model with mask-aware norm."""
+    import onnxruntime as ort
+
+    gated = gated_model(name, seed=7)
+    path, out = str(tmp_path / "checkpoint_pruned_00.pth"), str(tmp_path / "model.onnx")
+    torch.save(gated_checkpoint(gated), path)
+    main([path, "--format", "onnx", "--out", out])
+    session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
+    x = images(gated.arch, 3, seed=1)
+    (got,) = session.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        want = gated(x).numpy()
+    assert np.abs(want).max() > 0.1
+    assert float(np.abs(got - want).max()) <= 1e-4
+
+
 @pytest.mark.parametrize("kind", ["gated", "deploy"])
 @pytest.mark.parametrize("fmt", ["torchscript", "exported-program"])
 def test_torchscript_and_exported_program_reload_with_same_logits(checkpoints, kind, fmt, tmp_path, capsys):
