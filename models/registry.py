@@ -12,6 +12,8 @@ from typing import Dict, List
 
 import timm
 import torch.nn as nn
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
 
 from models.build import build_deploy_model
 from models.vit_arch import ViTArch, timm_arch
@@ -38,9 +40,6 @@ TEST_CONFIGS: Dict[str, dict] = {
 
 def build_timm_test_model(name: str, **overrides) -> nn.Module:
     """timm's own model for a tiny configuration (random weights): the reference the tests compare to."""
-    from timm.models.deit import VisionTransformerDistilled
-    from timm.models.vision_transformer import VisionTransformer
-
     kwargs = dict(TEST_CONFIGS[name], **overrides)
     cls = VisionTransformerDistilled if kwargs.pop("distilled", False) else VisionTransformer
     eps = kwargs.pop("eps", None)

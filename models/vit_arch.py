@@ -9,8 +9,12 @@ for that block only.
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
+import timm
 import torch
 import torch.nn as nn
+from timm.layers import LayerScale, Mlp, PatchEmbed
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
 from utils import UserError
 
@@ -136,10 +140,6 @@ def arch_from_timm(model: nn.Module, name: str) -> ViTArch:
 
     `model` may live on the meta device: only module types, shapes and plain attributes are read.
     """
-    from timm.layers import LayerScale, Mlp, PatchEmbed
-    from timm.models.deit import VisionTransformerDistilled
-    from timm.models.vision_transformer import Attention, Block, VisionTransformer
-
     def refuse(what: str) -> UserError:
         return UserError(f"model {name!r} is not supported: {what}. SAViT here prunes timm VisionTransformers "
                          f"built from the standard pre-norm Block (ViT, DeiT, DeiT III, register and avg-pool ViTs)")
@@ -202,8 +202,8 @@ def arch_from_timm(model: nn.Module, name: str) -> ViTArch:
     init_values = None
     if not isinstance(first.ls1, nn.Identity):
         init_values = getattr(first.ls1, "init_values", None)
-        if init_values is None:  # older timm keeps only gamma: read it (meta tensors have no values)
-            init_values = 1e-5 if first.ls1.gamma.is_meta else float(first.ls1.gamma.flatten()[0])
+        if init_values is None:  # older timm keeps only gamma (see timm_arch)
+            init_values = float(first.ls1.gamma.flatten()[0])
     if (model.patch_embed.proj.bias is None) != (not isinstance(model.norm_pre, nn.Identity)):
         raise refuse("a patch embedding bias that does not follow pre_norm (bias exactly when no norm_pre)")
     head = model.head
@@ -224,8 +224,11 @@ def arch_from_timm(model: nn.Module, name: str) -> ViTArch:
 def timm_arch(name: str, build=None) -> ViTArch:
     """The `ViTArch` of timm's configuration of `name` (or of the timm model `build()` returns),
     built on the meta device with `pretrained=False`."""
-    import timm
+    def make() -> nn.Module:
+        return build() if build is not None else timm.create_model(name, pretrained=False)
 
     with torch.device("meta"):
-        model = build() if build is not None else timm.create_model(name, pretrained=False)
+        model = make()
+    if any(isinstance(m, LayerScale) and not hasattr(m, "init_values") for m in model.modules()):
+        model = make()  # older timm: the LayerScale init value lives only in gamma, which meta tensors lack
     return arch_from_timm(model, name)
