@@ -1,13 +1,17 @@
 """FLOPs (multiply-accumulates, the DeiT papers' "FLOPs") and parameter counts.
 
 Two independent counts:
-  * `analytic_macs` -- closed form of a (gated or deploy) DeiT from its structure;
-  * `ptflops_macs`  -- ptflops' module hooks on a real deploy model, plus a hook for
-    the attention matmuls and softmax inside SDPA, which ptflops does not see.
+  * `analytic_macs` -- closed form of a (gated or deploy) ViT from its structure;
+  * `ptflops_macs`  -- ptflops' module hooks on a real deploy model, plus hooks for what
+    ptflops does not see: the attention matmuls and softmax inside SDPA (`AttentionCore`),
+    LayerScale's `x * gamma` and the token pooling (plain tensor ops).
 Both follow ptflops' conventions: a Linear costs rows * (in * out + out), a conv
-positions * (k*k*in*out + out), a LayerNorm 1 per element (ptflops' norm hook looks for
-`affine`, which LayerNorm lacks), GELU 1 per element, the
-attention 2 * h * N^2 * head_dim for q k^T and attn v plus h * N^2 for the softmax.
+positions * (k*k*in*out + out) (the `+ out` terms only with a bias), a LayerNorm 1 per
+element (ptflops' norm hook looks for `affine`, which LayerNorm lacks; qk_norm's LayerNorms
+over the head dim included), GELU 1 per element, the attention 2 * h * N^2 * head_dim for
+q k^T and attn v plus h * N^2 for the softmax; and, by the same one-per-element rule,
+LayerScale 1 per element of its branch output and the average pooling 1 per element of the
+patch tokens it averages (the class-token pooling is free).
 
 Run `python -m pruning.flops --model deit_base_patch16_224 [--mask FILE]` to print the
 table before/after pruning.
@@ -19,6 +23,7 @@ import torch
 
 from models.vit_arch import ViTArch
 from models import arch_of, build_deploy_model, gated_name_of
+from models.vit_base import LayerScale, TokenPool
 from models.vit_deploy import AttentionCore
 from pruning.mask import PruneMask
 from utils import Parser, UserError, cli_entry
@@ -26,25 +31,34 @@ from utils import Parser, UserError, cli_entry
 
 def analytic_macs(arch: ViTArch, width: Optional[int] = None, heads: Optional[List[int]] = None,
                   hidden: Optional[List[int]] = None) -> Dict[str, int]:
-    """MACs of one image, split 'attn' (norm1..proj), 'mlp' (norm2..fc2), 'other' (stem,
-    final norm, classifiers) and 'total'. Defaults describe the unpruned model."""
+    """MACs of one image, split 'attn' (norm1..proj, ls1), 'mlp' (norm2..fc2, ls2), 'other'
+    (stem, norm_pre, pooling, final norm, classifiers) and 'total'. Defaults describe the unpruned model.
+
+    n counts every token (class, distillation, registers, patches); an emptied branch costs nothing.
+    """
     d = arch.embed_dim if width is None else width
     heads = [arch.num_heads] * arch.depth if heads is None else heads
     hidden = [arch.mlp_hidden] * arch.depth if hidden is None else hidden
     n, hd, p = arch.num_tokens, arch.head_dim, arch.patch_size
+    layer_scale = n * d if arch.init_values is not None else 0  # x * gamma: 1 per element
     attn = mlp = 0
     for h, m in zip(heads, hidden):
         if h:
             a = h * hd
-            attn += n * d                          # norm1
-            attn += n * (d * 3 * a + 3 * a)        # qkv
-            attn += 2 * h * n * n * hd + h * n * n  # q k^T, attn v, softmax
-            attn += n * (a * d + d)                # proj
+            attn += n * d                                        # norm1
+            attn += n * (d * 3 * a + (3 * a if arch.qkv_bias else 0))  # qkv
+            attn += 2 * n * a if arch.qk_norm else 0             # q_norm, k_norm (1 per element of q, k)
+            attn += 2 * h * n * n * hd + h * n * n               # q k^T, attn v, softmax
+            attn += n * (a * d + d)                              # proj
+            attn += layer_scale                                  # ls1
         if m:
             mlp += n * d + n * (d * m + m) + n * m + n * (m * d + d)  # norm2, fc1, GELU, fc2
+            mlp += layer_scale                                   # ls2
     heads_out = 2 if arch.distilled else 1
-    other = arch.num_patches * (arch.in_chans * p * p * d + d)  # patch embedding
-    other += n * d                                              # final norm
+    other = arch.num_patches * (arch.in_chans * p * p * d + (d if arch.patch_bias else 0))  # patch embedding
+    other += n * d if arch.pre_norm else 0                      # norm_pre
+    other += arch.num_patches * d if arch.global_pool == "avg" else 0  # mean of the patch tokens
+    other += d if arch.fc_norm else n * d                       # fc_norm on the pooled vector, else norm
     other += heads_out * (d * arch.num_classes + arch.num_classes)
     return {"attn": attn, "mlp": mlp, "other": other, "total": attn + mlp + other}
 
@@ -62,16 +76,21 @@ def analytic_params(arch: ViTArch, width: Optional[int] = None, heads: Optional[
     d = arch.embed_dim if width is None else width
     heads = [arch.num_heads] * arch.depth if heads is None else heads
     hidden = [arch.mlp_hidden] * arch.depth if hidden is None else hidden
+    layer_scale = d if arch.init_values is not None else 0  # gamma of a kept branch
     attn = mlp = 0
     for h, m in zip(heads, hidden):
         a = h * arch.head_dim
         if h:
-            attn += 2 * d + d * 3 * a + 3 * a + a * d + d  # norm1, qkv, proj
+            attn += 2 * d + d * 3 * a + (3 * a if arch.qkv_bias else 0) + a * d + d  # norm1, qkv, proj
+            attn += 4 * arch.head_dim if arch.qk_norm else 0  # q_norm, k_norm (over the head dim)
+            attn += layer_scale                               # ls1
         if m:
-            mlp += 2 * d + d * m + m + m * d + d          # norm2, fc1, fc2
-    other = arch.in_chans * arch.patch_size ** 2 * d + d           # patch embedding
-    other += arch.num_prefix_tokens * d + arch.num_tokens * d      # cls/dist tokens, pos_embed
-    other += 2 * d + (2 if arch.distilled else 1) * (d * arch.num_classes + arch.num_classes)  # norm, heads
+            mlp += 2 * d + d * m + m + m * d + d + layer_scale  # norm2, fc1, fc2, ls2
+    other = arch.in_chans * arch.patch_size ** 2 * d + (d if arch.patch_bias else 0)  # patch embedding
+    other += arch.num_prefix_tokens * d + arch.num_pos_tokens * d  # class/dist/register tokens, pos_embed
+    other += 2 * d if arch.pre_norm else 0                          # norm_pre
+    other += 2 * d                                                  # norm, or fc_norm
+    other += (2 if arch.distilled else 1) * (d * arch.num_classes + arch.num_classes)  # heads
     return {"attn": attn, "mlp": mlp, "other": other, "total": attn + mlp + other}
 
 
@@ -93,15 +112,27 @@ def _attention_core_hook(module, inputs, output) -> None:
     module.__flops__ += int(b * h * n * m * (2 * hd + 1))
 
 
+def _layer_scale_hook(module, inputs, output) -> None:
+    module.__flops__ += int(output.numel())  # x * gamma
+
+
+def _token_pool_hook(module, inputs, output) -> None:
+    if module.kind == "avg":  # the mean over the patch tokens (the prefix tokens are skipped)
+        b, n, d = inputs[0].shape
+        module.__flops__ += int(b * (n - module.num_prefix_tokens) * d)
+
+
+CUSTOM_HOOKS = {AttentionCore: _attention_core_hook, LayerScale: _layer_scale_hook, TokenPool: _token_pool_hook}
+
+
 def ptflops_macs(model: torch.nn.Module, arch: ViTArch) -> Dict[str, int]:
     """ptflops count of a deploy (or timm-like) model for one image: {'total', 'params'}."""
     from ptflops import get_model_complexity_info  # here: seconds to import, needed by this count only
 
-
     was_training = model.training
     macs, params = get_model_complexity_info(
         model, (arch.in_chans, arch.img_size, arch.img_size), as_strings=False, print_per_layer_stat=False,
-        custom_modules_hooks={AttentionCore: _attention_core_hook},
+        custom_modules_hooks=CUSTOM_HOOKS,
         backend="pytorch", backend_specific_config={"count_functional": False},
     )
     model.train(was_training)

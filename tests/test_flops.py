@@ -4,9 +4,12 @@ import re
 import subprocess
 import sys
 
+from dataclasses import replace
+
 import pytest
 
 from models import DeployViT, arch_of
+from models.registry import TEST_CONFIGS
 from pruning.deploy import deploy_structure
 from pruning.flops import analytic_macs, mask_macs, mask_param_parts, mask_params, ptflops_macs
 from pruning.mask import PruneMask
@@ -19,33 +22,68 @@ def deploy_of(arch, mask) -> DeployViT:
     return DeployViT(arch, **deploy_structure(mask)).eval()
 
 
-@pytest.mark.parametrize("embed", [False, True], ids=["blocks_only", "with_embed"])
-@pytest.mark.parametrize("case", list(MASK_CASES))
-@pytest.mark.parametrize("name", ["deit_test_patch8_32", "deit_test_distilled_patch8_32", "deit_demo_patch8_32"])
-def test_analytic_matches_ptflops_tiny(name, case, embed):
-    arch = arch_of(name)
-    mask = mask_case(arch, case, embed=embed)
+def assert_counts_agree(arch, mask) -> None:
+    """Analytic MACs within 0.5% of ptflops on the deploy model; analytic params exact, per branch too."""
     model = deploy_of(arch, mask)
     analytic, counted = mask_macs(arch, mask), ptflops_macs(model, arch)
     assert abs(analytic["total"] / counted["total"] - 1) < 0.005, (analytic, counted)
     params = sum(p.numel() for p in model.parameters())
     assert mask_params(arch, mask) == params == counted["params"]
     parts = mask_param_parts(arch, mask)
-    branch = {"attn": ("norm1", "attn"), "mlp": ("norm2", "mlp")}
+    branch = {"attn": ("norm1", "attn", "ls1"), "mlp": ("norm2", "mlp", "ls2")}
     for part, prefixes in branch.items():
         numel = sum(p.numel() for n, p in model.named_parameters()
                     if n.startswith("blocks.") and n.split(".")[2] in prefixes)
         assert parts[part] == numel, part
 
 
+@pytest.mark.parametrize("embed", [False, True], ids=["blocks_only", "with_embed"])
+@pytest.mark.parametrize("case", list(MASK_CASES))
+@pytest.mark.parametrize("name", list(TEST_CONFIGS))
+def test_analytic_matches_ptflops_tiny(name, case, embed):
+    arch = arch_of(name)
+    assert_counts_agree(arch, mask_case(arch, case, embed=embed))
+
+
 @pytest.mark.parametrize("case", ["random0", "emptied"])
 def test_analytic_matches_ptflops_deit_small(case):
     arch = arch_of("deit_small_patch16_224")
-    mask = mask_case(arch, case, embed=True)
-    model = deploy_of(arch, mask)
-    analytic, counted = mask_macs(arch, mask), ptflops_macs(model, arch)
-    assert abs(analytic["total"] / counted["total"] - 1) < 0.005, (analytic, counted)
-    assert mask_params(arch, mask) == sum(p.numel() for p in model.parameters())
+    assert_counts_agree(arch, mask_case(arch, case, embed=True))
+
+
+# one full-size model per family, each with one pruned mask (embedding channels pruned as well)
+FULL_SIZE_FAMILIES = [
+    ("vit_base_patch16_224", "random1"),            # ViT (AugReg)
+    ("deit3_small_patch16_224", "emptied"),         # LayerScale, no_embed_class
+    ("vit_base_patch16_reg4_gap_256", "random2"),   # registers, avg pool + fc_norm
+    ("vit_medium_patch16_gap_256", "emptied"),      # avg pool, no fc_norm
+    ("vit_base_patch16_clip_224", "random0"),       # norm_pre, patch conv without bias
+]
+
+
+@pytest.mark.parametrize("name, case", FULL_SIZE_FAMILIES)
+def test_analytic_matches_ptflops_full_size_families(name, case):
+    arch = arch_of(name)
+    assert_counts_agree(arch, mask_case(arch, case, embed=True))
+
+
+def test_unpruned_family_counts_follow_the_options():
+    """Each option adds exactly its own term (independent closed forms of the differences)."""
+    base = arch_of("vit_test_patch8_32")
+    n, d, h, hd, depth = base.num_tokens, base.embed_dim, base.num_heads, base.head_dim, base.depth
+    full = mask_macs(base)["total"]
+    p = base.num_patches
+    assert mask_macs(replace(base, init_values=1e-5))["total"] - full == depth * 2 * n * d
+    assert mask_macs(replace(base, qkv_bias=False))["total"] - full == -depth * 3 * n * d
+    assert mask_macs(replace(base, qk_norm=True))["total"] - full == depth * 2 * n * h * hd
+    assert mask_macs(replace(base, pre_norm=True))["total"] - full == n * d - p * d  # norm_pre, no conv bias
+    assert mask_macs(replace(base, global_pool="avg", fc_norm=True))["total"] - full == p * d + d - n * d
+    params = mask_params(base)
+    assert mask_params(replace(base, init_values=1e-5)) - params == depth * 2 * d
+    assert mask_params(replace(base, qk_norm=True)) - params == depth * 4 * hd
+    assert mask_params(replace(base, pre_norm=True)) - params == 2 * d - d
+    assert mask_params(replace(base, reg_tokens=4)) - params == 4 * d + 4 * d  # tokens and pos_embed rows
+    assert mask_params(replace(base, reg_tokens=4, no_embed_class=True)) - params == 4 * d - d  # no class row
 
 
 @pytest.mark.parametrize("name, gmacs, mparams", [

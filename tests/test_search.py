@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from models import arch_of
+from models.registry import TEST_CONFIGS
 from models.vit_deploy import DeployViT
 from pruning.deploy import deploy_structure
 from pruning.flops import mask_macs, ptflops_macs
@@ -18,6 +19,9 @@ from utils import UserError
 
 ARCHS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224", "deit_test_patch8_32",
          "deit_demo_patch8_32"]
+# one full-size model of each other family (LayerScale, registers, avg pool, norm_pre, qkv without bias)
+FAMILIES = ["vit_base_patch16_224", "deit3_small_patch16_224", "vit_base_patch16_reg4_gap_256",
+            "vit_medium_patch16_gap_256", "vit_base_patch16_clip_224"]
 TARGETS = [0.235, 0.30, 0.50]
 
 
@@ -71,7 +75,7 @@ def test_reference_formula_matches_literal(name):
     assert reference_flops_fraction(arch, 1, 1, 1) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("name", ["deit_small_patch16_224", "deit_base_patch16_224"])
+@pytest.mark.parametrize("name", ["deit_small_patch16_224", "deit_base_patch16_224"] + FAMILIES)
 def test_reference_formula_is_close_to_the_exact_count(name):
     """The formula leaves out stem, classifier, norms, biases: within ~1.5% of the exact count."""
     arch = arch_of(name)
@@ -178,7 +182,7 @@ def test_search_same_seed_same_result_and_seeds_differ():
 
 # -- targets met on the exact count ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("name", ARCHS + FAMILIES)
 @pytest.mark.parametrize("kind", ["random", "positive", "minus_identity", "zero"])
 def test_prune_meets_the_target_on_the_exact_count(name, kind):
     arch = arch_of(name)
@@ -196,9 +200,10 @@ def test_prune_meets_the_target_on_the_exact_count(name, kind):
         assert report["mode"] == ("first-order" if kind == "zero" else "interactions")
 
 
-def test_deploy_model_count_agrees():
+@pytest.mark.parametrize("name", list(TEST_CONFIGS))
+def test_deploy_model_count_agrees(name):
     """The achieved reduction holds on the deploy model counted by ptflops (an independent counter)."""
-    arch = arch_of("deit_test_patch8_32")
+    arch = arch_of(name)
     mask, report = prune(random_criteria(arch), interaction_matrix("random"), arch, SearchOptions(0.3))
     before = ptflops_macs(DeployViT(arch).eval(), arch)["total"]
     after = ptflops_macs(DeployViT(arch, **deploy_structure(mask)).eval(), arch)["total"]
@@ -303,7 +308,11 @@ def test_counts_from_ratios_rounds_and_clips():
 
 @pytest.mark.parametrize("name,layers,target", [("deit_base_patch16_224", 0, 0.2), ("deit_small_patch16_224", 1, 0.3),
                                                 ("deit_small_patch16_224", 2, 0.3), ("deit_test_patch8_32", 1, 0.5),
-                                                ("deit_demo_patch8_32", 2, 0.235)])
+                                                ("deit_demo_patch8_32", 2, 0.235),
+                                                ("deit3_small_patch16_224", 1, 0.3),
+                                                ("vit_base_patch16_reg4_gap_256", 0, 0.2),
+                                                ("vit_medium_patch16_gap_256", 2, 0.3),
+                                                ("vit_base_patch16_clip_224", 1, 0.5)])
 def test_single_component_prunes_only_that_component(name, layers, target):
     arch = arch_of(name)
     crit = random_criteria(arch, seed=layers)

@@ -1,0 +1,90 @@
+"""One row per supported ViT family and model: does the gated model reproduce timm, and do the
+two MAC counts agree? Prints a markdown table.
+
+For each family, its tiny test configuration(s) (models.registry.TEST_CONFIGS) and one
+full-size timm name: timm's own model with seeded random weights (LayerScale gammas in
+[0.5, 1.5], so no block vanishes), loaded into the gated model (all gates 1); the largest
+|logit difference| over 2 random images in eval mode; the analytic MACs of one image
+(`pruning.flops.analytic_macs`) and ptflops' count of the unpruned deploy model.
+
+    OMP_NUM_THREADS=2 python benchmarks/family_table.py        # about a minute on 2 cores
+"""
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+from models import arch_of, build_deploy_model, create_model  # noqa: E402
+from models.loading import adapt_state_dict  # noqa: E402
+from models.registry import TEST_CONFIGS, build_timm_test_model  # noqa: E402
+from pruning.flops import mask_macs, ptflops_macs  # noqa: E402
+
+# family -> (tiny configurations, full-size timm name)
+FAMILIES = [
+    ("DeiT", ["deit_test_patch8_32", "deit_demo_patch8_32"], "deit_small_patch16_224"),
+    ("DeiT distilled", ["deit_test_distilled_patch8_32"], "deit_base_distilled_patch16_224"),
+    ("ViT (AugReg)", ["vit_test_patch8_32"], "vit_base_patch16_224"),
+    ("DeiT III (no_embed_class, LayerScale)", ["deit3_test_patch8_32"], "deit3_small_patch16_224"),
+    ("registers, avg pool + fc_norm", ["vit_test_reg4_gap_patch8_32"], "vit_base_patch16_reg4_gap_256"),
+    ("avg pool, no fc_norm", ["vit_test_gap_patch8_32"], "vit_medium_patch16_gap_256"),
+    ("pre-norm (CLIP), qk_norm (tiny)", ["vit_test_prenorm_qknorm_patch8_32"], "vit_base_patch16_clip_224"),
+]
+
+
+def randomized_timm_model(name: str, seed: int, scale: float) -> torch.nn.Module:
+    """timm's model of `name`, every parameter seeded noise (norm weights around 1, gammas in [0.5, 1.5])."""
+    if name in TEST_CONFIGS:
+        model = build_timm_test_model(name)
+    else:
+        with torch.device("meta"):  # timm's own init is skipped: every value is overwritten
+            model = timm.create_model(name, pretrained=False)
+        model = model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * scale
+            parts = key.split(".")
+            if key.endswith("gamma"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+            elif len(parts) > 1 and "norm" in parts[-2] and parts[-1] == "weight":
+                p.copy_(1 + noise)
+            else:
+                p.copy_(noise)
+    return model.eval()
+
+
+def row(family: str, name: str) -> str:
+    scale = 0.1 if name in TEST_CONFIGS else 0.02  # timm's init scale at full size
+    reference = randomized_timm_model(name, seed=0, scale=scale)
+    gated = create_model(name).eval()
+    gated.load_state_dict(adapt_state_dict(reference.state_dict(), gated), strict=True)
+    arch = arch_of(name)
+    x = torch.randn(2, arch.in_chans, arch.img_size, arch.img_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (gated(x) - reference(x)).abs().max().item()
+    del reference, gated
+    analytic = mask_macs(arch)["total"]
+    counted = ptflops_macs(build_deploy_model(arch).eval(), arch)["total"]
+    macs = (lambda v: f"{v / 1e9:.4f} G") if analytic >= 1e9 else (lambda v: f"{v / 1e6:.4f} M")
+    return (f"| {family} | {name} | {timm.__version__} | {diff:.2e} | {macs(analytic)} | {macs(counted)} | "
+            f"{analytic / counted:.6f} |")
+
+
+def main() -> None:
+    start = time.time()
+    print("| family | timm name | timm version | max abs logit diff, gated vs timm | analytic MACs | "
+          "ptflops MACs | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for family, tiny, full in FAMILIES:
+        for name in tiny + [full]:
+            print(row(family, name), flush=True)
+    print(f"\n({time.time() - start:.0f} s, torch {torch.__version__}, {torch.get_num_threads()} threads; random "
+          f"weights, 2 images, eval mode; MACs of one image, unpruned model)")
+
+
+if __name__ == "__main__":
+    main()
