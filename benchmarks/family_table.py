@@ -7,7 +7,7 @@ full-size timm name: timm's own model with seeded random weights (LayerScale gam
 |logit difference| over 2 random images in eval mode; the analytic MACs of one image
 (`pruning.flops.analytic_macs`) and ptflops' count of the unpruned deploy model.
 
-    OMP_NUM_THREADS=2 python benchmarks/family_table.py        # about a minute on 2 cores
+    OMP_NUM_THREADS=2 python benchmarks/family_table.py > logs/family_table.md    # minutes on 2 cores
 """
 import os
 import sys
@@ -21,17 +21,23 @@ import torch  # noqa: E402
 from models import arch_of, build_deploy_model, create_model  # noqa: E402
 from models.loading import adapt_state_dict  # noqa: E402
 from models.registry import TEST_CONFIGS, build_timm_test_model  # noqa: E402
+from pruning.baselines import random_mask  # noqa: E402
 from pruning.flops import mask_macs, ptflops_macs  # noqa: E402
 
-# family -> (tiny configurations, full-size timm name)
+# family -> (tiny configurations, full-size timm names)
 FAMILIES = [
-    ("DeiT", ["deit_test_patch8_32", "deit_demo_patch8_32"], "deit_small_patch16_224"),
-    ("DeiT distilled", ["deit_test_distilled_patch8_32"], "deit_base_distilled_patch16_224"),
-    ("ViT (AugReg)", ["vit_test_patch8_32"], "vit_base_patch16_224"),
-    ("DeiT III (no_embed_class, LayerScale)", ["deit3_test_patch8_32"], "deit3_small_patch16_224"),
-    ("registers, avg pool + fc_norm", ["vit_test_reg4_gap_patch8_32"], "vit_base_patch16_reg4_gap_256"),
-    ("avg pool, no fc_norm", ["vit_test_gap_patch8_32"], "vit_medium_patch16_gap_256"),
-    ("pre-norm (CLIP), qk_norm (tiny)", ["vit_test_prenorm_qknorm_patch8_32"], "vit_base_patch16_clip_224"),
+    ("DeiT", ["deit_test_patch8_32", "deit_demo_patch8_32"],
+     ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]),
+    ("DeiT distilled", ["deit_test_distilled_patch8_32"],
+     ["deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224", "deit_base_distilled_patch16_224"]),
+    ("ViT (AugReg)", ["vit_test_patch8_32"],
+     ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224",
+      "vit_base_patch32_224", "vit_base_patch16_384"]),
+    ("DeiT III (no_embed_class, LayerScale)", ["deit3_test_patch8_32"],
+     ["deit3_small_patch16_224", "deit3_base_patch16_224"]),
+    ("registers, avg pool + fc_norm", ["vit_test_reg4_gap_patch8_32"], ["vit_base_patch16_reg4_gap_256"]),
+    ("avg pool, no fc_norm", ["vit_test_gap_patch8_32"], ["vit_medium_patch16_gap_256"]),
+    ("pre-norm (CLIP), qk_norm (tiny)", ["vit_test_prenorm_qknorm_patch8_32"], ["vit_base_patch16_clip_224"]),
 ]
 
 
@@ -67,23 +73,32 @@ def row(family: str, name: str) -> str:
     with torch.no_grad():
         diff = (gated(x) - reference(x)).abs().max().item()
     del reference, gated
-    analytic = mask_macs(arch)["total"]
-    counted = ptflops_macs(build_deploy_model(arch).eval(), arch)["total"]
-    macs = (lambda v: f"{v / 1e9:.4f} G") if analytic >= 1e9 else (lambda v: f"{v / 1e6:.4f} M")
-    return (f"| {family} | {name} | {timm.__version__} | {diff:.2e} | {macs(analytic)} | {macs(counted)} | "
-            f"{analytic / counted:.6f} |")
+    cells = []
+    for mask in (None, half_mask(arch)):
+        analytic = mask_macs(arch, mask)["total"]
+        counted = ptflops_macs(build_deploy_model(arch, mask).eval(), arch)["total"]
+        macs = (lambda v: f"{v / 1e9:.4f} G") if analytic >= 1e9 else (lambda v: f"{v / 1e6:.4f} M")
+        cells.append(f"{macs(analytic)} / {macs(counted)} = {analytic / counted:.6f}")
+    return f"| {family} | {name} | {timm.__version__} | {diff:.2e} | {cells[0]} | {cells[1]} |"
+
+
+def half_mask(arch):
+    """A seeded random mask: half the heads and MLP neurons, a quarter of the embedding channels."""
+    counts = {"heads": arch.depth * arch.num_heads // 2, "mlp": arch.depth * arch.mlp_hidden // 2,
+              "embed": arch.embed_dim // 4}
+    return random_mask(arch, counts, seed=0)
 
 
 def main() -> None:
     start = time.time()
-    print("| family | timm name | timm version | max abs logit diff, gated vs timm | analytic MACs | "
-          "ptflops MACs | ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("| family | timm name | timm version | max abs logit diff, gated vs timm | MACs unpruned: analytic / "
+          "ptflops | MACs pruned (1/2 heads and neurons, 1/4 channels): analytic / ptflops |")
+    print("|---|---|---|---|---|---|")
     for family, tiny, full in FAMILIES:
-        for name in tiny + [full]:
+        for name in tiny + full:
             print(row(family, name), flush=True)
     print(f"\n({time.time() - start:.0f} s, torch {torch.__version__}, {torch.get_num_threads()} threads; random "
-          f"weights, 2 images, eval mode; MACs of one image, unpruned model)")
+          f"weights, 2 images, eval mode; MACs of one image)")
 
 
 if __name__ == "__main__":
