@@ -25,6 +25,9 @@ from conftest import randomize_
 from utils import UserError
 
 NAME = "deit_test_patch8_32"
+# one tiny configuration per kind of residual stream: LayerScale + no_embed_class, registers with avg
+# pooling + fc_norm, norm_pre + qk_norm
+FAMILIES = [NAME, "deit3_test_patch8_32", "vit_test_reg4_gap_patch8_32", "vit_test_prenorm_qknorm_patch8_32"]
 # a narrower tiny model for the full Hessian (3 * (2 + 64) + 16 = 214 gates)
 NARROW = dict(embed_dim=16, num_heads=2, img_size=16)
 
@@ -47,8 +50,8 @@ def make_batches(arch, sizes, seed: int, dtype=torch.float32):
     return batches
 
 
-def make_model(seed: int = 0, random_gates: bool = False, dtype=torch.float64, **kwargs):
-    model = randomize_(create_model(NAME, **kwargs), seed, scale=0.3).to(dtype)
+def make_model(seed: int = 0, random_gates: bool = False, dtype=torch.float64, name: str = NAME, **kwargs):
+    model = randomize_(create_model(name, **kwargs), seed, scale=0.3).to(dtype)
     if random_gates:  # g != 1 checks the g factor of the criteria
         g = torch.Generator().manual_seed(seed + 100)
         with torch.no_grad():
@@ -131,8 +134,9 @@ def taylor_terms(model, images, targets):
 
 # -- first order ----------------------------------------------------------------------------
 
-def test_method2_equals_squared_gate_gradients_per_batch_and_accumulated():
-    model = make_model(random_gates=True)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_method2_equals_squared_gate_gradients_per_batch_and_accumulated(name):
+    model = make_model(random_gates=True, name=name)
     arch = model.arch
     batches = make_batches(arch, [3, 2, 4], seed=1, dtype=torch.float64)
     scorer = PruningScorer(model, soft_cross_entropy, method=2, seed=0)
@@ -154,9 +158,10 @@ def test_method2_equals_squared_gate_gradients_per_batch_and_accumulated():
         torch.testing.assert_close(criteria[c], total[c] / len(batches), rtol=1e-9, atol=1e-15)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("method", [1, 3, 4])
-def test_methods_1_3_4_match_hand_computation(method):
-    model = make_model(random_gates=True)
+def test_methods_1_3_4_match_hand_computation(method, name):
+    model = make_model(random_gates=True, name=name)
     batches = make_batches(model.arch, [3, 1, 2], seed=2, dtype=torch.float64)  # unequal sizes matter for 4
     scorer = PruningScorer(model, soft_cross_entropy, method=method, seed=0)
     sums, denominator = None, 0
@@ -193,8 +198,9 @@ def test_taylor_terms_sum_to_gate_gradient():
 FIXED_DRAWS = {0: BlockDraw(2, ((0, 1), (2, 0), (0, 0))), 1: BlockDraw(1, ((1, 1), (0, 1), (0, 0)))}
 
 
-def test_interactions_equal_sums_of_the_full_gate_hessian(monkeypatch):
-    model = make_model(**NARROW)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_interactions_equal_sums_of_the_full_gate_hessian(monkeypatch, name):
+    model = make_model(name=name, **NARROW)
     arch = model.arch
     depth, D = arch.depth, arch.embed_dim
     monkeypatch.setattr(importance, "block_draw", lambda seed, index, d: FIXED_DRAWS[index])
