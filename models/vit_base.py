@@ -64,6 +64,35 @@ def layer_norm(arch: ViTArch, width: int) -> nn.LayerNorm:
     return nn.LayerNorm(width, eps=arch.norm_eps)
 
 
+class AttentionProjections(nn.Module):
+    """What every attention here shares: the fused qkv projection, the optional per-head q/k
+    norms, and the output projection. Subclasses add what runs between (`forward`)."""
+
+    def __init__(self, arch: ViTArch, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = arch.head_dim
+        self.qkv = nn.Linear(dim, 3 * num_heads * self.head_dim, bias=arch.qkv_bias)
+        # qk_norm: LayerNorm over each head's dim, untouched by pruning whole heads
+        self.q_norm = layer_norm(arch, self.head_dim) if arch.qk_norm else None
+        self.k_norm = layer_norm(arch, self.head_dim) if arch.qk_norm else None
+        self.proj = nn.Linear(num_heads * self.head_dim, dim)
+        self.proj_drop = nn.Dropout(arch.drop_rate)
+
+    def heads_qkv(self, x: torch.Tensor):
+        """q, k, v of shape (B, heads, N, head_dim), q and k normalised when `qk_norm`."""
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def project(self, heads_out: torch.Tensor) -> torch.Tensor:
+        """(B, heads, N, head_dim) -> merged heads -> output projection (B, N, dim)."""
+        B, _, N, _ = heads_out.shape
+        return self.proj_drop(self.proj(heads_out.transpose(1, 2).reshape(B, N, -1)))
+
+
 class ViTBase(nn.Module):
     """Stem, prefix tokens, final norm(s) and classifier(s) of a ViT of width `width`.
 

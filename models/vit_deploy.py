@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.vit_arch import ViTArch
-from models.vit_base import ViTBase, layer_norm, optional_drop_path, optional_layer_scale, stochastic_depth_rates
+from models.vit_base import AttentionProjections, ViTBase, layer_norm, optional_drop_path, optional_layer_scale, stochastic_depth_rates
 
 
 class AttentionCore(nn.Module):
@@ -28,25 +28,13 @@ class AttentionCore(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
 
 
-class DeployAttention(nn.Module):
+class DeployAttention(AttentionProjections):
     def __init__(self, arch: ViTArch, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = arch.head_dim
-        self.qkv = nn.Linear(dim, 3 * num_heads * self.head_dim, bias=arch.qkv_bias)
-        self.q_norm = layer_norm(arch, self.head_dim) if arch.qk_norm else None
-        self.k_norm = layer_norm(arch, self.head_dim) if arch.qk_norm else None
+        super().__init__(arch, dim, num_heads)
         self.core = AttentionCore(arch.attn_drop_rate)
-        self.proj = nn.Linear(num_heads * self.head_dim, dim)
-        self.proj_drop = nn.Dropout(arch.drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        out = self.core(q, k, v)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+        return self.project(self.core(*self.heads_qkv(x)))
 
 
 class DeployMlp(nn.Module):

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.vit_arch import ViTArch
-from models.vit_base import ViTBase, layer_norm, optional_drop_path, optional_layer_scale, stochastic_depth_rates
+from models.vit_base import AttentionProjections, ViTBase, layer_norm, optional_drop_path, optional_layer_scale, stochastic_depth_rates
 
 
 class Gate(nn.Module):
@@ -56,34 +56,22 @@ def layer_norm_over_kept(x: torch.Tensor, norm: nn.LayerNorm, keep: Optional[tor
     return (y * norm.weight + norm.bias) * keep
 
 
-class GatedAttention(nn.Module):
-    def __init__(self, arch: ViTArch, dim: int, num_heads: int, head_dim: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = head_dim
-        self.scale = head_dim ** -0.5
-        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=arch.qkv_bias)
-        # qk_norm: LayerNorm over each head's dim, untouched by pruning whole heads
-        self.q_norm = layer_norm(arch, head_dim) if arch.qk_norm else None
-        self.k_norm = layer_norm(arch, head_dim) if arch.qk_norm else None
+class GatedAttention(AttentionProjections):
+    def __init__(self, arch: ViTArch, dim: int, num_heads: int):
+        super().__init__(arch, dim, num_heads)
+        self.scale = self.head_dim ** -0.5
         self.attn_drop = nn.Dropout(arch.attn_drop_rate)
         self.attn_gate = Gate(num_heads, dim=1)
-        self.proj = nn.Linear(num_heads * head_dim, dim)
-        self.proj_drop = nn.Dropout(arch.drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.heads_qkv(x)
         if torch.is_grad_enabled():
             # explicit form: twice differentiable, needed for the gate Hessian
             attn = (q * self.scale) @ k.transpose(-2, -1)
             out = self.attn_drop(attn.softmax(dim=-1)) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
-        out = self.attn_gate(out)  # (B, heads, N, head_dim): one gate per head
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+        return self.project(self.attn_gate(out))  # (B, heads, N, head_dim): one gate per head
 
 
 class GatedMlp(nn.Module):
@@ -110,7 +98,7 @@ class GatedBlock(nn.Module):
         super().__init__()
         dim = arch.embed_dim
         self.norm1 = layer_norm(arch, dim)
-        self.attn = GatedAttention(arch, dim, arch.num_heads, arch.head_dim)
+        self.attn = GatedAttention(arch, dim, arch.num_heads)
         self.ls1 = optional_layer_scale(arch, dim)
         self.drop_path1 = optional_drop_path(drop_path)
         self.norm2 = layer_norm(arch, dim)
