@@ -54,7 +54,11 @@ RUNNERS: List[Tuple[str, str]] = [
     (r"python benchmarks/bench_deploy_speed\.py ", "bench_speed"),
     (r"python benchmarks/bench_pruning_pass\.py ", "bench_pass"),
     (r"bash scripts/gpu_check\.sh$", "gpu_check"),
+    (r"python main\.py --model=vit_base_patch16_224 ", "prune_vit"),
+    (r"torchrun --nproc_per_node=8 main_deploy\.py --model=vit_base_patch16_224_deploy ", "finetune_vit"),
 ]
+# the section "Pruning your own ViT": its own test (test_readme_vit_commands_run_as_written)
+VIT_RUNNERS = ("prune_vit", "finetune_vit")
 
 
 def runner_of(command: str) -> str:
@@ -243,6 +247,61 @@ def run_gpu_check(command: str, world: dict) -> None:
         assert "| 2 | pruning pass | passed |" in f.read()
 
 
+def _flag_value(command: str, flag: str) -> str:
+    match = re.search(rf"{flag}=(\S+)", command)
+    assert match, f"{flag} not in {command!r}"
+    return match.group(1)
+
+
+def _tiny_vit_weights(path: str) -> None:
+    """timm's own tiny ViT (the ImageFolder's 3 classes) saved where the command expects timm's model.safetensors."""
+    import safetensors.torch
+
+    from models.registry import build_timm_test_model
+
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        net = build_timm_test_model("vit_test_patch8_32", num_classes=3)
+        safetensors.torch.save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+
+
+def _check_supported(command: str) -> None:
+    """The command's own (full-size) model name is one both scripts accept."""
+    from models import arch_of, is_deploy_name
+
+    name = _flag_value(command, "--model")
+    arch_of(name)
+    assert is_deploy_name(name) == ("main_deploy.py" in command)
+
+
+def run_prune_vit(command: str, world: dict) -> None:
+    # the full-size ViT-B replaced by the tiny timm ViT of the same family (appended --model), at 32x32
+    _check_supported(command)
+    _tiny_vit_weights(_substitute(_flag_value(command, "--finetune"), world))
+    proc = _run(command, world, ["--model", "vit_test_patch8_32", "--input-size", "32", "--batch-size", "4",
+                                 "--pruning_feed_percent", "1.0", *CPU])
+    reduction = re.search(r"FLOPs reduction \(deploy model, ptflops\): ([\d.]+)%", proc.stdout)
+    assert reduction and abs(float(reduction.group(1)) - 50.0) <= 0.5, proc.stdout[-2000:]
+    out = _substitute(_flag_value(command, "--output_dir"), world)
+    for name in ("checkpoint_pruned_00.pth", "mask.json", "pruning_report.json", "hessian.pickle"):
+        assert os.path.isfile(os.path.join(out, name)), name
+
+
+def run_finetune_vit(command: str, world: dict) -> None:
+    # one CPU process instead of 8 GPUs, the tiny ViT (student and teacher), one short epoch at 32x32
+    _check_supported(command)
+    short = command.replace("--nproc_per_node=8 ", "--nproc_per_node=1 ")
+    _tiny_vit_weights(_substitute(_flag_value(command, "--teacher-path"), world))
+    proc = _run(short, world, ["--model", "vit_test_patch8_32_deploy", "--teacher-model", "vit_test_patch8_32",
+                               "--epochs", "1", "--input-size", "32", "--batch-size", "2", *CPU])
+    reduction = re.search(r"deploy model: .* FLOPs reduction ([\d.]+)%", proc.stdout)
+    assert reduction and abs(float(reduction.group(1)) - 50.0) <= 0.5, proc.stdout[-2000:]
+    out = _substitute(_flag_value(command, "--output_dir"), world)
+    assert os.path.isfile(os.path.join(out, "checkpoint.pth"))
+    with open(os.path.join(out, "log.txt")) as f:
+        assert [__import__("json").loads(line)["epoch"] for line in f] == [0]
+
+
 RUN: Dict[str, Callable[[str, dict], None]] = {name[4:]: fn for name, fn in globals().items()
                                                if name.startswith("run_") and callable(fn)}
 
@@ -252,8 +311,19 @@ def test_readme_commands_run_as_written(world):
     ran = []
     for _, command in readme_commands():
         name = runner_of(command)
-        if name == "suite":  # the command that runs this test
+        if name == "suite" or name in VIT_RUNNERS:  # the command that runs this test; the next test's
             continue
         RUN[name](command, world)
         ran.append(name)
     assert "finetune" in ran and ran.index("prune") < ran.index("eval_pruned") < ran.index("export")
+
+
+def test_readme_vit_commands_run_as_written(world):
+    """The section "Pruning your own ViT": main.py, then main_deploy.py on its output."""
+    ran = []
+    for _, command in readme_commands():
+        name = runner_of(command)
+        if name in VIT_RUNNERS:
+            RUN[name](command, world)
+            ran.append(name)
+    assert ran == list(VIT_RUNNERS)
