@@ -85,10 +85,11 @@ def deploy_state_dict(mask, gated: Dict[str, Tensor], arch) -> Dict[str, Tensor]
         target, scale = writer
         if scale in out:  # the writer adds gamma * (W h + b): add constant / gamma to b
             gamma = out[scale].to(torch.float64)
-            if bool((gamma == 0).any() & (constant != 0).any()):
+            if bool(((gamma == 0) & (constant != 0)).any()):
                 raise ValueError(f"cannot fold the constant of an emptied branch into {target}: "
-                                 f"its LayerScale {scale} has zero channels")
-            constant = (constant.to(torch.float64) / gamma)
+                                 f"its LayerScale {scale} is zero where the constant is not")
+            safe = torch.where(gamma == 0, torch.ones_like(gamma), gamma)  # 0 / 0: nothing to add there
+            constant = torch.where(gamma == 0, torch.zeros_like(gamma), constant.to(torch.float64) / safe)
         out[target] = out[target] + constant.to(out[target].dtype)
 
     for i in range(mask.depth):

@@ -192,15 +192,8 @@ def test_flops_reduction_within_half_a_percent_of_the_target(name, runs):
     assert deployed == pytest.approx(reduction, abs=6e-5)
 
 
-# pruning/flops.py's analytic count (main.py's "before") is DeiT's: it counts the final norm over every token
-# where fc_norm sees the pooled vector only (and ignores qkv_bias=False, norm_pre, qk_norm)
-ANALYTIC_COUNT_DIFFERS = pytest.mark.xfail(strict=True, reason="pruning/flops.py analytic_macs ignores fc_norm "
-                                                               "(the count main.py divides by)")
-
-
 @pytest.mark.e2e
-@pytest.mark.parametrize("name", [pytest.param(n, marks=ANALYTIC_COUNT_DIFFERS) if n.endswith("gap_patch8_32")
-                                  else n for n in FAMILIES])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_main_prints_the_ptflops_reduction_of_the_deploy_model(name, runs):
     _, deploy = load_masked_model(None, os.path.join(runs[name]["out"], CHECKPOINT))
     assert _printed_reductions(runs[name])[0] == pytest.approx(_ptflops_reduction(name, deploy), abs=1e-6)

@@ -129,6 +129,29 @@ def test_deploy_equals_gated_tiny(name, case, embed):
                                        atol=ATOL, rtol=0)
 
 
+def test_layer_scale_fold_with_zero_gamma_channels():
+    """Block 0's MLP emptied after its kept attention: the MLP's constant gamma2 * fc2.bias is folded
+    into attn.proj.bias / gamma1. A channel where gamma1 is 0 is fine when the constant is 0 there
+    too; where it is not, slicing refuses instead of changing the network."""
+    from pruning.mask import PruneMask
+
+    reference = timm_reference("deit3_test_patch8_32", seed=5)
+    gated = gated_from(reference, "deit3_test_patch8_32")
+    mask = PruneMask.full(gated.arch)
+    mask.mlp[0] = []
+    mask.apply_to(gated)
+    with torch.no_grad():
+        gated.blocks[0].ls1.gamma[5] = 0.0
+        gated.blocks[0].ls2.gamma[5] = 0.0
+    deploy = build_deploy_model(gated.arch, mask, weights=gated.state_dict()).eval()
+    x = images(gated.arch)
+    with torch.no_grad():
+        assert_logits_equal(deploy(x), gated(x))
+        gated.blocks[0].ls2.gamma[5] = 1.0
+    with pytest.raises(ValueError, match="ls1.gamma is zero where the constant is not"):
+        build_deploy_model(gated.arch, mask, weights=gated.state_dict())
+
+
 # -- 1. + 2. full size: gated == timm, and deploy == gated -----------------------------------
 
 @pytest.mark.parametrize("name", FULL_SIZE)
