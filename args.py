@@ -15,16 +15,19 @@ Checks across flags that need nothing but the flags are in `check_common`.
 The library never sees the parsed namespace: the scripts turn it into frozen dataclasses
 (`datasets.DataConfig`, `datasets.MixupConfig`, `engine.TrainConfig`, `losses.DistillConfig`,
 and here `ModelConfig`, `RunConfig`, `PruneConfig`, `DeployConfig`, `DistributedConfig`).
+Nor does it spell flags: a library `UserError` names the configuration field it is about
+(`field="data_path"`) and mentions others as `<field>` tokens; `error_text` turns fields into
+flags, read from the `add_*` groups (`script_flags`), for the line both scripts print and log.
 
 Nothing is parsed at import time.
 """
 import argparse
-import contextlib
+import functools
 import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -33,7 +36,7 @@ from engine import TrainConfig
 from losses import DistillConfig
 from models import arch_of, is_prunable
 from pruning.search import SearchOptions
-from utils import DistributedConfig, UserError, init_distributed_mode
+from utils import DistributedConfig, UserError, cli_entry, error_line, init_distributed_mode, option_flags
 
 DATA_SETS = ("IMNET", "CIFAR", "INAT", "INAT19", "DIGITS")
 INAT_CATEGORIES = ("kingdom", "phylum", "class", "order", "supercategory", "family", "genus", "name")
@@ -245,6 +248,65 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
                    help="local rank, passed by torch.distributed.launch without --use_env")
 
 
+def add_pruning_args(parser: argparse.ArgumentParser) -> None:
+    """main.py's pruning flags: target, method, scope, scoring pass, interactions, pickles, protection."""
+    g = parser.add_argument_group("pruning")
+    g.add_argument("--pruning_flops_percentage", type=open_unit_interval, default=0.50,
+                   help="fraction of the FLOPs to remove, in (0, 1) (default: 0.50)")
+    g.add_argument("--pruning_method", type=int, default=2, choices=[1, 2, 3, 4],
+                   help="importance: 1 mean|grad*out|, 2 (g*dL/dg)^2, 3 sum_b(sum_n grad*out)^2, "
+                        "4 sum|grad*out| / positions (default: 2)")
+    g.add_argument("--pruning_layers", type=int, default=3, choices=[0, 1, 2, 3],
+                   help="what to prune: 0 heads, 1 MLP neurons, 2 embedding channels, 3 all (default: 3)")
+    g.add_argument("--pruning_feed_percent", type=upper_unit_interval, default=0.1,
+                   help="fraction of the training batches used for scoring (at least one batch; default: 0.1)")
+    g.add_argument("--pruning_flops_threshold", type=positive_float, default=1e-4,
+                   help="tolerance of the search's FLOPs constraint (default: 1e-4)")
+    g.add_argument("--round_to", type=positive_int, default=1,
+                   help="hardware-aligned widths: every block's kept MLP width and the kept embedding width are "
+                        "multiples of N (N must divide both widths; default: 1, the reference's selection)")
+    g.add_argument("--need_hessian", action="store_true",
+                   help="estimate the interactions between components (SAViT); without it, first-order mode")
+    g.add_argument("--hessian_embed", type=float, default=6.0,
+                   help="scale of the embedding normaliser of the interactions (default: 6.0)")
+    g.add_argument("--hessian_estimator", default="reference", choices=["reference", "rb"],
+                   help="estimator of the interactions: reference (one block m per pair) or rb (the exact "
+                        "mean over m <= l: same expectation and cost, lower variance; default: reference)")
+    g.add_argument("--hessian_blocks", type=positive_int, default=1,
+                   help="draws of the block l per batch for the interactions, averaged; each costs 2 more "
+                        "Hessian-vector products (default: 1)")
+    g.add_argument("--pruning_micro_batch", type=non_negative_int, default=0,
+                   help="score each batch in chunks of this many images: same criteria and C, peak memory "
+                        "about proportional to the chunk (0: whole batches; default: 0)")
+    g.add_argument("--pruning_pickle_from", type=str, default="",
+                   help="folder with criteria/hessian pickles of an earlier run: skip scoring")
+    g.add_argument("--pruning_normalize_by_layer", action="store_true",
+                   help="divide each block's criteria by their norm (see --pruning_normalize_type)")
+    g.add_argument("--pruning_normalize_type", type=int, default=2, choices=[1, 2], help="1: L1, 2: L2 (default: 2)")
+    g.add_argument("--pruning_protect", action=argparse.BooleanOptionalAction, default=True,
+                   help="never prune the top 5%% units of each block and component (default: on)")
+    g.add_argument("--no_pruning_protect", action="store_false", dest="pruning_protect", help=argparse.SUPPRESS)
+    g.add_argument("--pruning_silent", action="store_true", help="no per-block listing in the output")
+    g.add_argument("--mask_aware_norm", action="store_true",
+                   help="with --eval: LayerNorm statistics over the kept embedding channels only (the exact "
+                        "pruned network); default is the reference's LayerNorm over all channels")
+
+
+def add_deploy_args(parser: argparse.ArgumentParser) -> None:
+    """main_deploy.py's own flags: `--masked_model --throughput --auto_resume --save_safetensors`."""
+    g = parser.add_argument_group("deploy")
+    g.add_argument("--masked_model", default="",
+                   help="the pruned model: main.py's checkpoint_pruned_00.pth, the reference's, or a mask JSON "
+                        "(then --finetune gives the weights to slice)")
+    g.add_argument("--throughput", action="store_true",
+                   help="measure inference images/s of this model and of the unpruned one, then exit")
+    g.add_argument("--auto_resume", action="store_true",
+                   help="resume from --output_dir/checkpoint.pth when it exists, else start from epoch 0")
+    g.add_argument("--save_safetensors", action="store_true",
+                   help="also write best_checkpoint.safetensors (weights; architecture, structure and "
+                        "normalisation in its metadata): models.load_pruned reads it")
+
+
 # -- the reference's flags a script accepts but does not use ----------------------------------------
 
 @dataclass(frozen=True)
@@ -279,31 +341,45 @@ def reference_warnings(ns: argparse.Namespace, flags: List[ReferenceFlag]) -> Li
             for ref in flags if getattr(ns, ref.dest) not in ref.neutral]
 
 
-# -- errors from the library, named by their flag ---------------------------------------------------
+# -- errors from the library, named by their flag ------------------------------------------------
 
-FLAG_OF_FIELD: Dict[str, str] = {
-    "finetune": "--finetune", "masked_model": "--masked_model", "resume": "--resume",
-    "model": "--model", "teacher_path": "--teacher-path", "data_path": "--data-path", "pruning_pickle_from": "--pruning_pickle_from",
-}
+def _all_flags_parser() -> argparse.ArgumentParser:
+    """Every flag group of main.py and main_deploy.py (not the reference's): where fields find their flags."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_model_args(parser, ema=True)
+    add_optimizer_args(parser)
+    add_schedule_args(parser)
+    add_augmentation_args(parser, repeated_aug=True)
+    add_mixup_args(parser)
+    add_distillation_args(parser)
+    add_data_args(parser)
+    add_run_args(parser, save_freq=True, seed_help="")
+    add_distributed_args(parser)
+    add_pruning_args(parser)
+    add_deploy_args(parser)
+    return parser
 
 
-@contextlib.contextmanager
-def naming(field: str, detail: str = "") -> Iterator[None]:
-    """Turn a `UserError` raised inside into one naming the flag of `field` (the ONE place that does).
+@functools.lru_cache(maxsize=None)
+def script_flags() -> Dict[str, str]:
+    """Field (argparse dest) -> flag of the two scripts, e.g. "data_path" -> "--data-path"."""
+    return option_flags(_all_flags_parser())
 
-    Library messages describe the file or value; the flag is added here. Some library
-    messages (pruning's) still begin with the flag themselves: those are left as they are.
-    """
-    flag = FLAG_OF_FIELD[field]
-    try:
-        yield
-    except UserError as err:
-        text = str(err)
-        if text.startswith(flag):
-            raise
-        named = UserError(f"{flag}{detail}: {text}")
-        named.rank_specific = err.rank_specific
-        raise named from None
+
+def flag_of(field: str) -> Optional[str]:
+    """The flag of a configuration field, None for a field no script has."""
+    return script_flags().get(field)
+
+
+def error_text(err: BaseException) -> str:
+    """The one line a script prints (and logs) for `err`: the flag of its field, then the message
+    with each `<field>` token replaced by its flag -- the ONE place fields become flags."""
+    return error_line(err, script_flags())
+
+
+def script_entry(main_fn: Callable) -> Callable:
+    """`utils.cli_entry` with the scripts' flags: a `UserError` becomes `error: {error_text(err)}`, exit 2."""
+    return cli_entry(main_fn, flags=script_flags)
 
 
 # -- checks across flags (ranges are checked by the parser) -----------------------------------------

@@ -224,11 +224,11 @@ class DigitsDataset(Dataset):
 
 def _class_folders(root: str) -> List[str]:
     if not os.path.isdir(root):
-        raise UserError(f"--data-path: folder {root!r} not found (--data-set IMNET expects train/ and val/ "
-                        f"folders with one sub-folder per class)")
+        raise UserError(f"folder {root!r} not found (<data_set> IMNET expects train/ and val/ folders with one "
+                        f"sub-folder per class)", field="data_path")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise UserError(f"--data-path: folder {root!r} has no class sub-folders")
+        raise UserError(f"folder {root!r} has no class sub-folders", field="data_path")
     return classes
 
 
@@ -254,13 +254,13 @@ class ImageLoader:
             reason = " ".join(str(err).split()) or type(err).__name__
         else:
             return img
-        raise UserError(f"--data-path: cannot read image {path!r} of the {self.what} ({reason}); "
-                        f"expected a readable image file (remove or replace it)")
+        raise UserError(f"cannot read image {path!r} of the {self.what} ({reason}); expected a readable image "
+                        f"file (remove or replace it)", field="data_path")
 
 
 def _image_folder(data_path: str, is_train: bool, transform: Callable, what: str):
     if not data_path:
-        raise UserError("--data-path is required for --data-set IMNET (a folder with train/ and val/)")
+        raise UserError("required for <data_set> IMNET (a folder with train/ and val/)", field="data_path")
     train_classes = _class_folders(os.path.join(data_path, "train"))
     root = os.path.join(data_path, "train" if is_train else "val")
     if not is_train:
@@ -268,25 +268,25 @@ def _image_folder(data_path: str, is_train: bool, transform: Callable, what: str
         if val_classes != train_classes:
             only_train = sorted(set(train_classes) - set(val_classes))[:5]
             only_val = sorted(set(val_classes) - set(train_classes))[:5]
-            raise UserError(f"--data-path: the class folders of {root!r} differ from those of train/ "
-                            f"(only in train: {only_train}, only in val: {only_val})")
+            raise UserError(f"the class folders of {root!r} differ from those of train/ (only in train: "
+                            f"{only_train}, only in val: {only_val})", field="data_path")
     try:
         dataset = ImageFolder(root, transform=transform, loader=ImageLoader(what))
     except FileNotFoundError as err:
-        raise UserError(f"--data-path: no images in {root!r} ({err})") from None
+        raise UserError(f"no images in {root!r} ({err})", field="data_path") from None
     if len(dataset) == 0:
-        raise UserError(f"--data-path: no images in {root!r}")
+        raise UserError(f"no images in {root!r}", field="data_path")
     return dataset, len(train_classes)
 
 
 def _cifar100(data_path: str, is_train: bool, transform: Callable):
     if not data_path:
-        raise UserError("--data-path is required for --data-set CIFAR (the folder holding cifar-100-python/)")
+        raise UserError("required for <data_set> CIFAR (the folder holding cifar-100-python/)", field="data_path")
     try:
         return CIFAR100(data_path, train=is_train, transform=transform, download=False), 100
     except RuntimeError:
-        raise UserError(f"--data-set CIFAR: no CIFAR-100 in {data_path!r} (expected {data_path}/cifar-100-python/; "
-                        f"nothing is downloaded)") from None
+        raise UserError(f"no CIFAR-100 in {data_path!r} (<data_set> CIFAR expects {data_path}/cifar-100-python/; "
+                        f"nothing is downloaded)", field="data_path") from None
 
 
 class INatDataset(Dataset):
@@ -315,8 +315,8 @@ class INatDataset(Dataset):
         def read(name: str):
             path = os.path.join(root, name)
             if not os.path.isfile(path):
-                raise UserError(f"--data-set INAT{'' if year == 2018 else '19'}: {path!r} not found "
-                                f"(expected train{year}.json, val{year}.json and categories.json in --data-path)")
+                raise UserError(f"{path!r} not found (<data_set> INAT{'' if year == 2018 else '19'} expects "
+                                f"train{year}.json, val{year}.json and categories.json)", field="data_path")
             with open(path) as f:
                 return json.load(f)
 
@@ -378,13 +378,13 @@ def build_dataset(is_train: bool, cfg: DataConfig, what: Optional[str] = None) -
         return _cifar100(cfg.data_path, is_train, transform)
     if name in ("INAT", "INAT19"):
         if not cfg.data_path:
-            raise UserError(f"--data-path is required for --data-set {name}")
+            raise UserError(f"required for <data_set> {name}", field="data_path")
         dataset = INatDataset(cfg.data_path, train=is_train, year=2018 if name == "INAT" else 2019,
                               category=cfg.inat_category, transform=transform, what=what)
         return dataset, dataset.nb_classes
     if name == "DIGITS":
         return DigitsDataset(train=is_train, image_size=cfg.input_size, transform=transform), 10
-    raise UserError(f"--data-set {name!r} is not one of IMNET, CIFAR, INAT, INAT19, DIGITS")
+    raise UserError(f"{name!r} is not one of IMNET, CIFAR, INAT, INAT19, DIGITS", field="data_set")
 
 
 # ---------------------------------------------------------------------------
@@ -500,9 +500,9 @@ def build_loaders(cfg: DataConfig, dataset_train: Optional[Dataset], dataset_val
             sampler_train = DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True,
                                                seed=cfg.seed)
         if len(sampler_train) < cfg.batch_size:
-            raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(sampler_train)} training "
-                            f"samples each of the {world} process(es) gets per epoch "
-                            f"({len(dataset_train)} images); lower --batch-size")
+            raise UserError(f"{cfg.batch_size} is larger than the {len(sampler_train)} training samples each of "
+                            f"the {world} process(es) gets per epoch ({len(dataset_train)} images); lower it",
+                            field="batch_size")
         loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=cfg.batch_size,
                                   num_workers=cfg.num_workers, pin_memory=pin, drop_last=True)
     if dataset_val is not None:

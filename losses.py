@@ -28,7 +28,7 @@ from models.loading import _is_gate_key
 from models.slicing import deploy_state_dict
 from pruning.deploy import recorded_arch
 from pruning.mask import PruneMask
-from utils import UserError, check_keys, load_torch_file, state_dict_of
+from utils import UserError, check_keys, load_torch_file, naming, state_dict_of
 
 DISTILLATION_TYPES = ("none", "soft", "hard")
 
@@ -69,14 +69,15 @@ class DistillationLoss(nn.Module):
                  alpha: float, tau: float, num_classes: Optional[int] = None):
         super().__init__()
         if distillation_type not in DISTILLATION_TYPES:
-            raise UserError(f"--distillation-type must be one of {DISTILLATION_TYPES}, got {distillation_type!r}")
+            raise UserError(f"must be one of {DISTILLATION_TYPES}, got {distillation_type!r}",
+                            field="distillation_type")
         if distillation_type != "none":
             if teacher is None:
-                raise UserError(f"--distillation-type {distillation_type} needs a teacher (--teacher-path)")
+                raise UserError(f"{distillation_type} needs a teacher (<teacher_path>)", field="distillation_type")
             if not 0.0 <= alpha <= 1.0:
-                raise UserError(f"--distillation-alpha must be in [0, 1], got {alpha}")
+                raise UserError(f"must be in [0, 1], got {alpha}", field="distillation_alpha")
             if not tau > 0:
-                raise UserError(f"--distillation-tau must be > 0, got {tau}")
+                raise UserError(f"must be > 0, got {tau}", field="distillation_tau")
             teacher_classes = getattr(teacher, "num_classes", None)
             if num_classes is not None and teacher_classes is not None and teacher_classes != num_classes:
                 raise UserError(f"the teacher predicts {teacher_classes} classes but the student {num_classes}")
@@ -116,7 +117,7 @@ class DistillationLoss(nn.Module):
             teacher_outputs = (teacher_outputs[0] + teacher_outputs[1]) / 2
         if teacher_outputs.shape[-1] != outputs_kd.shape[-1]:
             raise UserError(f"the teacher predicts {teacher_outputs.shape[-1]} classes but the student "
-                            f"{outputs_kd.shape[-1]} (--teacher-model / --teacher-path vs the data set)")
+                            f"{outputs_kd.shape[-1]} (<teacher_model> / <teacher_path> vs the data set)")
         if self.distillation_type == "soft":
             tau = self.tau
             # DeiT: sum-reduced KL(teacher || student) at temperature tau, times tau^2, over numel
@@ -175,7 +176,8 @@ def _plain_teacher(model_name: str, checkpoint, state: dict, num_classes: int, p
         try:
             mask.check_fits(arch)
         except UserError as err:
-            raise UserError(f"--teacher-path {path!r} does not fit --teacher-model {model_name}: {err}") from None
+            raise UserError(f"{path!r} does not fit <teacher_model> {model_name}: {err}",
+                            field="teacher_path") from None
         if any(_is_gate_key(k) for k in state):
             return build_deploy_model(arch, mask), deploy_state_dict(mask, state, arch)
     return build_deploy_model(arch, mask), state
@@ -198,17 +200,15 @@ def build_teacher(model_name: str, path: str, num_classes: int, device: torch.de
             not fit the architecture (missing/unexpected keys or shapes).
     """
     if not path:
-        raise UserError("distillation needs --teacher-path (the teacher's weights)")
-    checkpoint = load_torch_file(path, what="--teacher-path", trust=trust)
-    try:
+        raise UserError("distillation needs the teacher's weights", field="teacher_path")
+    checkpoint = load_torch_file(path, "checkpoint", trust=trust, field="teacher_path")
+    with naming("teacher_path"):
         teacher, state = _plain_teacher(model_name, checkpoint, state_dict_of(checkpoint, path), num_classes, path)
-    except UserError as err:
-        raise UserError(str(err) if str(err).startswith("--teacher") else f"--teacher-path: {err}") from None
     head_key = _classifier_key(teacher)
     if head_key is not None and head_key in state and state[head_key].shape[0] != num_classes:
-        raise UserError(f"--teacher-path {path!r} predicts {state[head_key].shape[0]} classes but the data set "
-                        f"has {num_classes}")
-    check_keys(state, teacher, path, flag="--teacher-path", target=f"--teacher-model {model_name}")
+        raise UserError(f"{path!r} predicts {state[head_key].shape[0]} classes but the data set has {num_classes}",
+                        field="teacher_path")
+    check_keys(state, teacher, path, target=f"<teacher_model> {model_name}", field="teacher_path")
     teacher.load_state_dict(state, strict=True)
     teacher.to(device)
     teacher.eval()

@@ -18,9 +18,9 @@ import torch
 
 from args import (WORLD_SIZE, DistributedConfig, ModelConfig, PruneConfig, ReferenceFlag, RunConfig,
                   add_augmentation_args, add_data_args, add_distributed_args, add_mixup_args, add_model_args,
-                  add_reference_group, add_run_args, check_common, command_line, data_config, init_distributed,
-                  mixup_config, model_config, naming, open_unit_interval, positive_float, prune_config,
-                  reference_warnings, run_config, non_negative_int, positive_int, upper_unit_interval)
+                  add_pruning_args, add_reference_group, add_run_args, check_common, command_line, data_config,
+                  error_text, init_distributed, mixup_config, model_config, prune_config, reference_warnings,
+                  run_config, script_entry)
 from datasets import DataConfig, MixupConfig, build_dataset, build_loaders, build_mixup
 from engine import evaluate
 from losses import build_base_criterion
@@ -35,7 +35,7 @@ from pruning.pickles import HESSIAN_FILE, criteria_filename, load_pickles, save_
 from pruning.search import check_target_reachable, prune
 from pruning.selection import normalize_by_layer
 from utils import (Parser, UserError, all_reduce_sum, atomic_copy, atomic_torch_save, atomic_write_json,
-                   cleanup_distributed, cli_entry, error_line, is_main_process, model_checkpoint, prepare_output_dir,
+                   cleanup_distributed, is_main_process, model_checkpoint, naming, prepare_output_dir,
                    refuse_to_clobber, set_seed, setup_logging)
 
 CHECKPOINT_NAME = "checkpoint_pruned_00.pth"
@@ -62,46 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_data_args(parser)
     add_run_args(parser, save_freq=False, seed_help="random seed (default: 0), one for all ranks of the pruning pass")
     add_distributed_args(parser)
-    g = parser.add_argument_group("pruning")
-    g.add_argument("--pruning_flops_percentage", type=open_unit_interval, default=0.50,
-                   help="fraction of the FLOPs to remove, in (0, 1) (default: 0.50)")
-    g.add_argument("--pruning_method", type=int, default=2, choices=[1, 2, 3, 4],
-                   help="importance: 1 mean|grad*out|, 2 (g*dL/dg)^2, 3 sum_b(sum_n grad*out)^2, "
-                        "4 sum|grad*out| / positions (default: 2)")
-    g.add_argument("--pruning_layers", type=int, default=3, choices=[0, 1, 2, 3],
-                   help="what to prune: 0 heads, 1 MLP neurons, 2 embedding channels, 3 all (default: 3)")
-    g.add_argument("--pruning_feed_percent", type=upper_unit_interval, default=0.1,
-                   help="fraction of the training batches used for scoring (at least one batch; default: 0.1)")
-    g.add_argument("--pruning_flops_threshold", type=positive_float, default=1e-4,
-                   help="tolerance of the search's FLOPs constraint (default: 1e-4)")
-    g.add_argument("--round_to", type=positive_int, default=1,
-                   help="hardware-aligned widths: every block's kept MLP width and the kept embedding width are "
-                        "multiples of N (N must divide both widths; default: 1, the reference's selection)")
-    g.add_argument("--need_hessian", action="store_true",
-                   help="estimate the interactions between components (SAViT); without it, first-order mode")
-    g.add_argument("--hessian_embed", type=float, default=6.0,
-                   help="scale of the embedding normaliser of the interactions (default: 6.0)")
-    g.add_argument("--hessian_estimator", default="reference", choices=["reference", "rb"],
-                   help="estimator of the interactions: reference (one block m per pair) or rb (the exact "
-                        "mean over m <= l: same expectation and cost, lower variance; default: reference)")
-    g.add_argument("--hessian_blocks", type=positive_int, default=1,
-                   help="draws of the block l per batch for the interactions, averaged; each costs 2 more "
-                        "Hessian-vector products (default: 1)")
-    g.add_argument("--pruning_micro_batch", type=non_negative_int, default=0,
-                   help="score each batch in chunks of this many images: same criteria and C, peak memory "
-                        "about proportional to the chunk (0: whole batches; default: 0)")
-    g.add_argument("--pruning_pickle_from", type=str, default="",
-                   help="folder with criteria/hessian pickles of an earlier run: skip scoring")
-    g.add_argument("--pruning_normalize_by_layer", action="store_true",
-                   help="divide each block's criteria by their norm (see --pruning_normalize_type)")
-    g.add_argument("--pruning_normalize_type", type=int, default=2, choices=[1, 2], help="1: L1, 2: L2 (default: 2)")
-    g.add_argument("--pruning_protect", action=argparse.BooleanOptionalAction, default=True,
-                   help="never prune the top 5%% units of each block and component (default: on)")
-    g.add_argument("--no_pruning_protect", action="store_false", dest="pruning_protect", help=argparse.SUPPRESS)
-    g.add_argument("--pruning_silent", action="store_true", help="no per-block listing in the output")
-    g.add_argument("--mask_aware_norm", action="store_true",
-                   help="with --eval: LayerNorm statistics over the kept embedding channels only (the exact "
-                        "pruned network); default is the reference's LayerNorm over all channels")
+    add_pruning_args(parser)
     add_reference_group(parser, REFERENCE_FLAGS)
     return parser
 
@@ -247,7 +208,7 @@ def run_pruning(cfg: PruneRun, model, dataset_train, num_classes, device, log, p
         write_outputs(cfg, model, mask, report, criteria, interactions, log)
 
 
-@cli_entry
+@script_entry
 def main(ns: argparse.Namespace) -> None:
     # every input is checked before anything is written: a bad flag, file or data folder
     # leaves --output_dir untouched (the parser has checked each flag's range)
@@ -298,7 +259,7 @@ def main(ns: argparse.Namespace) -> None:
             run_pruning(cfg, model, dataset_train, num_classes, device, log, pickles)
             log(f"pruning done in {time.time() - start:.1f} s")
     except UserError as err:  # e.g. a non-finite loss or an unreadable image: record it in the log too
-        logger.error(f"error: {error_line(err)}")
+        logger.error(f"error: {error_text(err)}")
         raise
     cleanup_distributed()
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import torch
 
 from args import (WORLD_SIZE, DistributedConfig, ModelConfig, ReferenceFlag, RunConfig, add_augmentation_args,
-                  add_data_args, add_distillation_args, add_distributed_args, add_mixup_args, add_model_args,
-                  add_optimizer_args, add_reference_group, add_run_args, add_schedule_args, check_common,
-                  command_line, data_config, init_distributed, model_config, naming, reference_warnings, run_config,
-                  train_config)
+                  add_data_args, add_deploy_args, add_distillation_args, add_distributed_args, add_mixup_args,
+                  add_model_args, add_optimizer_args, add_reference_group, add_run_args, add_schedule_args,
+                  check_common, command_line, data_config, error_text, init_distributed, model_config,
+                  reference_warnings, run_config, script_entry, train_config)
 from datasets import DataConfig, build_dataset, build_loaders
 from engine import LAST_CHECKPOINT, TrainConfig, evaluate, fit, measure_throughput
 from losses import build_teacher
@@ -34,9 +34,8 @@ from models.loading import load_pretrained
 from pruning.deploy import deploy_structure, load_masked_model
 from pruning.flops import ptflops_macs
 from pruning.mask import PruneMask
-from utils import (Parser, UserError, cleanup_distributed, cli_entry, error_line, is_main_process,
-                   load_resume_weights, load_torch_file, prepare_output_dir, refuse_to_clobber, set_seed,
-                   setup_logging)
+from utils import (Parser, UserError, cleanup_distributed, is_main_process, load_resume_weights, load_torch_file,
+                   naming, prepare_output_dir, refuse_to_clobber, set_seed, setup_logging)
 
 CHECKPOINT_NAME = LAST_CHECKPOINT
 REFERENCE_FLAGS = [
@@ -59,17 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_data_args(parser)
     add_run_args(parser, save_freq=True, seed_help="random seed (default: 0); rank r uses seed + r")
     add_distributed_args(parser)
-    g = parser.add_argument_group("deploy")
-    g.add_argument("--masked_model", default="",
-                   help="the pruned model: main.py's checkpoint_pruned_00.pth, the reference's, or a mask JSON "
-                        "(then --finetune gives the weights to slice)")
-    g.add_argument("--throughput", action="store_true",
-                   help="measure inference images/s of this model and of the unpruned one, then exit")
-    g.add_argument("--auto_resume", action="store_true",
-                   help="resume from --output_dir/checkpoint.pth when it exists, else start from epoch 0")
-    g.add_argument("--save_safetensors", action="store_true",
-                   help="also write best_checkpoint.safetensors (weights; architecture, structure and "
-                        "normalisation in its metadata): models.load_pruned reads it")
+    add_deploy_args(parser)
     add_reference_group(parser, REFERENCE_FLAGS)
     return parser
 
@@ -133,12 +122,12 @@ def build_student(cfg: DeployRun, arch, resume_checkpoint):
     """(mask, deploy model) from --masked_model, --resume or --finetune (in that order of authority)."""
     run, name = cfg.run, cfg.model.name
     if cfg.masked_model:
-        with naming("masked_model", f" (with --model {name})"):  # the file may be fine, just not for this --model
+        with naming("masked_model", f" (with <model> {name})"):  # the file may be fine, just not for this --model
             mask, model = load_masked_model(arch, cfg.masked_model, run.finetune, trust=run.trust_checkpoint,
                                             classes_from_checkpoint=cfg.throughput)
     elif resume_checkpoint is not None and isinstance(resume_checkpoint.get("mask"), dict):
         mask = PruneMask.from_dict(resume_checkpoint["mask"], source=run.resume)
-        with naming("resume", f" (with --model {name})"):
+        with naming("resume", f" (with <model> {name})"):
             mask.check_fits(arch)
         model = build_deploy_model(arch, mask)
     else:
@@ -191,7 +180,7 @@ def run_throughput(cfg: DeployRun, model, arch, complexity, device, log) -> None
             f"(FLOPs ratio {complexity['gmacs_unpruned'] / complexity['gmacs']:.2f}x)")
 
 
-@cli_entry
+@script_entry
 def main(ns: argparse.Namespace) -> None:
     # every input (flags, data, mask, weights, teacher, resume checkpoint) is checked before
     # anything is written: bad input leaves --output_dir untouched
@@ -207,7 +196,7 @@ def main(ns: argparse.Namespace) -> None:
     dataset_train = build_dataset(True, cfg.data)[0] if training else None
     arch = arch_of(cfg.model.name, img_size=cfg.model.input_size, num_classes=num_classes, drop_rate=cfg.model.drop,
                    drop_path_rate=cfg.model.drop_path)
-    resume_checkpoint = (load_torch_file(run.resume, "--resume checkpoint", trust=run.trust_checkpoint)
+    resume_checkpoint = (load_torch_file(run.resume, "checkpoint", trust=run.trust_checkpoint, field="resume")
                          if run.resume else None)
     if resume_checkpoint is not None and not isinstance(resume_checkpoint, dict):
         raise UserError(f"--resume {run.resume!r} is not a training checkpoint (expected a dict)")
@@ -225,7 +214,7 @@ def main(ns: argparse.Namespace) -> None:
 
     if training:  # last check, before anything is written
         refuse_to_clobber(run.output_dir, CHECKPOINT_NAME, resuming=bool(run.resume), overwrite=run.overwrite,
-                          how="resume it with --auto_resume (or --resume FILE), ")
+                          how="resume it with <auto_resume> (or <resume> FILE), ")
 
     logger = setup_logging(run.log_dir, "savit.deploy")
     log = logger.info
@@ -259,7 +248,7 @@ def main(ns: argparse.Namespace) -> None:
                 f"{complexity['params'] / 1e6:.3f} M params) after {cfg.train.epochs} epochs; training time "
                 f"{datetime.timedelta(seconds=int(result['seconds']))}")
     except UserError as err:  # e.g. a non-finite loss or an unreadable image: record it in the log file too
-        logger.error(f"error: {error_line(err)}")
+        logger.error(f"error: {error_text(err)}")
         raise
     cleanup_distributed()
 

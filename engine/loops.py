@@ -88,7 +88,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     num_steps = len(data_loader)
     if num_steps == 0:
-        raise UserError("the training loader yields no batch (fewer samples per process than --batch-size)")
+        raise UserError("the training loader yields no batch (fewer samples per process than <batch_size>)")
     for it, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]")):
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -102,7 +102,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
         if not all_ranks_finite(loss_value, device):
             loss_value = loss_value if not math.isfinite(loss_value) else "non-finite on another process"
             raise NonFiniteLossError(f"the training loss is {loss_value} at epoch {epoch}, iteration {it + 1}/"
-                                     f"{num_steps}; stopping (try a lower --lr, --clip-grad or --no-amp)")
+                                     f"{num_steps}; stopping (try a lower <lr>, a <clip_grad> or turning <amp> off)")
         optimizer.zero_grad(set_to_none=True)
         if loss_scaler is not None:
             loss_scaler(loss, optimizer, clip_grad=clip, parameters=model.parameters(), create_graph=second_order)

@@ -89,7 +89,7 @@ def load_pretrained(model: nn.Module, path: str, trust: bool = False) -> Dict[st
     `trust` (`--trust_checkpoint`) allows a torch file that needs full unpickling.
     Returns the adapted state dict that was loaded.
     """
-    checkpoint = load_torch_file(path, "--finetune checkpoint", trust=trust)
+    checkpoint = load_torch_file(path, "checkpoint", trust=trust)
     sd = adapt_state_dict(state_dict_of(checkpoint, path), model, path)
     check_keys(sd, model, path)
     model.load_state_dict(sd, strict=True)

@@ -110,7 +110,7 @@ class ViTArch:
         """
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         if kwargs.pop("pretrained", False):
-            raise UserError("pretrained=True is not supported offline; pass weights with --finetune")
+            raise UserError("pretrained=True is not supported offline; pass weights with <finetune>")
         kwargs.pop("drop_block_rate", None)
         if "input_size" in kwargs:
             kwargs["img_size"] = kwargs.pop("input_size")

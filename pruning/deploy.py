@@ -51,28 +51,30 @@ def load_masked_model(arch: Optional[ViTArch], masked_model: str, weights: str =
     """
     if masked_model.endswith(".json"):
         if not weights:
-            raise UserError(f"--masked_model {masked_model!r} is a mask JSON: pass the weights to slice with --finetune")
+            raise UserError(f"{masked_model!r} is a mask JSON: pass the weights to slice with <finetune>",
+                            field="masked_model")
         if arch is None:
-            raise UserError(f"--masked_model {masked_model!r} is a mask JSON: the model's architecture must be given")
+            raise UserError(f"{masked_model!r} is a mask JSON: the model's architecture must be given",
+                            field="masked_model")
         mask = PruneMask.load(masked_model)
         source = weights
-        checkpoint = load_torch_file(source, "weights", trust=trust)
+        checkpoint = load_torch_file(source, "weights", trust=trust, field="finetune")
     else:
         source = masked_model
-        checkpoint = load_torch_file(source, "--masked_model", trust=trust)
+        checkpoint = load_torch_file(source, "checkpoint", trust=trust, field="masked_model")
         mask = PruneMask.from_checkpoint(checkpoint, source)
         recorded = recorded_arch(checkpoint, source)
         if arch is None:
             if recorded is None:
-                raise UserError(f"--masked_model {source!r} records no architecture ('arch'): pass the model's")
+                raise UserError(f"{source!r} records no architecture ('arch'): pass the model's", field="masked_model")
             arch = recorded
         head = state_dict_of(checkpoint, source).get("head.weight")
         classes = head.shape[0] if head is not None else (recorded.num_classes if recorded is not None else None)
         if classes is not None and classes != arch.num_classes and classes_from_checkpoint:
             arch = replace(arch, num_classes=classes)
         elif classes is not None and classes != arch.num_classes:
-            raise UserError(f"--masked_model {source!r} was trained for {classes} classes but {arch.num_classes} "
-                            f"are requested (num_classes / the data set's class count)")
+            raise UserError(f"{source!r} was trained for {classes} classes but {arch.num_classes} are requested "
+                            f"(num_classes / the data set's class count)", field="masked_model")
     mask.check_fits(arch)
     # the weights go through the same checks and pos_embed adaptation as any ViT checkpoint
     reference = GatedViT(arch)

@@ -42,7 +42,7 @@ def num_feed_batches(dataset_size: int, batch_size: int, feed_percent: float) ->
     """Global number of batches of the pass (at least 1; the reference crashes on 0)."""
     full = dataset_size // batch_size
     if full < 1:
-        raise UserError(f"--batch-size {batch_size} is larger than the training set ({dataset_size} images)")
+        raise UserError(f"{batch_size} is larger than the training set ({dataset_size} images)", field="batch_size")
     return max(1, int(feed_percent * full))
 
 

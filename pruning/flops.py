@@ -26,7 +26,7 @@ from models import arch_of, build_deploy_model, gated_name_of
 from models.vit_base import LayerScale, TokenPool
 from models.vit_deploy import AttentionCore
 from pruning.mask import PruneMask
-from utils import Parser, UserError, cli_entry
+from utils import Parser, UserError, cli_entry, error_line, option_flags
 
 
 def analytic_macs(arch: ViTArch, width: Optional[int] = None, heads: Optional[List[int]] = None,
@@ -198,8 +198,8 @@ def _main(argv=None) -> None:
         arch = arch_for_mask(name, mask, img_size=args.input_size, num_classes=args.nb_classes)
         if mask is not None:
             mask.check_fits(arch)
-    except UserError as err:  # name the flag
-        raise UserError(str(err) if str(err).startswith("--mask") else f"--mask: {err}") from None
+    except UserError as err:  # name the flag; the library's <field> tokens become this parser's flags
+        raise UserError(f"--mask: {error_line(err, option_flags(parser))}") from None
     print(f"model {name}  tokens {arch.num_tokens}  classes {arch.num_classes}  mask {args.mask or '(none: unpruned)'}")
     for line in format_table(arch, mask):
         print(line)

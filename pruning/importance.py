@@ -68,15 +68,15 @@ class PruningScorer:
                  hessian_embed: float = 6.0, seed: int = 0, micro_batch: Optional[int] = None,
                  estimator: str = "reference", hessian_blocks: int = 1):
         if method not in METHODS:
-            raise UserError(f"--pruning_method must be one of {METHODS}, got {method!r}")
+            raise UserError(f"must be one of {METHODS}, got {method!r}", field="pruning_method")
         if need_hessian and not hessian_embed > 0:
-            raise UserError(f"--hessian_embed must be > 0, got {hessian_embed!r}")
+            raise UserError(f"must be > 0, got {hessian_embed!r}", field="hessian_embed")
         if estimator not in ESTIMATORS:
-            raise UserError(f"--hessian_estimator must be one of {'|'.join(ESTIMATORS)}, got {estimator!r}")
+            raise UserError(f"must be one of {'|'.join(ESTIMATORS)}, got {estimator!r}", field="hessian_estimator")
         if isinstance(hessian_blocks, bool) or not isinstance(hessian_blocks, int) or hessian_blocks < 1:
-            raise UserError(f"--hessian_blocks must be an integer >= 1, got {hessian_blocks!r}")
+            raise UserError(f"must be an integer >= 1, got {hessian_blocks!r}", field="hessian_blocks")
         if micro_batch is not None and micro_batch < 0:
-            raise UserError(f"the pruning micro-batch must be >= 1 (or 0 for whole batches), got {micro_batch}")
+            raise UserError(f"must be >= 1 (or 0 for whole batches), got {micro_batch}", field="pruning_micro_batch")
         self.model = model
         self.arch: ViTArch = model.arch
         self.criterion = criterion

@@ -48,27 +48,29 @@ def save_pickles(output_dir: str, method: int, criteria: Dict[str, torch.Tensor]
     return paths
 
 
-def _load_array(path: str, shape: Tuple[int, ...], what: str, flag: str) -> torch.Tensor:
+def _load_array(path: str, shape: Tuple[int, ...], what: str, field: Optional[str]) -> torch.Tensor:
     if not os.path.isfile(path):
-        raise UserError(f"{flag}: {what} file not found: {path}")
+        raise UserError(f"{what} file not found: {path}", field)
     try:
         array = np.asarray(load_numpy_pickle(path), dtype=np.float64)  # numpy arrays only: no code runs
-    except UserError as err:
-        raise UserError(f"{flag}: {err}") from None
+    except UserError as err:  # a refused global: the message names the file and the global
+        err.field = err.field or field
+        raise
     except Exception as err:  # unpickling errors of any kind, ragged lists
-        raise UserError(f"{flag}: {path} is not a readable {what} pickle ({type(err).__name__}: {err})")
+        raise UserError(f"{path} is not a readable {what} pickle ({type(err).__name__}: {err})", field)
     if array.shape == (1, *shape):  # the reference's list of per-layer arrays, one layer
         array = array[0]
     if array.shape != tuple(shape):
-        raise UserError(f"{flag}: {path} holds shape {list(array.shape)}, this model expects {list(shape)} "
-                        f"(pickles of another model?)")
+        raise UserError(f"{path} holds shape {list(array.shape)}, this model expects {list(shape)} "
+                        f"(pickles of another model?)", field)
     if not np.isfinite(array).all():
-        raise UserError(f"{flag}: {path} holds non-finite values")
+        raise UserError(f"{path} holds non-finite values", field)
     return torch.from_numpy(array)
 
 
 def load_pickles(directory: str, method: int, arch: ViTArch, need_hessian: bool = True,
-                 flag: str = "--pruning_pickle_from") -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
+                 field: Optional[str] = "pruning_pickle_from"
+                 ) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
     """Read the criteria (and C) written by `save_pickles`, validated against `arch`.
 
     Args:
@@ -76,18 +78,18 @@ def load_pickles(directory: str, method: int, arch: ViTArch, need_hessian: bool 
         method: the pruning method (part of the file names).
         arch: the model's architecture; shapes must match it.
         need_hessian: also read `hessian.pickle` (required then).
-        flag: the flag named in error messages.
+        field: the configuration field the errors are about (None: the messages name the files only).
 
     Returns:
         (criteria dict, C or None), float64 CPU tensors.
     """
     if not os.path.isdir(directory):
-        raise UserError(f"{flag}: not a directory: {directory!r}")
+        raise UserError(f"not a directory: {directory!r}", field)
     shapes = criteria_shapes(arch)
     criteria = {c: _load_array(os.path.join(directory, criteria_filename(method, layer)), shapes[c],
-                               f"criteria (method {method}, {c})", flag)
+                               f"criteria (method {method}, {c})", field)
                 for layer, c in enumerate(COMPONENTS)}
     interactions = None
     if need_hessian:
-        interactions = _load_array(os.path.join(directory, HESSIAN_FILE), (3, 3), "interaction (hessian)", flag)
+        interactions = _load_array(os.path.join(directory, HESSIAN_FILE), (3, 3), "interaction (hessian)", field)
     return criteria, interactions

@@ -19,9 +19,9 @@ from utils import UserError
 
 ACCEPT_TOLERANCE = 0.005  # |achieved - target| of the final mask (absolute fraction of MACs)
 LAYER_CHOICES = {0: "heads", 1: "mlp", 2: "embed", 3: "all"}
+# the messages of `check_target_reachable` still spell these flags (tests/test_search.py matches them)
 TARGET_FLAG = "--pruning_flops_percentage"
 LAYERS_FLAG = "--pruning_layers"
-ROUND_FLAG = "--round_to"
 Counts = Dict[str, int]
 Move = Callable[[int, int, int], Optional[str]]  # (k_head, k_embed, direction) -> component to move, or None
 
@@ -68,12 +68,13 @@ def _check_options(target: float, layers: int) -> None:
 def check_round_to(arch: ViTArch, round_to) -> None:
     """Raise `UserError` unless `round_to` is a positive integer dividing the embedding and MLP widths."""
     if isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer)) or round_to < 1:
-        raise UserError(f"{ROUND_FLAG} must be a positive integer (1: no rounding), got {round_to!r}")
+        raise UserError(f"must be a positive integer (1: no rounding), got {round_to!r}", field="round_to")
     for what, width in (("embedding width", arch.embed_dim), ("MLP width", arch.mlp_hidden)):
         if round_to > width:
-            raise UserError(f"{ROUND_FLAG} {round_to} is larger than the model's {what} {width}")
+            raise UserError(f"{round_to} is larger than the model's {what} {width}", field="round_to")
         if width % round_to:
-            raise UserError(f"{ROUND_FLAG} {round_to} does not divide the model's {what} {width}: choose a divisor")
+            raise UserError(f"{round_to} does not divide the model's {what} {width}: choose a divisor",
+                            field="round_to")
 
 
 def _aligned_max_prunable(arch: ViTArch, protect: bool, round_to: int) -> Dict[str, int]:
@@ -401,7 +402,7 @@ def prune(criteria: Mapping[str, torch.Tensor], C, arch: ViTArch, options: Searc
     target, layers = options.flops_percentage, options.layers
     check_target_reachable(arch, target, layers, options.protect, options.round_to)
     if options.flops_threshold < 0 or not np.isfinite(options.flops_threshold):
-        raise UserError(f"--pruning_flops_threshold must be >= 0, got {options.flops_threshold!r}")
+        raise UserError(f"must be >= 0, got {options.flops_threshold!r}", field="pruning_flops_threshold")
     crit = criteria_blocks(criteria, arch)
     p = _Problem(arch, component_orders(crit, options.protect), target, options.flops_threshold)
     matrix = interaction_matrix(C) if C is not None else np.zeros((3, 3))
@@ -413,9 +414,9 @@ def prune(criteria: Mapping[str, torch.Tensor], C, arch: ViTArch, options: Searc
     before, after = mask_macs(arch)["total"], mask_macs(arch, mask)["total"]
     achieved = 1.0 - after / before
     if abs(achieved - target) > ACCEPT_TOLERANCE:
-        raise UserError(f"{TARGET_FLAG} {target}: the closest mask found removes {achieved:.2%} of the FLOPs "
-                        f"(more than 0.5% off); choose another target or {LAYERS_FLAG}"
-                        f"{f' or a smaller {ROUND_FLAG}' if options.round_to > 1 else ''}")
+        raise UserError(f"{target}: the closest mask found removes {achieved:.2%} of the FLOPs (more than 0.5% "
+                        f"off); choose another target or <pruning_layers>"
+                        f"{' or a smaller <round_to>' if options.round_to > 1 else ''}", field="pruning_flops_percentage")
     ratios = {c: k[c] / p.totals[c] for c in COMPONENTS}
     report = dict(target=target, layers=layers, protect=options.protect, seed=options.seed,
                   round_to=options.round_to, **info)

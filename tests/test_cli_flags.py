@@ -1,15 +1,24 @@
 """Each script's flags: the seed's commands parse, `--help` lists only what the script reads (plus
-one labelled group of the reference's no-op flags), on/off spellings, one-line range errors, and
-the warning for a reference flag set to a value that would matter in the reference."""
+one labelled group of the reference's no-op flags), on/off spellings, one-line range errors, the
+warning for a reference flag set to a value that would matter in the reference, and the one way
+library errors name flags (fields -> flags in `args.error_text`)."""
+import ast
 import contextlib
 import io
+import os
 import re
 
 import pytest
+from torch.utils.data import DataLoader, Dataset
 
 import main
 import main_deploy
-from args import REFERENCE_GROUP, reference_warnings
+from args import REFERENCE_GROUP, error_text, flag_of, reference_warnings, script_entry, script_flags
+from utils import TRUST_FIELD, UserError, naming
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIBRARY = ["datasets.py", "losses.py", "pruning", "utils", "engine", "models"]
+TOKEN = re.compile(r"(?<!\?P)<([a-z][a-z0-9_]*)>")  # not a regex group name (?P<name>)
 
 # the seed's commands (README and scripts/prune.sh, scripts/finetune.sh), paths replaced
 SEED_PRUNE = ["--finetune=/ckpt/deit_base.pth", "--batch-size=32", "--num_workers=16", "--data-path=/imagenet",
@@ -137,3 +146,116 @@ def test_warning_is_logged(tmp_path, capsys):
     main.main(main.get_args_parser().parse_args(argv))
     warned = [line for line in capsys.readouterr().out.splitlines() if "warning: --maximum_pruning_iterations 5" in line]
     assert len(warned) == 1, warned
+
+
+# ---------------------------------------------------------------------------
+# Library errors name fields; args.error_text turns them into flags
+# ---------------------------------------------------------------------------
+
+def _python_files(names):
+    for name in names:
+        path = os.path.join(REPO, name)
+        if os.path.isfile(path):
+            yield path
+        for folder, _, files in os.walk(path):
+            yield from (os.path.join(folder, f) for f in sorted(files) if f.endswith(".py"))
+
+
+def _fields_named_in(paths) -> dict:
+    """field -> a file naming it: `field=` and `naming(...)` constants, `UserError(message, "field")`,
+    defaults of `field` parameters, `*_FIELD` constants and `<field>` tokens in strings (not docstrings)."""
+    found = {}
+    for path in paths:
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
+        named = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                named += TOKEN.findall(node.value)
+            elif isinstance(node, ast.keyword) and node.arg == "field":
+                named.append(node.value)
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("naming", "UserError"):
+                named.append(node.args[{"naming": 0, "UserError": 1}[node.func.id]] if
+                             len(node.args) > {"naming": 0, "UserError": 1}[node.func.id] else None)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                params = node.args.args[len(node.args.args) - len(node.args.defaults):]
+                named += [d for a, d in zip(params, node.args.defaults) if a.arg == "field"]
+            elif isinstance(node, ast.Assign) and any(getattr(t, "id", "").endswith("_FIELD") for t in node.targets):
+                named.append(node.value)
+        for item in named:
+            value = item.value if isinstance(item, ast.Constant) else item
+            if isinstance(value, str):
+                found.setdefault(value, os.path.relpath(path, REPO))
+    return found
+
+
+def _script_flags() -> set:
+    return {s for module in (main, main_deploy) for a in module.get_args_parser()._actions for s in a.option_strings}
+
+
+def test_every_field_the_library_names_is_a_flag_of_a_script():
+    library = _fields_named_in(_python_files(LIBRARY))
+    scripts = _fields_named_in(_python_files(["main.py", "main_deploy.py"]))
+    assert {"data_path", "masked_model", "pruning_method", "finetune", TRUST_FIELD} <= set(library)  # the scan works
+    assert len(library) >= 20
+    flags = _script_flags()
+    for field, where in {**scripts, **library}.items():
+        assert flag_of(field) in flags, f"{where} names the field {field!r}, which is no flag of main.py or main_deploy.py"
+
+
+def test_fields_map_to_the_flags_as_spelled():
+    assert flag_of("data_path") == "--data-path" and flag_of("masked_model") == "--masked_model"
+    assert flag_of("local_rank") == "--local-rank" and flag_of("pin_mem") == "--pin-mem"
+    assert flag_of("no_such_field") is None
+    # every flag of either script has its field, with its first spelling
+    for module in (main, main_deploy):
+        for action in module.get_args_parser()._actions:
+            longs = [s for s in action.option_strings if s.startswith("--")]
+            if action.dest != "help" and action.container.title != REFERENCE_GROUP and action.help != "==SUPPRESS==":
+                assert script_flags()[action.dest] in longs, action.dest
+
+
+def test_error_text_names_the_flag_and_replaces_known_tokens():
+    err = UserError("folder '/x' not found (<data_set> IMNET expects train/ and <val>)", field="data_path")
+    assert str(err) == "folder '/x' not found (<data_set> IMNET expects train/ and <val>)"
+    assert error_text(err) == "--data-path: folder '/x' not found (--data-set IMNET expects train/ and <val>)"
+    assert error_text(UserError("no field: see <trust_checkpoint>")) == "no field: see --trust_checkpoint"
+
+
+def test_naming_adds_a_field_only_to_an_error_without_one():
+    with pytest.raises(UserError) as err, naming("masked_model", " (with <model> m_deploy)"):
+        raise UserError("checkpoint 'c.pth' does not fit the model")
+    assert err.value.field == "masked_model"
+    assert error_text(err.value) == "--masked_model (with --model m_deploy): checkpoint 'c.pth' does not fit the model"
+    with pytest.raises(UserError) as err, naming("masked_model", " (with <model> m_deploy)"):
+        raise UserError("weights file not found: 'w.pth'", field="finetune")
+    assert error_text(err.value) == "--finetune: weights file not found: 'w.pth'"
+
+
+def test_script_entry_prints_the_flag_line(capsys):
+    @script_entry
+    def failing():
+        raise UserError("'m.json' is a mask JSON: pass the weights to slice with <finetune>", field="masked_model")
+
+    with pytest.raises(SystemExit) as exit_:
+        failing()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("error: --masked_model: 'm.json' is a mask JSON: pass the weights to slice "
+                                       "with --finetune\n")
+
+
+class _UnreadableImages(Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        raise UserError(f"cannot read image 'img{index}.png'", field="data_path")
+
+
+def test_the_field_survives_a_dataloader_worker():
+    """A worker's error reaches the main process as its traceback text: the field comes back too."""
+    with pytest.raises(UserError) as err:
+        next(iter(DataLoader(_UnreadableImages(), num_workers=1)))
+    assert "DataLoader worker" in str(err.value)  # re-created from the worker's text
+    assert error_text(err.value) == "--data-path: cannot read image 'img0.png'"

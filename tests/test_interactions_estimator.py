@@ -175,9 +175,10 @@ def test_rb_micro_batches_give_the_whole_batch_result():
     torch.testing.assert_close(Cs[1], Cs[0], rtol=1e-9, atol=1e-18)
 
 
-@pytest.mark.parametrize("kwargs, flag", [(dict(estimator="exact"), "--hessian_estimator"),
-                                          (dict(hessian_blocks=0), "--hessian_blocks"),
-                                          (dict(hessian_blocks=1.5), "--hessian_blocks")])
-def test_bad_estimator_flags(kwargs, flag):
-    with pytest.raises(UserError, match=flag):
+@pytest.mark.parametrize("kwargs, field, words", [(dict(estimator="exact"), "hessian_estimator", "got 'exact'"),
+                                                  (dict(hessian_blocks=0), "hessian_blocks", ">= 1, got 0"),
+                                                  (dict(hessian_blocks=1.5), "hessian_blocks", ">= 1, got 1.5")])
+def test_bad_estimator_flags(kwargs, field, words):
+    with pytest.raises(UserError, match=words) as err:
         PruningScorer(make_model(), soft_cross_entropy, need_hessian=True, **kwargs)
+    assert err.value.field == field

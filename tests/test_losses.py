@@ -145,18 +145,19 @@ def test_class_count_mismatch_is_a_user_error():
         loss_fn(inputs.double(), student, labels)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(distillation_type="hard", teacher=None), "needs a teacher"),
-    (dict(distillation_type="soft", alpha=1.5), "alpha"),
-    (dict(distillation_type="soft", tau=0.0), "tau"),
-    (dict(distillation_type="kl"), "distillation-type"),
+@pytest.mark.parametrize("kwargs,field,match", [
+    (dict(distillation_type="hard", teacher=None), "distillation_type", "hard needs a teacher .<teacher_path>."),
+    (dict(distillation_type="soft", alpha=1.5), "distillation_alpha", r"must be in \[0, 1\], got 1.5"),
+    (dict(distillation_type="soft", tau=0.0), "distillation_tau", "must be > 0, got 0.0"),
+    (dict(distillation_type="kl"), "distillation_type", "must be one of .*got 'kl'"),
 ])
-def test_bad_settings_are_user_errors(kwargs, match):
+def test_bad_settings_are_user_errors(kwargs, field, match):
     settings = dict(base_criterion=nn.CrossEntropyLoss(), teacher=_teacher(), distillation_type="soft",
                     alpha=0.5, tau=1.0)
     settings.update(kwargs)
-    with pytest.raises(UserError, match=match):
+    with pytest.raises(UserError, match=match) as err:
         DistillationLoss(**settings)
+    assert err.value.field == field
 
 
 def test_base_criterion_choice_follows_deit():
@@ -180,11 +181,11 @@ def test_build_teacher_loads_freezes_and_checks(tmp_path):
     torch.save(source.state_dict(), tmp_path / "plain.pth")  # a bare state dict works too
     build_teacher("deit_test_patch8_32", str(tmp_path / "plain.pth"), 7, torch.device("cpu"))
 
-    with pytest.raises(UserError, match="predicts 7 classes but the data set has 10"):
-        build_teacher("deit_test_patch8_32", str(path), 10, torch.device("cpu"))
-    with pytest.raises(UserError, match="does not fit --teacher-model deit_demo_patch8_32"):
-        build_teacher("deit_demo_patch8_32", str(path), 7, torch.device("cpu"))
-    with pytest.raises(UserError, match="not found"):
-        build_teacher("deit_test_patch8_32", str(tmp_path / "missing.pth"), 7, torch.device("cpu"))
-    with pytest.raises(UserError, match="--teacher-path"):
-        build_teacher("deit_test_patch8_32", "", 7, torch.device("cpu"))
+    for model, path_, classes, words in (
+            ("deit_test_patch8_32", str(path), 10, "predicts 7 classes but the data set has 10"),
+            ("deit_demo_patch8_32", str(path), 7, "does not fit <teacher_model> deit_demo_patch8_32"),
+            ("deit_test_patch8_32", str(tmp_path / "missing.pth"), 7, "not found"),
+            ("deit_test_patch8_32", "", 7, "distillation needs the teacher's weights")):
+        with pytest.raises(UserError, match=words) as err:
+            build_teacher(model, path_, classes, torch.device("cpu"))
+        assert err.value.field == "teacher_path"

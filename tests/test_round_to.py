@@ -116,11 +116,12 @@ def test_bad_round_to_is_one_line_error(bad):
     arch = arch_of("deit_tiny_patch16_224")  # embed 192, MLP 768: 1024 is larger, 48 divides 192 and 768
     if bad == 48:
         arch = arch_of(TINY)  # 48 does not divide 64
-    with pytest.raises(UserError, match="--round_to") as err:
+    with pytest.raises(UserError, match=f"{bad}") as err:
         check_target_reachable(arch, 0.3, round_to=bad)
-    assert "\n" not in str(err.value)
-    with pytest.raises(UserError, match="--round_to"):
+    assert err.value.field == "round_to" and "\n" not in str(err.value)
+    with pytest.raises(UserError, match=f"{bad}") as err:
         prune(random_criteria(arch, 0), None, arch, SearchOptions(0.3, use_interactions=False, round_to=bad))
+    assert err.value.field == "round_to"
 
 
 def run_main_in_process(argv):

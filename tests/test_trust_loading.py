@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import main as prune_main
-from args import DistributedConfig
+from args import DistributedConfig, error_text
 import main_deploy
 from losses import build_teacher
 from models import DeployViT, arch_of, create_model
@@ -43,8 +43,10 @@ def open_global() -> str:
     return f"{open.__module__}.{open.__qualname__}"
 
 
-def one_line(err) -> str:
-    text = str(err.value)
+def one_line(err, field=None) -> str:
+    """The line a script prints for the raised `UserError` (its field, when given, checked first)."""
+    assert err.value.field == field
+    text = error_text(err.value)
     assert "\n" not in text
     return text
 
@@ -70,9 +72,10 @@ def test_code_in_a_pth_is_refused_and_not_run(tmp_path, layout):
         with open(path, "wb") as f:
             pickle.dump(WritesAFile(marker), f, protocol=int(layout[-1]))
     with pytest.raises(UserError) as err:
-        load_torch_file(path, "--finetune checkpoint")
-    text = one_line(err)
-    assert path in text and open_global() in text and "--trust_checkpoint" in text
+        load_torch_file(path, "checkpoint", field="finetune")
+    text = one_line(err, "finetune")
+    assert text.startswith("--finetune: checkpoint file")
+    assert path in text and open_global() in text and "pass --trust_checkpoint" in text
     assert not os.path.exists(marker)
     with contextlib.suppress(UserError):  # a raw pickle is no checkpoint, but its payload runs first
         load_torch_file(path, trust=True)  # the payload is real: with the opt-in it runs
@@ -89,8 +92,8 @@ def test_code_in_a_criteria_pickle_is_refused_and_not_run(tmp_path, name):
         pickle.dump([np.ones(3), WritesAFile(marker)], f)
     with pytest.raises(UserError) as err:
         load_pickles(str(tmp_path), 2, arch, need_hessian=True)
-    text = one_line(err)
-    assert str(target) in text and open_global() in text and "--pruning_pickle_from" in text
+    text = one_line(err, "pruning_pickle_from")
+    assert text.startswith("--pruning_pickle_from: ") and str(target) in text and open_global() in text
     assert not os.path.exists(marker)
 
 
@@ -125,11 +128,11 @@ def test_namespace_checkpoint_needs_the_flag(tmp_path, loader):
     path = namespace_checkpoint(tmp_path)
     load = {"finetune": lambda trust: load_pretrained(create_model(MODEL), path, trust=trust),
             "teacher": lambda trust: build_teacher(MODEL, path, 10, CPU, trust=trust),
-            "resume": lambda trust: load_torch_file(path, "--resume checkpoint", trust=trust)}[loader]
+            "resume": lambda trust: load_torch_file(path, "checkpoint", trust=trust, field="resume")}[loader]
     with pytest.raises(UserError) as err:
         load(False)
-    text = one_line(err)
-    assert path in text and "argparse.Namespace" in text and "--trust_checkpoint" in text
+    text = one_line(err, {"finetune": None, "teacher": "teacher_path", "resume": "resume"}[loader])
+    assert path in text and "argparse.Namespace" in text and "pass --trust_checkpoint" in text
     load(True)
 
 
@@ -140,7 +143,8 @@ def test_masked_model_with_namespace_needs_the_flag(tmp_path):
     torch.save(checkpoint, ckpt)
     with pytest.raises(UserError) as err:
         load_masked_model(None, ckpt)
-    assert "argparse.Namespace" in one_line(err) and "--trust_checkpoint" in one_line(err)
+    text = one_line(err, "masked_model")
+    assert "argparse.Namespace" in text and "pass --trust_checkpoint" in text
     load_masked_model(None, ckpt, trust=True)
 
 
@@ -243,8 +247,8 @@ def test_masked_model_classifier_mismatch_is_an_error(tmp_path):
     _, ckpt = pruned_checkpoint(tmp_path)
     with pytest.raises(UserError) as err:
         load_masked_model(arch_of(MODEL, num_classes=1000, img_size=IMG), ckpt)
-    text = one_line(err)
-    assert ckpt in text and f"{NUM_CLASSES} classes" in text and "1000" in text
+    text = one_line(err, "masked_model")
+    assert text.startswith(f"--masked_model: {ckpt!r} was trained for {NUM_CLASSES} classes but 1000")
     # the recorded architecture is used when none is given, and the trained classifier is kept
     mask, model = load_masked_model(None, ckpt)
     trained = torch.load(ckpt, weights_only=True)["model"]["head.weight"][:, mask.embed]

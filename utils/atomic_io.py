@@ -88,16 +88,16 @@ def remove_stale_temp_files(directory: str) -> List[Tuple[str, int]]:
 
 
 def refuse_to_clobber(output_dir: str, name: str, resuming: bool, overwrite: bool, how: str = "") -> None:
-    """Refuse a run that would overwrite an earlier run's `name` in `output_dir` (unless resuming/--overwrite).
+    """Refuse a run that would overwrite an earlier run's `name` in `output_dir` (unless resuming or `overwrite`).
 
     Args:
-        how: the script's way of continuing instead, e.g. "resume it with --auto_resume, ".
+        how: the script's way of continuing instead, e.g. "resume it with <auto_resume>, " (`<field>` tokens).
     """
     if not output_dir or resuming or overwrite:
         return
     if os.path.exists(os.path.join(output_dir, name)):
-        raise UserError(f"--output_dir {output_dir!r} already holds {name} of an earlier run: {how}"
-                        f"choose another --output_dir, or pass --overwrite to replace it")
+        raise UserError(f"{output_dir!r} already holds {name} of an earlier run: {how}choose another "
+                        f"<output_dir>, or pass <overwrite> to replace it", field="output_dir")
 
 
 def prepare_output_dir(output_dir: str, log: Callable[[str], None]) -> None:

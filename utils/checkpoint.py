@@ -2,7 +2,7 @@
 key/shape check of a state dict against a model, and `--resume` validation and restoring."""
 import json
 import numbers
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -106,10 +106,10 @@ def _first(keys: List[str], n: int) -> str:
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def check_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module, path: str, flag: str = "checkpoint",
-               target: str = "the model") -> None:
-    """Raise a `UserError` "{flag} {path!r} does not fit {target} (...)" naming the first missing,
-    unexpected and mismatching-shape keys of `state_dict` against `model`'s own."""
+def check_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module, path: str, target: str = "the model",
+               field: Optional[str] = None) -> None:
+    """Raise a `UserError` "checkpoint {path!r} does not fit {target} (...)" (about `field` when given)
+    naming the first missing, unexpected and mismatching-shape keys of `state_dict` against `model`'s own."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -118,7 +118,7 @@ def check_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module, path: str,
     parts = [f"{what}: {_first(keys, n)}" for what, keys, n in
              (("missing keys", missing, 5), ("unexpected keys", unexpected, 5), ("shape mismatch", shapes, 3)) if keys]
     if parts:
-        raise UserError(f"{flag} {path!r} does not fit {target} ({'; '.join(parts)})")
+        raise UserError(f"checkpoint {path!r} does not fit {target} ({'; '.join(parts)})", field)
 
 
 def load_resume_weights(checkpoint: dict, path: str, model: nn.Module, mask) -> None:
@@ -128,11 +128,11 @@ def load_resume_weights(checkpoint: dict, path: str, model: nn.Module, mask) -> 
         UserError: the checkpoint was written for another model or mask (nothing is loaded then).
     """
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise UserError(f"--resume {path!r} is not a training checkpoint (no 'model' entry)")
+        raise UserError(f"{path!r} is not a training checkpoint (no 'model' entry)", field="resume")
     if isinstance(checkpoint.get("mask"), dict) and type(mask).from_dict(checkpoint["mask"], path) != mask:
-        raise UserError(f"--resume {path!r} was written for another pruned model (its mask differs from "
-                        f"--masked_model's)")
-    check_keys(checkpoint["model"], model, path, flag="--resume", target="--model")
+        raise UserError(f"{path!r} was written for another pruned model (its mask differs from <masked_model>'s)",
+                        field="resume")
+    check_keys(checkpoint["model"], model, path, target="<model>", field="resume")
     model.load_state_dict(checkpoint["model"])
 
 
@@ -170,7 +170,8 @@ def restore_training_state(checkpoint: dict, optimizer, lr_scheduler, loss_scale
         if model_ema is not None and checkpoint.get("model_ema") is not None:
             model_ema.module.load_state_dict(checkpoint["model_ema"])
     except (KeyError, ValueError, RuntimeError, TypeError) as err:
-        raise UserError(f"--resume {path!r}: its training state does not fit this run (same --opt, --sched and "
-                        f"model flags needed): {type(err).__name__}: {' '.join(str(err).split())[:300]}") from None
+        raise UserError(f"{path!r}: its training state does not fit this run (same <opt>, <sched> and model "
+                        f"flags needed): {type(err).__name__}: {' '.join(str(err).split())[:300]}",
+                        field="resume") from None
     lr_scheduler.step(epoch + 1)
     return epoch + 1, best

@@ -74,7 +74,7 @@ def init_distributed_mode(device: str, dist_url: str = "env://", local_rank: Opt
     local = int(local) if local is not None else 0
     if torch.device(device).type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+            raise UserError(f"{device!r}: CUDA is not available on this machine (use <device> cpu)", field="device")
         if local >= torch.cuda.device_count():
             err = UserError(f"local rank {local} has no GPU: only {torch.cuda.device_count()} visible")
             err.rank_specific = True
@@ -87,7 +87,8 @@ def init_distributed_mode(device: str, dist_url: str = "env://", local_rank: Opt
     if dist_url.startswith("env://"):
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
         if missing:
-            raise UserError(f"--dist_url env:// needs {' and '.join(missing)} in the environment (torchrun sets them)")
+            raise UserError(f"env:// needs {' and '.join(missing)} in the environment (torchrun sets them)",
+                            field="dist_url")
     dist.init_process_group(backend=backend, init_method=dist_url, world_size=world_size, rank=rank)
     barrier()
     return DistributedConfig(distributed=True, rank=rank, world_size=world_size, local_rank=local, backend=backend,

@@ -1,34 +1,105 @@
-"""User errors and the entry-point wrapper that prints them as one line with exit code 2."""
+"""User errors and the entry-point wrapper that prints them as one line with exit code 2.
+
+A `UserError` may name the configuration `field` it is about (an argparse dest such as
+"data_path") and mention other fields in its message as `<field>` tokens; the library never
+spells a command-line flag. `error_line` renders the one line, given the flags of a script
+(`option_flags`): "--data-path: folder 'x' not found", tokens replaced by their flags.
+"""
 import argparse
+import contextlib
 import functools
 import os
 import re
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Union
+
+# a note traceback prints under the message: the field survives a DataLoader worker, whose
+# error reaches the main process as the worker's traceback text
+FIELD_NOTE = "user error field: "
+_TOKEN = re.compile(r"<([a-z][a-z0-9_]*)>")
 
 
 class UserError(Exception):
     """A problem with the user's input (flag, file, data): printed as one line, exit code 2.
 
+    Args:
+        message: what is wrong and what was expected; other fields as `<field>` tokens.
+        field: the configuration field (argparse dest) the error is about, or None.
+
+    `detail`: context added after the field's flag (e.g. " (with <model> X)"), set by `naming`.
     `rank_specific`: set on an error that only some ranks of a distributed run meet (all
     ranks print it then, not only rank 0).
     """
 
     rank_specific = False
 
+    def __init__(self, message: str = "", field: Optional[str] = None):
+        super().__init__(message)
+        self.field = field
+        self.detail = ""
 
-def error_line(err: BaseException) -> str:
-    """The one-line message of a `UserError`, also when a DataLoader worker raised it.
+    @property
+    def field(self) -> Optional[str]:
+        return self._field
 
-    A worker's exception reaches the main process re-created from a multi-line text
+    @field.setter
+    def field(self, value: Optional[str]) -> None:
+        self._field = value
+        notes = [n for n in getattr(self, "__notes__", []) if not n.startswith(FIELD_NOTE)]
+        self.__notes__ = notes + ([FIELD_NOTE + value] if value else [])
+
+
+@contextlib.contextmanager
+def naming(field: str, detail: str = "") -> Iterator[None]:
+    """A `UserError` raised inside that names no field yet is about `field` (`detail`: context
+    after the flag, may hold `<field>` tokens). An error that names its field keeps it."""
+    try:
+        yield
+    except UserError as err:
+        if err.field is None:
+            err.field, err.detail = field, detail
+        raise
+
+
+def option_flags(parser: argparse.ArgumentParser) -> Dict[str, str]:
+    """dest -> flag (the first long option string) of every optional argument of `parser`."""
+    flags: Dict[str, str] = {}
+    for action in parser._actions:
+        longs = [s for s in action.option_strings if s.startswith("--")]
+        if longs and action.dest != "help":
+            flags.setdefault(action.dest, longs[0])
+    return flags
+
+
+def _unwrap(text: str):
+    """(message, field carried in the text) of an error's text.
+
+    A DataLoader worker's error reaches the main process re-created from a multi-line text
     ("Caught UserError in DataLoader worker process 0. Original Traceback ...
-    utils.UserError: <message>"): the original message is its last line.
+    utils.errors.UserError: <message>", then the field note): the message is its last line
+    but the note.
     """
-    text = str(err).strip()
+    text = text.strip()
     if "\n" not in text:
-        return text
-    last = text.splitlines()[-1].strip()
-    return re.sub(r"^(?:[\w.]*\.)?UserError: ", "", last)
+        return text, None
+    lines = text.splitlines()
+    field = lines.pop()[len(FIELD_NOTE):].strip() if lines[-1].startswith(FIELD_NOTE) and len(lines) > 1 else None
+    return re.sub(r"^(?:[\w.]*\.)?UserError: ", "", lines[-1].strip()), field
+
+
+def error_line(err: BaseException, flags: Optional[Mapping[str, str]] = None) -> str:
+    """The one line that reports `err`: "{flag of its field}{detail}: {message}", each `<field>`
+    token replaced by its flag (`flags`: dest -> flag; unknown fields stay as they are)."""
+    flags = flags or {}
+
+    def flags_in(text: str) -> str:
+        return _TOKEN.sub(lambda m: flags.get(m.group(1), m.group(0)), text)
+
+    message, carried = _unwrap(str(err))
+    field = getattr(err, "field", None) or carried
+    if not field:
+        return flags_in(message)
+    return f"{flags.get(field, f'<{field}>')}{flags_in(getattr(err, 'detail', '') or '')}: {flags_in(message)}"
 
 
 def _launcher_rank() -> int:
@@ -39,23 +110,32 @@ def _launcher_rank() -> int:
         return 0
 
 
-def cli_entry(main_fn: Callable[[], Any]) -> Callable[[], Any]:
+Flags = Union[Mapping[str, str], Callable[[], Mapping[str, str]], None]
+
+
+def cli_entry(main_fn: Optional[Callable[..., Any]] = None, *, flags: Flags = None):
     """Wrap an entry point so that `UserError` becomes one clean line on stderr and exit 2.
 
+    `flags`: the script's dest -> flag mapping (or a function giving it, called only when an
+    error is printed) that names fields and `<field>` tokens (see `error_line`).
     Under torchrun every rank usually meets the same error: only rank 0 prints it
     (other ranks exit 2 silently), unless the error is marked `rank_specific`.
+    Usable as `@cli_entry` or `cli_entry(fn, flags=...)`.
     """
+    if main_fn is None:
+        return functools.partial(cli_entry, flags=flags)
 
     @functools.wraps(main_fn)
     def wrapper(*args, **kwargs):
         try:
             return main_fn(*args, **kwargs)
         except UserError as err:
+            line = error_line(err, flags() if callable(flags) else flags)
             rank = _launcher_rank()
             if rank == 0:
-                print(f"error: {error_line(err)}", file=sys.stderr, flush=True)
+                print(f"error: {line}", file=sys.stderr, flush=True)
             elif getattr(err, "rank_specific", False):
-                print(f"error (rank {rank}): {error_line(err)}", file=sys.stderr, flush=True)
+                print(f"error (rank {rank}): {line}", file=sys.stderr, flush=True)
             sys.exit(2)
 
     return wrapper

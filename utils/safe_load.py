@@ -1,17 +1,17 @@
 """Loading files from elsewhere without running their code: torch files (`weights_only`
-unless `--trust_checkpoint`), numpy-only pickles, and the state dict inside a checkpoint."""
+unless `trust`, the `trust_checkpoint` field), numpy-only pickles, and the state dict inside a checkpoint."""
 import os
 import pickle
 import pickletools
 import warnings
 import zipfile
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from utils.errors import UserError
 
-TRUST_FLAG = "--trust_checkpoint"
+TRUST_FIELD = "trust_checkpoint"  # the opt-in, named as a `<field>` token in the refusal
 
 
 def _pickle_globals(path: str) -> list:
@@ -50,8 +50,9 @@ def _unsafe_globals(path: str) -> list:
     return [n for n in names if n not in allowed]
 
 
-def load_torch_file(path: str, what: str = "checkpoint", trust: bool = False) -> Any:
-    """Load a torch file on CPU, turning a missing, unreadable or unsafe file into a `UserError`.
+def load_torch_file(path: str, what: str = "checkpoint", trust: bool = False, field: Optional[str] = None) -> Any:
+    """Load a torch file on CPU, turning a missing, unreadable or unsafe file into a `UserError`
+    (about `field`, the configuration field that named the file, when given).
 
     A `.safetensors` file (timm's download format) gives its tensors as a state dict.
     Other files are read with `torch.load(weights_only=True)`: tensors and plain Python values
@@ -60,24 +61,26 @@ def load_torch_file(path: str, what: str = "checkpoint", trust: bool = False) ->
     (`--trust_checkpoint`), which loads it with `weights_only=False`.
     """
     if not path or not os.path.isfile(path):
-        raise UserError(f"{what} file not found: {path!r}")
+        raise UserError(f"{what} file not found: {path!r}", field)
     if str(path).endswith(".safetensors"):
-        return _load_safetensors(path, what)
+        return _load_safetensors(path, what, field)
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as err:
         unsafe = [] if trust else _unsafe_globals(path)
         if unsafe:
             raise UserError(f"{what} file {path!r} is refused: it needs the global {', '.join(unsafe[:3])}, and "
-                            f"unpickling it could run code from the file; pass {TRUST_FLAG} to load it anyway if "
-                            f"you trust its source") from None
+                            f"unpickling it could run code from the file; pass <{TRUST_FIELD}> to load it anyway "
+                            f"if you trust its source", field) from None
         reason = " ".join(str(err).split())[:200]
-        raise UserError(f"{what} file {path!r} is not a readable torch file (UnpicklingError: {reason})") from None
+        raise UserError(f"{what} file {path!r} is not a readable torch file (UnpicklingError: {reason})",
+                        field) from None
     except Exception as err:  # zip and torch errors all mean "not a checkpoint"
-        raise UserError(f"{what} file {path!r} is not a readable torch file ({type(err).__name__}: {err})") from None
+        raise UserError(f"{what} file {path!r} is not a readable torch file ({type(err).__name__}: {err})",
+                        field) from None
 
 
-def _load_safetensors(path: str, what: str) -> dict:
+def _load_safetensors(path: str, what: str, field: Optional[str]) -> dict:
     """A safetensors file's tensors (the format holds nothing that could run)."""
     from safetensors.torch import load_file
 
@@ -86,7 +89,7 @@ def _load_safetensors(path: str, what: str) -> dict:
     except Exception as err:  # safetensors' own errors, OS errors
         reason = " ".join(str(err).split())[:200]
         raise UserError(f"{what} file {path!r} is not a readable safetensors file ({type(err).__name__}: "
-                        f"{reason})") from None
+                        f"{reason})", field) from None
 
 
 # what criteria/hessian pickles may name: numpy arrays, their dtypes and scalars (numpy 1 and 2 paths)
