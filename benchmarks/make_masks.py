@@ -197,7 +197,7 @@ def main(args: argparse.Namespace) -> None:
             if done.returncode != 0:
                 raise UserError(f"main.py failed for {model} (exit {done.returncode}):\n{done.stdout[-3000:]}")
             mask = PruneMask.load(os.path.join(work, "mask.json"))
-            criteria, interactions = load_pickles(work, 2, arch, need_hessian=True, flag="main.py output")
+            criteria, interactions = load_pickles(work, 2, arch, need_hessian=True, field=None)
         crit = {c: v.numpy() for c, v in criteria.items()}
         paper = paper_counts_mask(crit, arch, counts, model)
         name, paper_name = mask_file_names(model, target)

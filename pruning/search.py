@@ -20,8 +20,6 @@ from utils import UserError
 ACCEPT_TOLERANCE = 0.005  # |achieved - target| of the final mask (absolute fraction of MACs)
 LAYER_CHOICES = {0: "heads", 1: "mlp", 2: "embed", 3: "all"}
 # the messages of `check_target_reachable` still spell these flags (tests/test_search.py matches them)
-TARGET_FLAG = "--pruning_flops_percentage"
-LAYERS_FLAG = "--pruning_layers"
 Counts = Dict[str, int]
 Move = Callable[[int, int, int], Optional[str]]  # (k_head, k_embed, direction) -> component to move, or None
 
@@ -60,9 +58,10 @@ def _check_options(target: float, layers: int) -> None:
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise UserError(f"{TARGET_FLAG} must be a fraction of the FLOPs to remove in (0, 1), got {target!r}")
+        raise UserError(f"must be a fraction of the FLOPs to remove in (0, 1), got {target!r}",
+                        field="pruning_flops_percentage")
     if layers not in LAYER_CHOICES:
-        raise UserError(f"{LAYERS_FLAG} must be 0 (heads), 1 (MLP), 2 (embedding) or 3 (all), got {layers!r}")
+        raise UserError(f"must be 0 (heads), 1 (MLP), 2 (embedding) or 3 (all), got {layers!r}", field="pruning_layers")
 
 
 def check_round_to(arch: ViTArch, round_to) -> None:
@@ -131,16 +130,18 @@ def check_target_reachable(arch: ViTArch, target: float, layers: int = 3, protec
     best = _even_reduction(arch, k_max)
     what = "all components" if layers == 3 else f"the {LAYER_CHOICES[layers]} alone"
     if best < target - ACCEPT_TOLERANCE:
-        raise UserError(f"{TARGET_FLAG} {target} is unreachable with {LAYERS_FLAG} {layers}: pruning everything "
-                        f"prunable of {what}{' (protection on)' if protect else ''} removes {best:.2%} of the FLOPs")
+        raise UserError(f"{target} is unreachable with <pruning_layers> {layers}: pruning everything "
+                        f"prunable of {what}{' (protection on)' if protect else ''} removes {best:.2%} of the FLOPs",
+                        field="pruning_flops_percentage")
     if layers in (0, 2):  # coarse units: is some count close enough?
         c = allowed[0]
         step = round_to if c == "embed" else 1
         reductions = np.array([_even_reduction(arch, {c: k}) for k in range(0, limit[c] + 1, step)])
         closest = reductions[np.argmin(np.abs(reductions - target))]
         if abs(closest - target) > ACCEPT_TOLERANCE:
-            raise UserError(f"{TARGET_FLAG} {target} cannot be met within 0.5% with {LAYERS_FLAG} {layers}: "
-                            f"pruning {c} gives steps of {reductions[1] - reductions[0]:.2%}, closest {closest:.2%}")
+            raise UserError(f"{target} cannot be met within 0.5% with <pruning_layers> {layers}: pruning {c} "
+                            f"gives steps of {reductions[1] - reductions[0]:.2%}, closest {closest:.2%}",
+                            field="pruning_flops_percentage")
     return best
 
 

@@ -56,7 +56,7 @@ def normalize_by_layer(criteria: Mapping[str, torch.Tensor], norm_type: int) -> 
         norm_type: 1 or 2 (`--pruning_normalize_type`).
     """
     if norm_type not in (1, 2):
-        raise UserError(f"--pruning_normalize_type must be 1 (L1) or 2 (L2), got {norm_type!r}")
+        raise UserError(f"must be 1 (L1) or 2 (L2), got {norm_type!r}", field="pruning_normalize_type")
     out = {}
     for name, value in criteria.items():
         t = torch.as_tensor(value)

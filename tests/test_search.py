@@ -340,18 +340,22 @@ def test_single_component_prunes_only_that_component(name, layers, target):
 
 def test_unreachable_targets_raise_before_any_work():
     arch = arch_of("deit_small_patch16_224")
-    with pytest.raises(UserError, match="--pruning_flops_percentage.*--pruning_layers 0"):
+    with pytest.raises(UserError, match="unreachable with <pruning_layers> 0") as err:
         check_target_reachable(arch, 0.5, layers=0, protect=True)
-    with pytest.raises(UserError, match="--pruning_layers"):  # raised before the criteria are looked at
+    assert err.value.field == "pruning_flops_percentage"
+    with pytest.raises(UserError, match="<pruning_layers> 0"):  # raised before the criteria are looked at
         prune(None, None, arch, SearchOptions(0.5, layers=0))
-    with pytest.raises(UserError, match="--pruning_layers 2"):  # embedding steps of 1/64 miss 0.2 by > 0.5%
+    with pytest.raises(UserError, match="<pruning_layers> 2") as err:  # embedding steps of 1/64 miss 0.2 by > 0.5%
         check_target_reachable(arch_of("deit_test_patch8_32"), 0.2, layers=2)
+    assert err.value.field == "pruning_flops_percentage"
     assert check_target_reachable(arch, 0.5, layers=3) > 0.95
     for bad in (0.0, 1.0, -0.1, 1.5, math.nan, "half"):
-        with pytest.raises(UserError, match="--pruning_flops_percentage"):
+        with pytest.raises(UserError, match="must be a fraction") as err:
             check_target_reachable(arch, bad)
-    with pytest.raises(UserError, match="--pruning_layers"):
+        assert err.value.field == "pruning_flops_percentage"
+    with pytest.raises(UserError, match="must be 0 .heads.") as err:
         check_target_reachable(arch, 0.3, layers=4)
+    assert err.value.field == "pruning_layers"
 
 
 def test_bad_criteria_and_matrix_raise_user_errors():
@@ -382,5 +386,6 @@ def test_normalize_by_layer():
     torch.testing.assert_close(l2["heads"].pow(2).sum(1), torch.ones(3))
     torch.testing.assert_close(l2["mlp"][0], crit["mlp"][0] / crit["mlp"][0].norm())
     assert torch.equal(crit["mlp"][1], torch.zeros(16))  # input untouched
-    with pytest.raises(UserError, match="--pruning_normalize_type"):
+    with pytest.raises(UserError, match="must be 1 .L1.") as err:
         normalize_by_layer(crit, 3)
+    assert err.value.field == "pruning_normalize_type"

@@ -11,12 +11,16 @@ import functools
 import os
 import re
 import sys
+import time
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Union
 
 # a note traceback prints under the message: the field survives a DataLoader worker, whose
 # error reaches the main process as the worker's traceback text
 FIELD_NOTE = "user error field: "
 _TOKEN = re.compile(r"<([a-z][a-z0-9_]*)>")
+
+
+RANK0_PRINT_GRACE_S = 2.0  # silent ranks wait this long before exiting
 
 
 class UserError(Exception):
@@ -136,6 +140,8 @@ def cli_entry(main_fn: Optional[Callable[..., Any]] = None, *, flags: Flags = No
                 print(f"error: {line}", file=sys.stderr, flush=True)
             elif getattr(err, "rank_specific", False):
                 print(f"error (rank {rank}): {line}", file=sys.stderr, flush=True)
+            else:  # a launcher stops all ranks when the first one exits: let rank 0 print its line first
+                time.sleep(RANK0_PRINT_GRACE_S)
             sys.exit(2)
 
     return wrapper
