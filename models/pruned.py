@@ -111,7 +111,7 @@ def _structure(checkpoint: dict, arch: ViTArch, mask: Optional[SimpleNamespace],
 
 
 def load_pruned(path: str) -> DeployViT:
-    """The physically pruned DeiT (eval mode, on CPU) that a pruned file describes.
+    """The physically pruned ViT (eval mode, on CPU) that a pruned file describes.
 
     Args:
         path: main.py's checkpoint_pruned_00.pth, main_deploy.py's checkpoint.pth /

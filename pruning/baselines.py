@@ -26,7 +26,7 @@ def magnitude_criteria(state_dict: Mapping[str, Tensor], arch: ViTArch) -> Dict[
     and `fc1` (they read it), row d of every `proj` and `fc2` (they write it) and of the classifier(s).
 
     Args:
-        state_dict: weights of a (gated or deploy, unpruned) DeiT of architecture `arch`.
+        state_dict: weights of a (gated or deploy, unpruned) ViT of architecture `arch`.
         arch: the unpruned architecture.
 
     Returns:
@@ -52,7 +52,7 @@ def magnitude_criteria(state_dict: Mapping[str, Tensor], arch: ViTArch) -> Dict[
 
 def _abs_weight(state_dict: Mapping[str, Tensor], key: str) -> Tensor:
     if key not in state_dict:
-        raise UserError(f"magnitude criteria: the weights have no '{key}' (not an unpruned DeiT of this model?)")
+        raise UserError(f"magnitude criteria: the weights have no '{key}' (not an unpruned ViT of this model?)")
     return state_dict[key].detach().to("cpu", torch.float64).abs()
 
 

@@ -40,7 +40,7 @@ def load_masked_model(arch: Optional[ViTArch], masked_model: str, weights: str =
             outputs (a mismatch is an error, never a silently new classifier).
         masked_model: a gated checkpoint (ours or the reference's `checkpoint_pruned_00.pth`:
             mask and weights in one file) or a mask JSON file.
-        weights: with a mask JSON, the file holding the gated or plain DeiT weights to slice
+        weights: with a mask JSON, the file holding the gated or plain ViT weights to slice
             (starting weights: a classifier of another size is replaced, as with --finetune).
         trust: allow files that need full unpickling (`--trust_checkpoint`).
         classes_from_checkpoint: a checkpoint's class count replaces `arch.num_classes` instead of
