@@ -343,9 +343,8 @@ def reference_warnings(ns: argparse.Namespace, flags: List[ReferenceFlag]) -> Li
 
 # -- errors from the library, named by their flag ------------------------------------------------
 
-def _all_flags_parser() -> argparse.ArgumentParser:
-    """Every flag group of main.py and main_deploy.py (not the reference's): where fields find their flags."""
-    parser = argparse.ArgumentParser(add_help=False)
+def add_fine_tuning_groups(parser: argparse.ArgumentParser, seed_help: str) -> None:
+    """Every flag group of main_deploy.py (its reference-only flags aside)."""
     add_model_args(parser, ema=True)
     add_optimizer_args(parser)
     add_schedule_args(parser)
@@ -353,10 +352,16 @@ def _all_flags_parser() -> argparse.ArgumentParser:
     add_mixup_args(parser)
     add_distillation_args(parser)
     add_data_args(parser)
-    add_run_args(parser, save_freq=True, seed_help="")
+    add_run_args(parser, save_freq=True, seed_help=seed_help)
     add_distributed_args(parser)
-    add_pruning_args(parser)
     add_deploy_args(parser)
+
+
+def _all_flags_parser() -> argparse.ArgumentParser:
+    """Every flag group of main.py and main_deploy.py (not the reference's): where fields find their flags."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_fine_tuning_groups(parser, seed_help="")
+    add_pruning_args(parser)  # main.py's groups are main_deploy.py's, less some, plus this one
     return parser
 
 

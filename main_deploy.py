@@ -21,11 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from args import (WORLD_SIZE, DistributedConfig, ModelConfig, ReferenceFlag, RunConfig, add_augmentation_args,
-                  add_data_args, add_deploy_args, add_distillation_args, add_distributed_args, add_mixup_args,
-                  add_model_args, add_optimizer_args, add_reference_group, add_run_args, add_schedule_args,
-                  check_common, command_line, data_config, error_text, init_distributed, model_config,
-                  reference_warnings, run_config, script_entry, train_config)
+from args import (WORLD_SIZE, DistributedConfig, ModelConfig, ReferenceFlag, RunConfig, add_fine_tuning_groups,
+                  add_reference_group, check_common, command_line, data_config, error_text, init_distributed,
+                  model_config, reference_warnings, run_config, script_entry, train_config)
 from datasets import DataConfig, build_dataset, build_loaders
 from engine import LAST_CHECKPOINT, TrainConfig, evaluate, fit, measure_throughput
 from losses import build_teacher
@@ -48,17 +46,8 @@ REFERENCE_FLAGS = [
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = Parser(description="SAViT fine-tuning of the physically pruned DeiT (main_deploy.py)")
-    add_model_args(parser, ema=True)
-    add_optimizer_args(parser)
-    add_schedule_args(parser)
-    add_augmentation_args(parser, repeated_aug=True)
-    add_mixup_args(parser)
-    add_distillation_args(parser)
-    add_data_args(parser)
-    add_run_args(parser, save_freq=True, seed_help="random seed (default: 0); rank r uses seed + r")
-    add_distributed_args(parser)
-    add_deploy_args(parser)
+    parser = Parser(description="SAViT fine-tuning of the physically pruned ViT (main_deploy.py)")
+    add_fine_tuning_groups(parser, seed_help="random seed (default: 0); rank r uses seed + r")
     add_reference_group(parser, REFERENCE_FLAGS)
     return parser
 
