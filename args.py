@@ -87,8 +87,9 @@ def add_model_args(parser: argparse.ArgumentParser, ema: bool) -> None:
     """`--model --input-size --drop --drop-path`, and with `ema` the weight-EMA flags."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="deit_base_patch16_224", type=str, metavar="MODEL",
-                   help="name of the model (project DeiTs, their _deploy forms, or any timm name)")
-    g.add_argument("--input-size", default=224, type=positive_int, help="image size (default: 224)")
+                   help="a timm ViT name (main_deploy.py: with _deploy), e.g. deit_base_patch16_224, or a tiny test configuration")
+    g.add_argument("--input-size", default=None, type=positive_int,
+                   help="image size (default: the model's own, e.g. 224 for DeiT-B, 384 for vit_base_patch16_384)")
     g.add_argument("--drop", type=half_open_unit, default=0.0, metavar="PCT", help="dropout rate (default: 0)")
     g.add_argument("--drop-path", type=half_open_unit, default=0.1, metavar="PCT",
                    help="drop path rate (default: 0.1)")
@@ -222,7 +223,7 @@ def add_run_args(parser: argparse.ArgumentParser, save_freq: bool, seed_help: st
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device: cuda, cuda:N or cpu (default: cuda when available, else cpu)")
     g.add_argument("--seed", default=0, type=seed_int, help=seed_help)
-    g.add_argument("--finetune", default="", help="start from this checkpoint (a DeiT or gated checkpoint)")
+    g.add_argument("--finetune", default="", help="start from these weights: a timm/DeiT .pth or .safetensors, or a gated checkpoint")
     g.add_argument("--resume", default="", help="resume from this checkpoint")
     g.add_argument("--trust_checkpoint", action="store_true",
                    help="load checkpoints (--finetune, --masked_model, --resume, --teacher-path) that need full "
@@ -412,6 +413,7 @@ def check_common(ns: argparse.Namespace) -> None:
     Raises:
         UserError: the first bad combination found, naming the flags.
     """
+    ns.input_size = input_size_of(ns)  # resolved once: the logged configuration is the one that runs
     if is_prunable(ns.model):  # an unknown or unsupported model is reported by the script's own check
         patch = arch_of(ns.model).patch_size
         _check(ns.input_size % patch == 0,
@@ -503,8 +505,15 @@ class DeployConfig:
     auto_resume: bool
 
 
+def input_size_of(ns) -> int:
+    """--input-size, or the model's own image size when not given (224 for a name that is no ViT)."""
+    if ns.input_size is not None:
+        return ns.input_size
+    return arch_of(ns.model).img_size if is_prunable(ns.model) else 224
+
+
 def model_config(ns) -> ModelConfig:
-    return ModelConfig(name=ns.model, input_size=ns.input_size, drop=ns.drop, drop_path=ns.drop_path)
+    return ModelConfig(name=ns.model, input_size=input_size_of(ns), drop=ns.drop, drop_path=ns.drop_path)
 
 
 def run_config(ns, dist: DistributedConfig, resume: Optional[str] = None) -> RunConfig:
@@ -519,7 +528,7 @@ def data_config(ns, device: Optional[str] = None) -> DataConfig:
     device = torch.device(device or ns.device)
     return DataConfig(
         data_set=ns.data_set, data_path=ns.data_path, inat_category=ns.inat_category,
-        input_size=ns.input_size, batch_size=ns.batch_size, num_workers=ns.num_workers,
+        input_size=input_size_of(ns), batch_size=ns.batch_size, num_workers=ns.num_workers,
         pin_memory=bool(ns.pin_mem) and device.type == "cuda", repeated_aug=getattr(ns, "repeated_aug", True),
         dist_eval=ns.dist_eval, seed=ns.seed, color_jitter=ns.color_jitter, hflip=ns.hflip, aa=ns.aa,
         train_interpolation=ns.train_interpolation, reprob=ns.reprob, remode=ns.remode, recount=ns.recount,

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from models import arch_of, build_deploy_model, create_model, is_prunable
-from models.loading import _is_gate_key
+from models.loading import _is_gate_key, timm_names
 from models.slicing import deploy_state_dict
 from pruning.deploy import recorded_arch
 from pruning.mask import PruneMask
@@ -203,7 +203,8 @@ def build_teacher(model_name: str, path: str, num_classes: int, device: torch.de
         raise UserError("distillation needs the teacher's weights", field="teacher_path")
     checkpoint = load_torch_file(path, "checkpoint", trust=trust, field="teacher_path")
     with naming("teacher_path"):
-        teacher, state = _plain_teacher(model_name, checkpoint, state_dict_of(checkpoint, path), num_classes, path)
+        state = timm_names(state_dict_of(checkpoint, path))  # DDP's `module.`, DeiT III's gamma_1/gamma_2
+        teacher, state = _plain_teacher(model_name, checkpoint, state, num_classes, path)
     head_key = _classifier_key(teacher)
     if head_key is not None and head_key in state and state[head_key].shape[0] != num_classes:
         raise UserError(f"{path!r} predicts {state[head_key].shape[0]} classes but the data set has {num_classes}",

@@ -1,4 +1,4 @@
-"""SAViT pruning: score heads, MLP neurons and embedding channels of a DeiT, search how
+"""SAViT pruning: score heads, MLP neurons and embedding channels of a ViT, search how
 much of each to remove under a FLOPs budget, and save the gated model with 0/1 gates.
 
     python main.py --finetune deit_base.pth --data-path /imagenet --model deit_base_patch16_224 \

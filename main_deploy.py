@@ -1,4 +1,4 @@
-"""Build the physically smaller DeiT from a SAViT mask and fine-tune it (DeiT recipe,
+"""Build the physically smaller ViT from a SAViT mask and fine-tune it (DeiT recipe,
 optional distillation from a RegNetY-16GF teacher), or evaluate / time it.
 
     torchrun --nproc_per_node 8 main_deploy.py --model deit_base_patch16_224_deploy \

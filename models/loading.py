@@ -19,7 +19,7 @@ def _is_gate_key(key: str) -> bool:
     return key.endswith(("attn_gate.weight", "hidden_gate1.weight", "res_gate.weight"))
 
 
-def _timm_names(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def timm_names(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Keys as timm names them: no DDP `module.` prefix; the official DeiT III repository's
     `blocks.N.gamma_1` / `gamma_2` are timm's `blocks.N.ls1.gamma` / `ls2.gamma`."""
     out = {}
@@ -56,7 +56,7 @@ def _resample_pos_embed(sd: Dict[str, torch.Tensor], model: nn.Module, path: str
 def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, path: str = "") -> Dict[str, torch.Tensor]:
     """Fit a ViT state dict to `model`: timm's key names, `pos_embed` resampled to its patch grid,
     a classifier of another shape dropped (logged), absent gates filled with the model's own (all ones)."""
-    sd = _timm_names(state_dict)
+    sd = timm_names(state_dict)
     own = model.state_dict()
     theirs, ours = _prefix_tokens(sd), _prefix_tokens(own)
     if "pos_embed" in sd and theirs != ours:

@@ -148,8 +148,9 @@ def load_pruned(path: str) -> DeployViT:
         check_keys(state_dict, GatedViT(arch), path)
         model = build_deploy_model(arch, mask, weights=state_dict)
     else:
-        check_keys(state_dict, DeployViT(arch, **structure), path)
-        model = build_deploy_model(arch, structure=structure, deploy_weights=state_dict)
+        model = build_deploy_model(arch, structure=structure)
+        check_keys(state_dict, model, path)
+        model.load_state_dict(state_dict, strict=True)
     norm = checkpoint.get("normalization")
     model.normalization = norm if isinstance(norm, dict) else None
     return model.eval()

@@ -94,7 +94,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
     any other timm name (teachers such as `regnety_160`) timm's model, built with pretrained=False.
     """
     gated_name = gated_name_of(name)
-    if gated_name in TEST_CONFIGS or is_prunable(gated_name):
+    if is_prunable(gated_name):
         if is_deploy_name(name):
             structure = {k: kwargs.pop(k) for k in ("width", "heads", "hidden") if kwargs.get(k) is not None}
             return build_deploy_model(arch_of(name, **kwargs), structure=structure or None)

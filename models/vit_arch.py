@@ -58,6 +58,10 @@ class ViTArch:
             raise UserError(f"global_pool {self.global_pool!r} is not supported (expected one of {POOLS})")
         if self.global_pool == "token" and not self.class_token:
             raise UserError("global_pool 'token' needs the class token")
+        if self.distilled and (not self.class_token or self.global_pool != "token" or self.fc_norm
+                               or self.reg_tokens or self.no_embed_class):
+            raise UserError("a distilled model reads its class and distillation tokens: it takes no avg pooling, "
+                            "fc_norm, register tokens or no_embed_class")
         if self.embed_dim % self.num_heads:
             raise UserError(f"embed_dim {self.embed_dim} is not a multiple of num_heads {self.num_heads}")
 
@@ -67,7 +71,7 @@ class ViTArch:
 
     @property
     def mlp_hidden(self) -> int:
-        return int(self.embed_dim * self.mlp_ratio)
+        return int(round(self.embed_dim * self.mlp_ratio))  # exact for a ratio read back as hidden / width
 
     @property
     def num_patches(self) -> int:
@@ -110,7 +114,7 @@ class ViTArch:
         """
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         if kwargs.pop("pretrained", False):
-            raise UserError("pretrained=True is not supported offline; pass weights with <finetune>")
+            raise UserError("pretrained=True is not supported offline: load the weights from a file")
         kwargs.pop("drop_block_rate", None)
         if "input_size" in kwargs:
             kwargs["img_size"] = kwargs.pop("input_size")
@@ -192,12 +196,12 @@ def arch_from_timm(model: nn.Module, name: str) -> ViTArch:
             raise refuse(f"{where} differs in shape or options from block 0")
         norms += [b.norm1, b.norm2, b.attn.q_norm, b.attn.k_norm]
     eps = {m.eps for m in norms if not isinstance(m, nn.Identity)}
-    if any(not _exactly(m, nn.LayerNorm) and not isinstance(m, nn.Identity) and
-           type(m).__name__ != "LayerNorm" for m in norms) or len(eps) != 1:
-        raise refuse("a norm other than LayerNorm, or LayerNorms with different eps")
+    if any(not isinstance(m, nn.Identity) and not (isinstance(m, nn.LayerNorm) and m.elementwise_affine and
+                                                   m.bias is not None) for m in norms) or len(eps) != 1:
+        raise refuse("a norm other than an affine LayerNorm with bias, or LayerNorms with different eps")
     hidden = first.mlp.fc1.out_features
     mlp_ratio = hidden / model.embed_dim
-    if int(model.embed_dim * mlp_ratio) != hidden:
+    if int(round(model.embed_dim * mlp_ratio)) != hidden:
         raise refuse(f"MLP width {hidden} is not embed_dim * mlp_ratio")
     init_values = None
     if not isinstance(first.ls1, nn.Identity):
@@ -227,7 +231,10 @@ def timm_arch(name: str, build=None) -> ViTArch:
     def make() -> nn.Module:
         return build() if build is not None else timm.create_model(name, pretrained=False)
 
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            model = make()
+    except Exception:  # some timm versions compute values while building (`.item()` fails on meta)
         model = make()
     if any(isinstance(m, LayerScale) and not hasattr(m, "init_values") for m in model.modules()):
         model = make()  # older timm: the LayerScale init value lives only in gamma, which meta tensors lack

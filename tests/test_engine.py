@@ -225,7 +225,10 @@ def test_shared_flags_have_deit_defaults_and_feed_timm():
 
     assert main.get_args_parser().parse_args([]).pruning_flops_percentage == 0.5
     ns = main_deploy.get_args_parser().parse_args([])
-    expected = dict(model="deit_base_patch16_224", input_size=224, drop=0.0, drop_path=0.1, model_ema=True,
+    from args import input_size_of
+
+    assert ns.input_size is None and input_size_of(ns) == 224  # the model's own size: DeiT-B's 224
+    expected = dict(model="deit_base_patch16_224", drop=0.0, drop_path=0.1, model_ema=True,
                     model_ema_decay=0.99996, opt="adamw", opt_eps=1e-8, weight_decay=0.05, sched="cosine",
                     lr=5e-4, warmup_lr=1e-6, min_lr=1e-5, warmup_epochs=5, cooldown_epochs=10, epochs=300,
                     color_jitter=0.4, aa="rand-m9-mstd0.5-inc1", smoothing=0.1, train_interpolation="bicubic",

@@ -319,3 +319,30 @@ def test_arch_of_timm_names(name, expected, prefix, pos_rows):
     assert (arch.mlp_ratio, arch.num_classes, arch.in_chans) == (4.0, 1000, 3)
     assert arch.num_prefix_tokens == prefix and arch.num_pos_tokens == pos_rows
     assert arch.patch_bias == (not arch.pre_norm)
+
+
+def test_input_size_defaults_to_the_models_own():
+    """Without --input-size a 384 model is not silently resized to 224 (its pos_embed resampled)."""
+    import main
+
+    from args import check_common, input_size_of
+
+    for name, size in (("vit_base_patch16_384", 384), ("deit_base_patch16_224", 224),
+                       ("vit_base_patch16_reg4_gap_256", 256)):
+        ns = main.get_args_parser().parse_args(["--model", name])
+        assert ns.input_size is None and input_size_of(ns) == size
+        check_common(ns)
+        assert ns.input_size == size  # the logged configuration holds the size that runs
+    ns = main.get_args_parser().parse_args(["--model", "vit_base_patch16_384", "--input-size", "224"])
+    assert input_size_of(ns) == 224
+
+
+def test_mlp_width_read_back_exactly_and_distilled_options_refused():
+    from models import ViTArch
+
+    for width, hidden in ((176, 240), (304, 848), (320, 1088), (768, 3072)):  # hidden / width read back
+        assert ViTArch(embed_dim=width, num_heads=width // 16, mlp_ratio=hidden / width).mlp_hidden == hidden
+    for options in (dict(global_pool="avg", class_token=False), dict(fc_norm=True), dict(reg_tokens=4),
+                    dict(no_embed_class=True)):
+        with pytest.raises(UserError, match="distilled"):
+            ViTArch(distilled=True, **options)

@@ -8,6 +8,7 @@ import zipfile
 from typing import Any, Optional
 
 import torch
+from safetensors.torch import load_file
 
 from utils.errors import UserError
 
@@ -82,8 +83,6 @@ def load_torch_file(path: str, what: str = "checkpoint", trust: bool = False, fi
 
 def _load_safetensors(path: str, what: str, field: Optional[str]) -> dict:
     """A safetensors file's tensors (the format holds nothing that could run)."""
-    from safetensors.torch import load_file
-
     try:
         return load_file(path, device="cpu")
     except Exception as err:  # safetensors' own errors, OS errors
