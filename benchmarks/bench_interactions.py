@@ -83,7 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main_args(pretrained: str) -> argparse.Namespace:
     """main.py's flags for the demo's step 2 (data flags of the demo, method 2, interactions)."""
-    return get_args_parser().parse_args(["--model", ablation.MODEL, *ablation.DATA_FLAGS, "--finetune", pretrained,
+    return get_args_parser().parse_args(["--model", ablation.DEMO_MODEL, *ablation.data_flags(),
+                                         "--finetune", pretrained,
                                          "--pruning_method", "2", "--need_hessian"])
 
 
@@ -200,7 +201,7 @@ def write_markdown(args, path: str, results: dict, timing: dict, check_diff: dic
         "# Variance of the interaction matrix C over seeds: reference vs Rao-Blackwellised estimator", "",
         "```", command, "```", "",
         f"Written by `benchmarks/bench_interactions.py` in {wall / 60:.1f} min on {environment_line()}.", "",
-        f"Demo model `{ablation.MODEL}` (6 blocks), its pretrained weights ({args.pretrained_from}), DIGITS training "
+        f"Demo model `{ablation.DEMO_MODEL}` (6 blocks), its pretrained weights ({args.pretrained_from}), DIGITS training "
         f"set with the demo's data flags (batch 64), method 2 with interactions, seeds 0..{args.seeds - 1}. "
         "Feeds and their batch counts: " + ", ".join(f"{f} -> {n}" for f, n in batches_of.items()) + ".", "",
         "* *seed* mode: the seed does what `--seed` does in main.py -- it draws the scoring batches, their "
@@ -263,7 +264,7 @@ def main(args) -> None:
     runner = ablation.Runner(sys.executable)
     args.pretrained_from = (f"`--pretrained {args.pretrained}`" if args.pretrained else
                             f"the demo's step 1, {args.pretrain_epochs} epochs, best checkpoint")
-    pretrained = ablation.pretrain(args, runner)
+    pretrained = ablation.pretrain(runner, args.pretrained, args.pretrain_epochs, args.output_dir)
     margs = main_args(pretrained)
     dataset, num_classes = build_dataset(True, data_config(margs), what="training set")
     mixup = mixup_config(margs)
