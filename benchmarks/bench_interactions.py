@@ -202,7 +202,8 @@ def write_markdown(args, path: str, results: dict, timing: dict, check_diff: dic
         "```", command, "```", "",
         f"Written by `benchmarks/bench_interactions.py` in {wall / 60:.1f} min on {environment_line()}.", "",
         f"Demo model `{ablation.DEMO_MODEL}` (6 blocks), its pretrained weights ({args.pretrained_from}), "
-        f"DIGITS training set with the demo's data flags (batch 64), method 2 with interactions, seeds 0..{args.seeds - 1}. "
+        "DIGITS training set with the demo's data flags (batch 64), method 2 with interactions, "
+        f"seeds 0..{args.seeds - 1}. "
         "Feeds and their batch counts: " + ", ".join(f"{f} -> {n}" for f, n in batches_of.items()) + ".", "",
         "* *seed* mode: the seed does what `--seed` does in main.py -- it draws the scoring batches, their "
         "augmentation and the interaction blocks; *draws* mode: the data of seed 0 for every seed, only the "
