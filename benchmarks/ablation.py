@@ -227,10 +227,9 @@ class Unit:
             self.runner.run("main.py", common + flags, out, finished(out), f"{self.name}: {method} pruning")
         return {m: os.path.join(self.dir, m, "mask.json") for m, _ in runs}
 
-    def baseline_masks(self, arch) -> Dict[str, str]:
-        """Magnitude, random and uniform masks, saved as mask JSONs."""
+    def baseline_masks(self, arch, criteria, C) -> Dict[str, str]:
+        """Magnitude, random and uniform masks from savit's `criteria` and `C`, saved as mask JSONs."""
         savit_dir = os.path.join(self.dir, "savit")
-        criteria, C = load_pickles(savit_dir, 2, arch, need_hessian=True)
         counts = pruned_counts(PruneMask.load(os.path.join(savit_dir, "mask.json")))
         masks = {}
         if "magnitude" in self.args.methods:
@@ -266,14 +265,13 @@ class Unit:
     def run(self, arch) -> Tuple[Dict[str, dict], List[dict]]:
         """Per method its row, and the C / search of each SAViT estimator."""
         masks = self.prune_with_main()
-        masks.update(self.baseline_masks(arch))
+        pickles = {m: load_pickles(os.path.join(self.dir, m), 2, arch, need_hessian=True)
+                   for m in SAVIT_FLAGS if m in masks}  # (criteria, C) of each SAViT run
+        masks.update(self.baseline_masks(arch, *pickles["savit"]))
         interactions = []
-        for m in SAVIT_FLAGS:
-            if m not in masks:
-                continue
+        for m, (_, C) in pickles.items():
             with open(os.path.join(self.dir, m, "pruning_report.json")) as f:
                 report = json.load(f)
-            C = load_pickles(os.path.join(self.dir, m), 2, arch, need_hessian=True)[1]
             interactions.append({"seed": self.seed, "estimator": "rb" if m == "savit_rb" else "reference",
                                  "C": C.tolist(), "search": report["search"], "counts": report["counts"]})
         full_macs = mask_macs(arch)["total"]

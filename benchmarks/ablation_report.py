@@ -104,7 +104,7 @@ def target_verdict(results: Dict[str, List[dict]]) -> List[str]:
 
             def named(ms):
                 return ", ".join(f"{m} ({pairs[m].mean:+.2f})" for m in ms) or "none"
-            win = "**wins**" if baselines and len(ahead) == len(baselines) else "does not win"
+            win = "**wins**" if wins(results, savit, key) else "does not win"
             lines.append(f"- {LABELS[savit]}, {stage}: {win} (best mean: rank {rank} of {len(means)}). "
                          f"Ahead beyond the noise of: {named(ahead)}; behind beyond the noise: {named(behind)}; "
                          f"within the noise: {named(within)}.")
