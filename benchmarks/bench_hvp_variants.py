@@ -1,20 +1,27 @@
 """Where the pruning pass's time goes, and the alternatives to its three Hessian-vector products.
 
-One batch, in one process, variants side by side (round-robin over `--repeats`, fastest kept):
+One batch, in one process, variants side by side (round-robin over `--repeats`, fastest kept),
+each timed per batch on the block draws of batch indices 0 .. `--draws` - 1 (averaged):
   plain      -- forward + backward with the weights' gradients (a training step's cost);
-  reverse    -- the pass as `pruning.importance` runs it: forward, one `autograd.grad(create_graph=True)`
-                over the gates, then three reverse-over-reverse products, one per row of C;
+  reverse    -- forward, one `autograd.grad(create_graph=True)` over the gates, then three
+                reverse-over-reverse products, one per row of C, each over its three columns;
+  symmetric  -- the pass as `pruning.importance` runs it: as `reverse`, but the heads and MLP rows'
+                embedding column is read off the embedding row's product (H is symmetric), so their
+                products stop at the lowest block they read;
   batched    -- the three products as ONE reverse call over the stacked rows (`is_grads_batched`, vmap);
   fwd-rev    -- forward-over-reverse: `torch.func.jvp` of `torch.func.grad`, one per row (the Hessian
                 is symmetric, so H @ 1_row gives the same row);
   fwd-rev-v  -- the three jvps batched with `torch.func.vmap`.
-Each variant's rows of C (the reference's block draw of batch 0) are compared with `reverse`'s.
-`--profile` prints torch.profiler's top operators of the `reverse` variant.
+Each variant's rows of C (the reference's block draws) are compared with `reverse`'s, and each
+round's time of `symmetric` is divided by that of `reverse` in the same round (paired: the machine's
+speed drifts between rounds).
+`--profile` prints torch.profiler's top operators of the `symmetric` variant.
 
     python benchmarks/bench_hvp_variants.py --model deit_small_patch16_224 --batch-size 8 --threads 1
 """
 import copy
 import os
+import statistics
 import sys
 import time
 from typing import Callable, Dict, List
@@ -29,7 +36,7 @@ from pruning.importance import gates_only_grad  # noqa: E402
 from pruning.interactions import block_draw  # noqa: E402
 from utils import Parser, cli_entry  # noqa: E402
 
-VARIANTS = ("plain", "reverse", "batched", "fwd-rev", "fwd-rev-v")
+VARIANTS = ("plain", "reverse", "symmetric", "batched", "fwd-rev", "fwd-rev-v")
 
 
 def parse_args(argv=None):
@@ -40,12 +47,13 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
-    p.add_argument("--profile", action="store_true", help="print the top operators of the reverse variant")
+    p.add_argument("--draws", type=int, default=1, help="block draws (of batch indices 0, 1, ...) per variant run")
+    p.add_argument("--profile", action="store_true", help="print the top operators of the symmetric variant")
     return p.parse_args(argv)
 
 
 class Bench:
-    """One model, one batch, one block draw; each variant returns {phase: seconds} and the rows of C."""
+    """One model, one batch, one block draw (`use_draw`); each variant returns {phase: seconds} and the rows of C."""
 
     def __init__(self, model, images, targets):
         self.model, self.images, self.targets = model, images, targets
@@ -54,11 +62,24 @@ class Bench:
         names = {id(p): n for n, p in model.named_parameters()}
         self.gate_names = [names[id(g)] for g in self.gates]
         self.depth = len(self.gates) // 2
-        draw = block_draw(0, 0, self.depth)
-        d = self.depth
+        self.use_draw(0)
+
+    def use_draw(self, batch_index: int) -> None:
+        draw, d = block_draw(0, batch_index, self.depth), self.depth
         # row i: the gates differentiated (s_i) and the columns (heads, MLP, embedding gate)
         self.firsts = [draw.l, d + draw.l, 2 * d]
         self.columns = [[draw.m[i][0], d + draw.m[i][1], 2 * d] for i in range(3)]
+
+    def run(self, variant: Callable, draws: int):
+        """`variant` on each draw: mean seconds per phase, and the rows of every draw."""
+        times: Dict[str, float] = {}
+        rows = []
+        for index in range(draws):
+            self.use_draw(index)
+            t, r = variant()
+            times = {k: times.get(k, 0.0) + v / draws for k, v in t.items()}
+            rows += r or []
+        return times, rows
 
     def _loss(self):
         return self.criterion(self.model(self.images), self.targets)
@@ -78,6 +99,12 @@ class Bench:
         return {"forward": t1 - t0, "backward": t2 - t1}, None
 
     def reverse(self):
+        return self._reverse(symmetric=False)
+
+    def symmetric(self):
+        return self._reverse(symmetric=True)
+
+    def _reverse(self, symmetric: bool):
         with gates_only_grad(self.model) as gates:
             t0 = time.perf_counter()
             loss = self._loss()
@@ -88,10 +115,14 @@ class Bench:
             for i in range(3):
                 t = time.perf_counter()
                 wrt = [gates[j] for j in self.columns[i]]
+                if symmetric:  # heads and MLP rows: no embedding column; the embed row also reads block l
+                    wrt = wrt[:2] if i < 2 else wrt + [gates[f] for f in self.firsts[:2]]
                 row = torch.autograd.grad(grads[self.firsts[i]].sum(), wrt, retain_graph=i < 2, allow_unused=True,
                                           materialize_grads=True)
                 rows.append([float(v.double().sum()) for v in row])
                 times[f"product {i} ({('heads', 'mlp', 'embed')[i]} row)"] = time.perf_counter() - t
+        if symmetric:  # 1_i^T H 1_embed = 1_embed^T H 1_i
+            rows = [rows[0] + [rows[2][3]], rows[1] + [rows[2][4]], rows[2][:3]]
         return times, rows
 
     def batched(self):
@@ -158,21 +189,24 @@ def main(args) -> None:
     images = torch.randn(args.batch_size, 3, size, size)
     targets = torch.randint(0, model.arch.num_classes, (args.batch_size,))
     bench = Bench(model, images, targets)
-    runners: Dict[str, Callable] = {"plain": bench.plain, "reverse": bench.reverse, "batched": bench.batched,
+    runners: Dict[str, Callable] = {"plain": bench.plain, "reverse": bench.reverse, "symmetric": bench.symmetric,
+                                    "batched": bench.batched,
                                     "fwd-rev": bench.fwd_rev, "fwd-rev-v": bench.fwd_rev_v}
     chosen = [v for v in args.variants.split(",") if v]
     best: Dict[str, dict] = {}
     rows: Dict[str, list] = {}
+    totals: Dict[str, List[float]] = {v: [] for v in chosen}
     for v in chosen:  # warm-up
         runners[v]()
     for r in range(args.repeats):
         for v in chosen:
             print(f"run {r + 1}/{args.repeats}: {v} ...", flush=True)
-            times, rows[v] = runners[v]()
+            times, rows[v] = bench.run(runners[v], args.draws)
+            totals[v].append(sum(times.values()))
             if v not in best or sum(times.values()) < sum(best[v].values()):
                 best[v] = times
     print(f"\n{args.model} at {size}, batch {args.batch_size}, CPU, {args.threads} thread(s), "
-          f"fastest of {args.repeats} run(s)")
+          f"fastest of {args.repeats} run(s), mean over the draws of batches 0-{args.draws - 1}")
     base = sum(best["plain"].values()) if "plain" in best else None
     print(f"{'variant':12s}{'s/batch':>10s}{'x plain':>9s}{'max rel diff':>14s}  phases (s)")
     for v in chosen:
@@ -181,12 +215,17 @@ def main(args) -> None:
         diff = f"{max_rel_diff(rows[v], rows['reverse']):14.1e}" if rows.get(v) and rows.get("reverse") else f"{'':14s}"
         phases = ", ".join(f"{k} {t:.3f}" for k, t in best[v].items())
         print(f"{v:12s}{total:10.3f}{ratio}{diff}  {phases}")
+    if totals.get("symmetric") and totals.get("reverse"):
+        paired = [a / b for a, b in zip(totals["symmetric"], totals["reverse"])]
+        print(f"symmetric / reverse, round by round: median {statistics.median(paired):.3f} "
+              f"(all: {', '.join(f'{x:.3f}' for x in paired)})")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            bench.reverse()
-        print("\ntop operators of the reverse variant (self CPU time):")
+            bench.use_draw(0)
+            bench.symmetric()
+        print("\ntop operators of the symmetric variant (self CPU time):")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 

@@ -64,14 +64,17 @@ def add_interactions(C: torch.Tensor, normalisers: torch.Tensor, gates: Sequence
     """Add one (chunk of a) batch's rows, divided by N (`interaction_normalisers`), to the sums C [3, 3].
 
     `gates`: heads per block, MLP per block, the embedding gate; `grads`: dL/d(gates) computed with
-    `create_graph=True`. Each row is ONE Hessian-vector product of s_i = dL/dg_i[l] . 1 (for embed
-    the one shared vector):
-      * `reference`: differentiated with respect to g_heads[m[i][0]], g_mlp[m[i][1]] and g_embed;
-      * `rb`: with respect to the heads and MLP gates of EVERY block m <= l (and g_embed), and the
-        heads and MLP columns take the exact mean over m in [0, l] of the drawn m's term: the same
-        expectation (Rao-Blackwellised over m), the same cost.
-    The heads and MLP rows are averaged over the K `draws` (2 products per draw). The embedding
-    row depends on no draw (its columns are block 0 in the reference): it is computed once.
+    `create_graph=True`. Row i is the Hessian-vector product H 1_i of s_i = dL/dg_i[l] . 1 (for
+    embed the one shared vector), read on the columns' gates:
+      * `reference`: g_heads[m[i][0]] and g_mlp[m[i][1]];
+      * `rb`: the heads and MLP gates of EVERY block m <= l, and the heads and MLP columns take the
+        exact mean over m in [0, l] of the drawn m's term: the same expectation (Rao-Blackwellised
+        over m), the same cost.
+    The embedding column of the heads and MLP rows, 1_i^T H 1_embed, is read off the embedding
+    row's product instead (H is symmetric): their own products then stop at the lowest block they
+    read, not at block 0. The heads and MLP rows are averaged over the K `draws` (2 products per
+    draw). The embedding row depends on no draw (its columns are block 0 in the reference): it is
+    computed once.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown interactions estimator {estimator!r}")
@@ -80,15 +83,18 @@ def add_interactions(C: torch.Tensor, normalisers: torch.Tensor, gates: Sequence
     for draw in draws:
         for i, first in enumerate((grads[draw.l], grads[depth + draw.l])):  # dL/dg_i at block l
             if estimator == "reference":
-                row = hvp_sums(first, (gates[draw.m[i][0]], gates[depth + draw.m[i][1]], gates[-1]), True)
+                row = hvp_sums(first, (gates[draw.m[i][0]], gates[depth + draw.m[i][1]]), True)
             else:
                 blocks = draw.l + 1
-                sums = hvp_sums(first, (*gates[:blocks], *gates[depth:depth + blocks], gates[-1]), True)
-                row = [torch.stack(sums[:blocks]).sum() / blocks, torch.stack(sums[blocks:-1]).sum() / blocks,
-                       sums[-1]]
+                sums = hvp_sums(first, (*gates[:blocks], *gates[depth:depth + blocks]), True)
+                row = [torch.stack(sums[:blocks]).sum() / blocks, torch.stack(sums[blocks:]).sum() / blocks]
             with torch.no_grad():
-                C[i] += torch.stack(row) / normalisers[i] / K
-    # the embedding row, whose graph is the largest, goes last and frees the graph as it goes
-    row = hvp_sums(grads[-1], (gates[0], gates[depth], gates[-1]), False)
+                C[i, :2] += torch.stack(row) / normalisers[i, :2] / K
+    # the embedding row, whose graph is the largest, goes last and frees the graph as it goes; it
+    # is also read on each draw's heads and MLP gates of block l: the heads and MLP rows' last column
+    at_l = [gates[c * depth + draw.l] for c in (0, 1) for draw in draws]
+    sums = hvp_sums(grads[-1], (gates[0], gates[depth], gates[-1], *at_l), False)
     with torch.no_grad():
-        C[2] += torch.stack(row) / normalisers[2]
+        C[2] += torch.stack(sums[:3]) / normalisers[2]
+        for i in (0, 1):
+            C[i, 2] += torch.stack(sums[3 + i * K:3 + (i + 1) * K]).sum() / normalisers[i, 2] / K

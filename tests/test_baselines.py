@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import arch_of, create_model
+from models import create_model
 from pruning.baselines import magnitude_criteria, pruned_counts, random_mask, uniform_mask
 from models.slicing import deploy_state_dict
 from pruning.flops import mask_macs

@@ -34,7 +34,7 @@ from pruning.deploy import load_masked_model
 from pruning.flops import mask_macs, ptflops_macs
 from pruning.pickles import load_pickles
 from pruning.mask import PruneMask
-from pruning.search import SearchOptions, prune
+from pruning.search import prune
 from utils import atomic_torch_save
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

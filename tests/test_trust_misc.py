@@ -1,7 +1,6 @@
 """Issue 8, part 6: the embedding row of C uses block 0, the lr schedule never rises after
 warm-up, progress lines on a timer, the demo summary evaluates on the runs' own data, and
 the warning for an EMA whose horizon exceeds the run."""
-import math
 import os
 import re
 import subprocess

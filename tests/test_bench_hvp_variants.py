@@ -1,0 +1,49 @@
+"""benchmarks/bench_hvp_variants.py on the tiny test DeiT: every variant's rows of C equal the plain
+reverse-over-reverse products (the symmetric one reads the embedding column off the embedding row)."""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from models import create_model
+from conftest import randomize_
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_hvp_variants",
+                                                  os.path.join(ROOT, "benchmarks", "bench_hvp_variants.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("variant", ["symmetric", "batched", "fwd-rev"])
+def test_rows_equal_the_reverse_products_in_float64(variant):
+    bench_module = load_bench()
+    model = randomize_(create_model("deit_test_patch8_32"), seed=3).double().eval()
+    model.requires_grad_(False)
+    gen = torch.Generator().manual_seed(4)
+    images = torch.randn(3, 3, 32, 32, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, model.arch.num_classes, (3,), generator=gen)
+    bench = bench_module.Bench(model, images, targets)
+    run = {"symmetric": bench.symmetric, "batched": bench.batched, "fwd-rev": bench.fwd_rev}[variant]
+    _, rows = bench.run(run, draws=4)
+    _, expected = bench.run(bench.reverse, draws=4)
+    assert len(rows) == len(expected) == 12
+    assert min(abs(v) for r in expected for v in r) > 0
+    assert bench_module.max_rel_diff(rows, expected) < 1e-9
+
+
+def test_table_and_paired_ratio(capsys):
+    bench_module = load_bench()
+    bench_module.main(bench_module.parse_args(
+        ["--model", "deit_test_patch8_32", "--input-size", "32", "--batch-size", "2", "--repeats", "2",
+         "--draws", "2", "--variants", "plain,reverse,symmetric"]))
+    out = capsys.readouterr().out
+    assert "mean over the draws of batches 0-1" in out
+    row = next(line.split() for line in out.splitlines() if line.startswith("symmetric  "))
+    assert float(row[3]) < 1e-4  # max rel diff vs reverse, float32
+    assert "symmetric / reverse, round by round: median" in out
