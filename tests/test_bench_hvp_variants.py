@@ -1,28 +1,20 @@
 """benchmarks/bench_hvp_variants.py on the tiny test DeiT: every variant's rows of C equal the plain
 reverse-over-reverse products (the symmetric one reads the embedding column off the embedding row)."""
-import importlib.util
 import os
+import sys
 
 import pytest
 import torch
 
-from models import create_model
-from conftest import randomize_
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_hvp_variants",
-                                                  os.path.join(ROOT, "benchmarks", "bench_hvp_variants.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmarks import bench_hvp_variants as bench_module  # noqa: E402
+from models import create_model  # noqa: E402
+from conftest import randomize_  # noqa: E402
 
 
 @pytest.mark.parametrize("variant", ["symmetric", "batched", "fwd-rev"])
 def test_rows_equal_the_reverse_products_in_float64(variant):
-    bench_module = load_bench()
     model = randomize_(create_model("deit_test_patch8_32"), seed=3).double().eval()
     model.requires_grad_(False)
     gen = torch.Generator().manual_seed(4)
@@ -38,7 +30,6 @@ def test_rows_equal_the_reverse_products_in_float64(variant):
 
 
 def test_table_and_paired_ratio(capsys):
-    bench_module = load_bench()
     bench_module.main(bench_module.parse_args(
         ["--model", "deit_test_patch8_32", "--input-size", "32", "--batch-size", "2", "--repeats", "2",
          "--draws", "2", "--variants", "plain,reverse,symmetric"]))
