@@ -54,7 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.ablation_report import (METHODS, answer, interactions_table, paired_table,  # noqa: E402
+from benchmarks.ablation_report import (ESTIMATORS, METHODS, answer, interactions_table, paired_table,  # noqa: E402
                                         per_seed_table, summary_table, target_verdict)
 from datasets import DataConfig, build_dataset, build_loaders  # noqa: E402
 from engine import evaluate  # noqa: E402
@@ -272,7 +272,7 @@ class Unit:
         for m, (_, C) in pickles.items():
             with open(os.path.join(self.dir, m, "pruning_report.json")) as f:
                 report = json.load(f)
-            interactions.append({"seed": self.seed, "estimator": "rb" if m == "savit_rb" else "reference",
+            interactions.append({"seed": self.seed, "estimator": ESTIMATORS[m],
                                  "C": C.tolist(), "search": report["search"], "counts": report["counts"]})
         full_macs = mask_macs(arch)["total"]
         rows = {}

@@ -13,6 +13,7 @@ import numpy as np
 from pruning.mask import COMPONENTS
 
 SAVIT_METHODS = ("savit", "savit_rb")
+ESTIMATORS = {"savit": "reference", "savit_rb": "rb"}  # each SAViT row's main.py --hessian_estimator
 BASELINES = ("first_order", "magnitude", "random", "uniform")
 METHODS = SAVIT_METHODS + BASELINES
 LABELS = {
@@ -184,12 +185,12 @@ def answer(by_target: Dict[float, Dict[str, List[dict]]]) -> List[str]:
             flags = [wins(by_target[target], savit, key) for key, _ in STAGES]
             if flags[0] is None:
                 continue
-            lines.append(f"| {target:.0%} | {savit.replace('savit_', '').replace('savit', 'reference')} | "
+            lines.append(f"| {target:.0%} | {ESTIMATORS[savit]} | "
                          + " | ".join("yes" if f else "no" for f in flags) + " |")
             won += [(target, savit, stage) for f, (_, stage) in zip(flags, STAGES) if f]
     if won:
         head = "SAViT beats every baseline beyond the noise at: " + "; ".join(
-            f"{t:.0%} with the {LABELS[s].split(', ')[1]}, {stage}" for t, s, stage in won) + "."
+            f"{t:.0%} with the {ESTIMATORS[s]} estimator of C, {stage}" for t, s, stage in won) + "."
     else:
         head = "SAViT beats every baseline beyond the noise at no target, with neither estimator, at neither stage."
     return [f"**{head}**", ""] + lines
