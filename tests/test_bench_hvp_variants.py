@@ -36,5 +36,5 @@ def test_table_and_paired_ratio(capsys):
     out = capsys.readouterr().out
     assert "mean over the draws of batches 0-1" in out
     row = next(line.split() for line in out.splitlines() if line.startswith("symmetric  "))
-    assert float(row[3]) < 1e-4  # max rel diff vs reverse, float32
+    assert float(row[3]) < 1e-3  # max rel diff vs reverse in float32 (4e-6 here; the float64 test is the exact check)
     assert "symmetric / reverse, round by round: median" in out
