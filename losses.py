@@ -13,7 +13,10 @@ image transformers & distillation through attention", 2021, section 5):
 and returns `(1 - alpha) * base + alpha * distill`. A student that returns a tuple
 `(class_logits, dist_logits)` (DeiT's distillation token, in training mode) has its
 dist head distilled and its class head trained on the labels; a plain student
-has its single head take both terms.
+has its single head take both terms. Without a teacher, both heads of such a student
+learn the labels (the mean of their base losses): every parameter then takes part in
+the loss, as DistributedDataParallel needs, and the dist head that evaluation averages
+in is trained rather than left at its initialisation.
 """
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
@@ -106,6 +109,8 @@ class DistillationLoss(nn.Module):
         """
         if isinstance(outputs, (tuple, list)):
             outputs, outputs_kd = outputs
+            if self.distillation_type == "none":  # no teacher: the dist head learns the labels too
+                return (self.base_criterion(outputs, labels) + self.base_criterion(outputs_kd, labels)) / 2
         else:
             outputs_kd = outputs
         base_loss = self.base_criterion(outputs, labels)

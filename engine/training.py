@@ -145,6 +145,8 @@ def fit(cfg: TrainConfig, model: nn.Module, mask, loader_train, loader_val, num_
         log(f"distillation: teacher {distill.teacher_model} from {distill.teacher_path}, {distill.type} loss, "
             f"alpha {distill.alpha}, tau {distill.tau}; "
             f"{'dist head' if model_without_ddp.arch.distilled else 'class head'} of the student is distilled")
+    elif model_without_ddp.arch.distilled:
+        log("distillation: none; both heads of the distilled student learn the labels (mean of their losses)")
     else:
         log("distillation: none")
     criterion = DistillationLoss(build_base_criterion(cfg.mixup.active, cfg.mixup.smoothing), teacher,
