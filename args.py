@@ -37,6 +37,8 @@ from losses import DistillConfig
 from models import arch_of, is_prunable
 from pruning.search import SearchOptions
 from utils import DistributedConfig, UserError, cli_entry, error_line, init_distributed_mode, option_flags
+from utils.distributed import DEFAULT_TIMEOUT_S
+from utils.job_guard import LOST_AFTER_S
 
 DATA_SETS = ("IMNET", "CIFAR", "INAT", "INAT19", "DIGITS")
 INAT_CATEGORIES = ("kingdom", "phylum", "class", "order", "supercategory", "family", "genus", "name")
@@ -98,6 +100,8 @@ def add_model_args(parser: argparse.ArgumentParser, ema: bool) -> None:
         g.add_argument("--model-ema-decay", type=open_unit_interval, default=0.99996,
                        help="EMA decay (default: 0.99996)")
         g.add_argument("--model-ema-force-cpu", action="store_true", help="keep the EMA on the CPU")
+        _on_off(g, "--model-ema-eval", "also evaluate the EMA after every epoch (default: off, as in DeiT; with "
+                "--model-ema-force-cpu that evaluation runs on the CPU)", default=False)
 
 
 def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
@@ -213,8 +217,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     _on_off(g, "--pin-mem", "pin host memory in the loaders (default: on, CUDA only)")
 
 
-def add_run_args(parser: argparse.ArgumentParser, save_freq: bool, seed_help: str) -> None:
-    """Output, device, seed, checkpoints, evaluation, AMP and logging (+ `--save_freq`)."""
+def add_run_args(parser: argparse.ArgumentParser, save_freq: bool, seed_help: str, tf32: bool = False) -> None:
+    """Output, device, seed, checkpoints, evaluation, AMP, TF32 (default `tf32`) and logging (+ `--save_freq`)."""
     g = parser.add_argument_group("run")
     g.add_argument("--output_dir", default="./output", help="where to save; empty for no saving (default: ./output)")
     g.add_argument("--overwrite", action="store_true",
@@ -233,6 +237,9 @@ def add_run_args(parser: argparse.ArgumentParser, save_freq: bool, seed_help: st
     g.add_argument("--dist-eval", action="store_true", default=False,
                    help="shard evaluation over the processes (exact: no sample counted twice)")
     _on_off(g, "--amp", "mixed precision on CUDA (default: on; ignored on CPU)")
+    _on_off(g, "--tf32", "allow TF32 in float32 matmuls and convolutions on CUDA (Ampere and newer) "
+            f"(default: {'on, for training speed' if tf32 else 'off: the pruning pass scores in full fp32'})",
+            default=tf32)
     g.add_argument("--log", type=str, default="same",
                    help='folder for the {timestamp}.log file; "same" means --output_dir (default: same)')
     g.add_argument("--log_period", type=positive_int, default=10, help="print progress every N iterations (default: 10)")
@@ -247,6 +254,9 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dist_url", default="env://", help="rendezvous URL (default: env://)")
     g.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
                    help="local rank, passed by torch.distributed.launch without --use_env")
+    g.add_argument("--dist_timeout", type=positive_float, default=DEFAULT_TIMEOUT_S,
+                   help=f"timeout of each collective, in seconds (default: {DEFAULT_TIMEOUT_S}). A rank that fails "
+                        f"ends every rank within about {LOST_AFTER_S:.0f} s whatever this is")
 
 
 def add_pruning_args(parser: argparse.ArgumentParser) -> None:
@@ -353,7 +363,7 @@ def add_fine_tuning_groups(parser: argparse.ArgumentParser, seed_help: str) -> N
     add_mixup_args(parser)
     add_distillation_args(parser)
     add_data_args(parser)
-    add_run_args(parser, save_freq=True, seed_help=seed_help)
+    add_run_args(parser, save_freq=True, seed_help=seed_help, tf32=True)
     add_distributed_args(parser)
     add_deploy_args(parser)
 
@@ -446,7 +456,7 @@ def check_common(ns: argparse.Namespace) -> None:
 
 def init_distributed(ns: argparse.Namespace) -> DistributedConfig:
     """Join the launcher's process group (if any) as the flags say."""
-    return init_distributed_mode(ns.device, ns.dist_url, ns.local_rank)
+    return init_distributed_mode(ns.device, ns.dist_url, ns.local_rank, timeout_s=ns.dist_timeout)
 
 
 @dataclass(frozen=True)
@@ -472,6 +482,7 @@ class RunConfig:
     eval: bool
     amp: bool
     log_period: int
+    tf32: bool = False  # TF32 matmuls and convolutions on CUDA (--tf32)
 
 
 @dataclass(frozen=True)
@@ -520,7 +531,8 @@ def run_config(ns, dist: DistributedConfig, resume: Optional[str] = None) -> Run
     return RunConfig(output_dir=ns.output_dir, log_dir=ns.output_dir if ns.log == "same" else ns.log,
                      overwrite=ns.overwrite, device=dist.device, seed=ns.seed, finetune=ns.finetune,
                      resume=ns.resume if resume is None else resume, trust_checkpoint=ns.trust_checkpoint,
-                     eval=ns.eval, amp=ns.amp, log_period=ns.log_period)
+                     eval=ns.eval, amp=ns.amp, log_period=ns.log_period,
+                     tf32=ns.tf32)
 
 
 def data_config(ns, device: Optional[str] = None) -> DataConfig:
@@ -584,7 +596,8 @@ def train_config(ns, world_size: int, start_epoch: Optional[int] = None) -> Tupl
         lr_noise_std=ns.lr_noise_std, warmup_lr=bounds["warmup_lr"], min_lr=bounds["min_lr"],
         decay_epochs=ns.decay_epochs, warmup_epochs=ns.warmup_epochs, cooldown_epochs=ns.cooldown_epochs,
         patience_epochs=ns.patience_epochs, decay_rate=ns.decay_rate, model_ema=ns.model_ema,
-        model_ema_decay=ns.model_ema_decay, model_ema_force_cpu=ns.model_ema_force_cpu, amp=ns.amp,
+        model_ema_decay=ns.model_ema_decay, model_ema_force_cpu=ns.model_ema_force_cpu,
+        model_ema_eval=ns.model_ema_eval, amp=ns.amp,
         log_period=ns.log_period, save_freq=ns.save_freq, output_dir=ns.output_dir,
         save_safetensors=ns.save_safetensors,
         mixup=mixup_config(ns), distill=distill_config(ns))

@@ -34,9 +34,9 @@ from pruning.mask import PruneMask
 from pruning.pickles import HESSIAN_FILE, criteria_filename, load_pickles, save_pickles
 from pruning.search import check_target_reachable, prune
 from pruning.selection import normalize_by_layer
-from utils import (Parser, UserError, all_reduce_sum, atomic_copy, atomic_torch_save, atomic_write_json,
+from utils import (Parser, UserError, atomic_copy, atomic_torch_save, atomic_write_json,
                    cleanup_distributed, is_main_process, model_checkpoint, naming, prepare_output_dir,
-                   refuse_to_clobber, set_seed, setup_logging)
+                   refuse_to_clobber, set_seed, set_tf32, setup_logging)
 
 CHECKPOINT_NAME = "checkpoint_pruned_00.pth"
 MASK_NAME = "mask.json"
@@ -114,7 +114,7 @@ def build_gated_model(cfg: PruneRun, num_classes: int):
     return model
 
 
-def score(cfg: PruneRun, model, dataset_train, num_classes: int, device, log):
+def score(cfg: PruneRun, model, dataset_train, num_classes: int, log):
     """The pruning pass: criteria dict and C (None in first-order mode)."""
     p, data = cfg.prune, cfg.data
     mixup_fn = build_mixup(cfg.mixup, num_classes)
@@ -128,15 +128,9 @@ def score(cfg: PruneRun, model, dataset_train, num_classes: int, device, log):
                            hessian_embed=p.hessian_embed, seed=cfg.run.seed, micro_batch=p.micro_batch,
                            estimator=p.hessian_estimator, hessian_blocks=p.hessian_blocks)
     model.eval()
-    error = None
-    if mine:
-        try:
-            scorer.score_batches(batches, mine, first_index=cfg.dist.rank, index_stride=cfg.dist.world_size,
-                                 log=log, log_every=cfg.run.log_period)
-        except UserError as err:  # reach the all-reduce below so that every rank stops together
-            error = err
-    if all_reduce_sum(torch.tensor([1.0 if error else 0.0], device=device)).item():
-        raise error or UserError("the pruning pass stopped on another process (see its error)")
+    if mine:  # an error on one rank ends every rank (utils/job_guard.py)
+        scorer.score_batches(batches, mine, first_index=cfg.dist.rank, index_stride=cfg.dist.world_size,
+                             log=log, log_every=cfg.run.log_period)
     criteria, interactions = scorer.finalize(all_reduce_state(scorer.state()))
     return criteria, interactions
 
@@ -182,7 +176,7 @@ def run_pruning(cfg: PruneRun, model, dataset_train, num_classes, device, log, p
         log(f"criteria and interactions read from {p.pickle_from}: no data pass")
         criteria, interactions = pickles
     else:
-        criteria, interactions = score(cfg, model, dataset_train, num_classes, device, log)
+        criteria, interactions = score(cfg, model, dataset_train, num_classes, log)
     if p.normalize_by_layer:
         criteria = normalize_by_layer(criteria, p.normalize_type)
     mask, report = prune(criteria, interactions, arch, p.search, model_name=cfg.model.name)
@@ -194,6 +188,8 @@ def run_pruning(cfg: PruneRun, model, dataset_train, num_classes, device, log, p
         log(line)
     for line in format_table(arch, mask):
         log(line)
+    if not is_main_process():  # the count (a forward pass of the deploy model) and the outputs are rank 0's
+        return
     deploy = build_deploy_model(arch, mask)
     counted = ptflops_macs(deploy.eval(), arch)
     before = mask_macs(arch)["total"]
@@ -204,7 +200,7 @@ def run_pruning(cfg: PruneRun, model, dataset_train, num_classes, device, log, p
     report["deploy_structure"] = deploy_structure(mask)
     log(f"FLOPs reduction (deploy model, ptflops): {achieved:.4%} (target {p.flops_percentage:.4%}); "
         f"GMACs {before / 1e9:.3f} -> {counted['total'] / 1e9:.3f}; params {counted['params'] / 1e6:.3f} M")
-    if is_main_process() and cfg.run.output_dir:
+    if cfg.run.output_dir:
         write_outputs(cfg, model, mask, report, criteria, interactions, log)
 
 
@@ -217,6 +213,7 @@ def main(ns: argparse.Namespace) -> None:
     cfg = settings(ns, init_distributed(ns))
     run, p = cfg.run, cfg.prune
     device = torch.device(run.device)
+    tf32_line = set_tf32(run.tf32)  # explicitly: a global TF32 setting of the caller must not leak into the scores
     set_seed(run.seed)
     arch = arch_of(cfg.model.name, img_size=cfg.model.input_size)
     prune_now = not run.eval
@@ -242,6 +239,8 @@ def main(ns: argparse.Namespace) -> None:
         log("configuration: " + json.dumps(cfg.record, sort_keys=True, default=str))
         for line in reference_warnings(ns, REFERENCE_FLAGS):
             log("warning: " + line)
+        log(f"{tf32_line}; the pruning pass is not in full fp32" if run.tf32 else
+            "precision: scores in full fp32 (TF32 off for CUDA matmuls and convolutions; --tf32 to allow it)")
         prepare_output_dir(run.output_dir, log)
         if prune_now and run.output_dir and os.path.exists(os.path.join(run.output_dir, CHECKPOINT_NAME)):
             log(f"--overwrite: replacing the earlier run's outputs in {run.output_dir}")

@@ -33,7 +33,7 @@ from pruning.deploy import deploy_structure, load_masked_model
 from pruning.flops import ptflops_macs
 from pruning.mask import PruneMask
 from utils import (Parser, UserError, cleanup_distributed, is_main_process, load_resume_weights, load_torch_file,
-                   naming, prepare_output_dir, refuse_to_clobber, set_seed, setup_logging)
+                   naming, prepare_output_dir, refuse_to_clobber, set_seed, set_tf32, setup_logging)
 
 CHECKPOINT_NAME = LAST_CHECKPOINT
 REFERENCE_FLAGS = [
@@ -145,7 +145,12 @@ def start_afresh(out: str, log) -> None:
 
 
 def log_complexity(model, arch, mask, log) -> dict:
-    """ptflops count of the deploy model next to the unpruned model's; returns the numbers."""
+    """ptflops count of the deploy model next to the unpruned model's; returns the numbers.
+
+    Rank 0 only (it builds and runs the unpruned model): the other ranks log none of it and get {}.
+    """
+    if not is_main_process():
+        return {}
     full = ptflops_macs(build_deploy_model(arch).eval(), arch)
     ours = ptflops_macs(model, arch)
     kept, total = mask.kept_counts(), mask.total_counts()
@@ -179,6 +184,7 @@ def main(ns: argparse.Namespace) -> None:
     cfg = settings(ns, init_distributed(ns), resume)
     run = cfg.run
     device = torch.device(run.device)
+    tf32_line = set_tf32(run.tf32)
     set_seed(run.seed + cfg.dist.rank)
     training = not (run.eval or cfg.throughput)
     dataset_val, num_classes = build_dataset(False, cfg.data) if not cfg.throughput else (None, None)
@@ -214,6 +220,7 @@ def main(ns: argparse.Namespace) -> None:
             log(line)
         for line in reference_warnings(ns, REFERENCE_FLAGS):
             log("warning: " + line)
+        log(tf32_line)
         prepare_output_dir(run.output_dir, log)
         if cfg.auto_resume:
             log(f"--auto_resume: resuming from {run.resume}" if run.resume else
@@ -222,7 +229,8 @@ def main(ns: argparse.Namespace) -> None:
             start_afresh(run.output_dir, log)
         complexity = log_complexity(model.eval(), arch, mask, log)
         if cfg.throughput:
-            run_throughput(cfg, model, arch, complexity, device, log)
+            if is_main_process():  # the other ranks would only time the same models again, unlogged
+                run_throughput(cfg, model, arch, complexity, device, log)
         elif run.eval:
             stats = evaluate(loader_val, model.to(device), device, amp=run.amp, print_freq=run.log_period,
                              print_fn=log)
@@ -232,10 +240,12 @@ def main(ns: argparse.Namespace) -> None:
             result = fit(cfg.train, model.to(device), mask, loader_train, loader_val, num_classes, device,
                          teacher=teacher, distributed=cfg.dist.distributed, resume_checkpoint=resume_checkpoint,
                          resume_path=run.resume, record=cfg.record, log=log,
-                         epoch_fields={"n_parameters": complexity["params"], "gmacs": complexity["gmacs"]})
-            log(f"done: best top-1 {result['max_accuracy']:.2f}% ({complexity['gmacs']:.4f} GMACs, "
-                f"{complexity['params'] / 1e6:.3f} M params) after {cfg.train.epochs} epochs; training time "
-                f"{datetime.timedelta(seconds=int(result['seconds']))}")
+                         epoch_fields={"n_parameters": complexity["params"], "gmacs": complexity["gmacs"]}
+                         if complexity else None)  # log.txt is rank 0's
+            size = f" ({complexity['gmacs']:.4f} GMACs, {complexity['params'] / 1e6:.3f} M params)" \
+                if complexity else ""
+            log(f"done: best top-1 {result['max_accuracy']:.2f}%{size} after {cfg.train.epochs} epochs; "
+                f"training time {datetime.timedelta(seconds=int(result['seconds']))}")
     except UserError as err:  # e.g. a non-finite loss or an unreadable image: record it in the log file too
         logger.error(f"error: {error_text(err)}")
         raise

@@ -1,4 +1,4 @@
-"""One GPU check in four steps, each with its own time budget, written as a markdown table.
+"""One GPU check in six steps, each with its own time budget, written as a markdown table.
 
   1. cuda_tests      -- the tests that skip without CUDA (found in tests/ by their skipif), by node id;
   2. pruning_pass    -- `PruningScorer` (method 2 with interactions, fp32, no scaler) of DeiT-B at
@@ -7,10 +7,14 @@
   3. deploy_training -- main_deploy.py under `torchrun --nproc_per_node 1` (nccl; gloo on CPU): DeiT-B
                         deploy from logs/masks' 50% mask (random weights), hard distillation from a
                         random DeiT-T, AMP, one epoch of a few batches of a random ImageFolder;
-  4. deploy_speed    -- inference images/s of the 50% deploy DeiT-B and of the unpruned one, batch 256
+  4. distilled_student -- the same with the distilled DeiT-B (class and dist heads): no teacher (both
+                        heads learn the labels), then hard distillation;
+  5. two_ranks       -- step 3 under `torchrun --nproc_per_node 2` (nccl), when two GPUs are visible
+                        (skipped otherwise; gloo on CPU);
+  6. deploy_speed    -- inference images/s of the 50% deploy DeiT-B and of the unpruned one, batch 256
                         and 1, fp32 and bf16 autocast, CUDA events after warm-up.
 
-Steps 2 and 4 run in a subprocess of this script (`--worker STEP`; step 1 is pytest, step 3
+Steps 2 and 6 run in a subprocess of this script (`--worker STEP`; step 1 is pytest, steps 3-5
 torchrun), stopped when its budget is spent: a failing or hanging step still leaves the others' results. The table is
 rewritten after every step. Exit status 1 when a step failed.
 
@@ -45,9 +49,11 @@ import torch  # noqa: E402
 
 from utils import Parser, UserError, atomic_write_text, cli_entry, environment_line  # noqa: E402
 
-STEPS = ("cuda_tests", "pruning_pass", "deploy_training", "deploy_speed")
+STEPS = ("cuda_tests", "pruning_pass", "deploy_training", "distilled_student", "two_ranks", "deploy_speed")
 TITLES = {"cuda_tests": "CUDA-only tests", "pruning_pass": "pruning pass",
           "deploy_training": "deploy fine-tuning (torchrun, AMP, hard distillation)",
+          "distilled_student": "distilled student (no teacher; hard distillation)",
+          "two_ranks": "two ranks (torchrun --nproc_per_node 2)",
           "deploy_speed": "deploy speed, pruned vs unpruned"}
 REFERENCE_PASS = (4.2, 18.7)  # the reference's pruning pass of DeiT-B at batch 32: s/it, GB, one GPU
 TOTAL_BUDGET_S = 450  # GPU: under the shell script's `timeout 480`
@@ -56,15 +62,20 @@ TOTAL_BUDGET_S = 450  # GPU: under the shell script's `timeout 480`
 def settings(tiny: bool) -> dict:
     """Models, batches and budgets (seconds) of the full (DeiT-B) or the tiny check."""
     if tiny:
-        return dict(model="deit_test_patch8_32", teacher="deit_test_patch8_32_deploy", img=32, mask=None,
+        return dict(model="deit_test_patch8_32", distilled="deit_test_distilled_patch8_32",
+                    teacher="deit_test_patch8_32_deploy", img=32, mask=None,
                     prune_batch=4, prune_batches=2, train_batch=4, train_steps=3, workers=0,
                     speed_batches=(4, 1), warmup=1, iters=3,
-                    budgets=dict(cuda_tests=120, pruning_pass=120, deploy_training=150, deploy_speed=120))
-    return dict(model="deit_base_patch16_224", teacher="deit_tiny_patch16_224_deploy", img=224,
+                    budgets=dict(cuda_tests=120, pruning_pass=120, deploy_training=150, distilled_student=240,
+                                 two_ranks=150, deploy_speed=120))
+    # the distilled student's two runs and the two-rank run take 3 steps each, the rest as before
+    return dict(model="deit_base_patch16_224", distilled="deit_base_distilled_patch16_224",
+                teacher="deit_tiny_patch16_224_deploy", img=224,
                 mask=os.path.join(REPO, "logs", "masks", "deit_base_patch16_224_0.5.json"),
-                prune_batch=32, prune_batches=3, train_batch=32, train_steps=5, workers=4,
+                prune_batch=32, prune_batches=3, train_batch=32, train_steps=5, extra_steps=3, workers=4,
                 speed_batches=(256, 1), warmup=5, iters=20,
-                budgets=dict(cuda_tests=90, pruning_pass=90, deploy_training=180, deploy_speed=90))
+                budgets=dict(cuda_tests=60, pruning_pass=60, deploy_training=90, distilled_student=120,
+                             two_ranks=60, deploy_speed=60))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -295,36 +306,42 @@ def parse_training_log(lines: List[str], batch: int) -> dict:
     step_rates = [float(r) for r in re.findall(r"Epoch: \[0\] \[\s*\d+/\d+\].*?samples/s: ([0-9.]+)", text)]
     per_it = re.search(r"Epoch: \[0\] Total time: \S+ \(([0-9.]+) s / it\)", text)
     return {"config": config, "hard_distillation": bool(re.search(r"distillation: teacher .*, hard loss", text)),
+            "no_teacher": bool(re.search(r"distillation: none", text)),
             "step_s": [batch / r for r in step_rates if r > 0],
             "s_per_it": float(per_it.group(1)) if per_it else None,
             "finished": bool(re.search(r"done: best top-1", text))}
 
 
-def step_deploy_training(args, cfg, timeout: float) -> dict:
-    """Prepared here (data, mask, random weights: seconds); main_deploy.py runs under torchrun."""
-    from models import create_model
+def deploy_run(args, cfg, timeout: float, *, student: str, distillation: str = "hard", nproc: int = 1,
+               steps: int = 0) -> dict:
+    """One main_deploy.py run under `torchrun --nproc_per_node nproc`: data, mask and random weights are
+    prepared here (seconds). Returns {'problems', 'summary', 'details', 'lines'}."""
+    from models import arch_of, create_model
 
     device = torch.device(args.device)
-    batch, steps = cfg["train_batch"], cfg["train_steps"]
+    batch, steps = cfg["train_batch"], steps or cfg["train_steps"]
     prepared = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
-        make_image_folder(os.path.join(tmp, "data"), cfg["img"], train=batch * steps, val=batch)
-        mask, arch = load_mask(cfg)
+        make_image_folder(os.path.join(tmp, "data"), cfg["img"], train=batch * steps * nproc, val=batch)
+        mask, _ = load_mask(cfg)
+        mask.check_fits(arch_of(student))
         mask_path = os.path.join(tmp, "mask.json")
         mask.save_json(mask_path)
         torch.manual_seed(0)  # random weights: the gated model the mask slices, and the teacher
-        torch.save(create_model(cfg["model"], num_classes=2, img_size=cfg["img"]).state_dict(),
+        torch.save(create_model(student, num_classes=2, img_size=cfg["img"]).state_dict(),
                    os.path.join(tmp, "student.pth"))
-        torch.save(create_model(cfg["teacher"], num_classes=2, img_size=cfg["img"]).state_dict(),
-                   os.path.join(tmp, "teacher.pth"))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone",
-               os.path.join(REPO, "main_deploy.py"), "--model", cfg["model"] + "_deploy",
+        teacher = []
+        if distillation != "none":
+            torch.save(create_model(cfg["teacher"], num_classes=2, img_size=cfg["img"]).state_dict(),
+                       os.path.join(tmp, "teacher.pth"))
+            teacher = ["--teacher-model", cfg["teacher"], "--teacher-path", os.path.join(tmp, "teacher.pth")]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+               os.path.join(REPO, "main_deploy.py"), "--model", student + "_deploy",
                "--input-size", str(cfg["img"]), "--data-set", "IMNET", "--data-path", os.path.join(tmp, "data"),
-               "--masked_model", mask_path, "--finetune", os.path.join(tmp, "student.pth"),
-               "--teacher-model", cfg["teacher"], "--teacher-path", os.path.join(tmp, "teacher.pth"),
-               "--distillation-type", "hard", "--batch-size", str(batch), "--epochs", "1", "--warmup-epochs", "0",
-               "--no-repeated-aug", "--no-model-ema", "--num_workers", str(cfg["workers"]), "--log_period", "1",
-               "--device", args.device, "--amp", "--output_dir", ""]
+               "--masked_model", mask_path, "--finetune", os.path.join(tmp, "student.pth"), *teacher,
+               "--distillation-type", distillation, "--batch-size", str(batch), "--epochs", "1",
+               "--warmup-epochs", "0", "--no-repeated-aug", "--no-model-ema", "--num_workers", str(cfg["workers"]),
+               "--log_period", "1", "--device", args.device, "--amp", "--output_dir", ""]
         print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
         start = time.perf_counter()
         rc, lines = run_streaming(cmd, timeout - (time.perf_counter() - prepared), env=child_env())
@@ -338,8 +355,10 @@ def step_deploy_training(args, cfg, timeout: float) -> dict:
                  f"{got['s_per_it']:.3f} s/it over the epoch" if steady and got["s_per_it"] else "no step timings")
     amp_line = ("AMP on (fp16 autocast, GradScaler)" if amp_on else
                 "AMP off (main_deploy.py autocasts on CUDA only)" if not cuda else "AMP OFF")
-    summary = (f"{len(got['step_s'])} steps at batch {batch}, {step_line}; {amp_line}; backend {backend}; "
-               f"hard distillation {'on' if got['hard_distillation'] else 'NOT SEEN'}; {took:.0f} s in all")
+    seen = {"hard": got["hard_distillation"], "none": got["no_teacher"]}.get(distillation, False)
+    summary = (f"{len(got['step_s'])} steps at batch {batch} x {nproc} rank{'s' if nproc > 1 else ''}, {step_line}; "
+               f"{amp_line}; backend {backend}; distillation {distillation} {'seen' if seen else 'NOT SEEN'}; "
+               f"{took:.0f} s in all")
     problems = []
     if rc is None:
         problems.append("timed out")
@@ -351,21 +370,53 @@ def step_deploy_training(args, cfg, timeout: float) -> dict:
         problems.append(f"{len(got['step_s'])} of {steps} steps logged")
     if backend != ("nccl" if cuda else "gloo") or not config.get("distributed"):
         problems.append(f"backend {backend!r}, distributed {config.get('distributed')}")
+    if config.get("world_size") != nproc:
+        problems.append(f"world size {config.get('world_size')}, expected {nproc}")
     if cuda and not amp_on:
         problems.append("AMP was off")
-    if not got["hard_distillation"]:
-        problems.append("no hard distillation")
-    details = [f"- student `{cfg['model']}_deploy` from the mask "
+    if not seen:
+        problems.append(f"no {distillation!r} distillation line")
+    details = [f"- student `{student}_deploy` from the mask "
                f"`{os.path.relpath(cfg['mask'], REPO) if cfg['mask'] else 'half_mask (tiny)'}` "
-               f"({mask.kept_counts()} kept), random weights; teacher `{cfg['teacher']}`, random weights",
-               f"- random ImageFolder: {batch * steps} training and {batch} validation images at {cfg['img']} px, "
-               "2 classes; one epoch (DeiT augmentation, mixup/cutmix), then evaluation",
-               "- command: `torchrun --nproc_per_node 1 --standalone main_deploy.py ...` (above in the run's output)",
+               f"({mask.kept_counts()} kept), random weights; "
+               + (f"teacher `{cfg['teacher']}`, random weights" if teacher else "no teacher"),
+               f"- random ImageFolder: {batch * steps * nproc} training and {batch} validation images at "
+               f"{cfg['img']} px, 2 classes; one epoch (DeiT augmentation, mixup/cutmix), then evaluation",
+               f"- command: `torchrun --nproc_per_node {nproc} --standalone main_deploy.py ...` (above in the run's "
+               "output)",
                f"- {summary}"]
     if problems:
         details.append("- output tail:\n\n```\n" + "\n".join(lines[-15:]) + "\n```")
-    return {"status": "passed" if not problems else "failed: " + "; ".join(problems), "summary": summary,
-            "details": details}
+    return {"problems": problems, "summary": summary, "details": details}
+
+
+def _as_step(runs: List[dict]) -> dict:
+    problems = [p for r in runs for p in r["problems"]]
+    return {"status": "passed" if not problems else "failed: " + "; ".join(problems),
+            "summary": " / ".join(r["summary"] for r in runs), "details": [d for r in runs for d in r["details"]]}
+
+
+def step_deploy_training(args, cfg, timeout: float) -> dict:
+    """The non-distilled student with hard distillation, one rank."""
+    return _as_step([deploy_run(args, cfg, timeout, student=cfg["model"])])
+
+
+def step_distilled_student(args, cfg, timeout: float) -> dict:
+    """The distilled student (class and dist heads): without a teacher, then with hard distillation."""
+    deadline = time.perf_counter() + timeout
+    steps = cfg.get("extra_steps", cfg["train_steps"])
+    first = deploy_run(args, cfg, timeout / 2, student=cfg["distilled"], distillation="none", steps=steps)
+    second = deploy_run(args, cfg, deadline - time.perf_counter(), student=cfg["distilled"], steps=steps)
+    return _as_step([first, second])
+
+
+def step_two_ranks(args, cfg, timeout: float) -> dict:
+    """Two ranks (nccl on CUDA, gloo on CPU) with hard distillation; needs two visible GPUs on CUDA."""
+    visible = torch.cuda.device_count() if torch.device(args.device).type == "cuda" else 0
+    if torch.device(args.device).type == "cuda" and visible < 2:
+        return {"status": f"skipped: {visible} GPU visible (two ranks need two)", "summary": ""}
+    return _as_step([deploy_run(args, cfg, timeout, student=cfg["model"], nproc=2,
+                                steps=cfg.get("extra_steps", cfg["train_steps"]))])
 
 
 def time_forward(net, batch: int, img: int, device: torch.device, bf16: bool, warmup: int, iters: int) -> float:
@@ -453,9 +504,10 @@ def step_in_worker(name: str) -> Callable:
 
 
 def make_steps() -> Dict[str, Callable]:
-    """The four steps, in order: name -> `step(args, cfg, timeout) -> result`."""
+    """The steps, in order: name -> `step(args, cfg, timeout) -> result`."""
     return {"cuda_tests": step_cuda_tests, "pruning_pass": step_in_worker("pruning_pass"),
-            "deploy_training": step_deploy_training, "deploy_speed": step_in_worker("deploy_speed")}
+            "deploy_training": step_deploy_training, "distilled_student": step_distilled_student,
+            "two_ranks": step_two_ranks, "deploy_speed": step_in_worker("deploy_speed")}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 `train_one_epoch` runs one epoch: mixup, forward under autocast (CUDA only), the
 criterion `criterion(samples, outputs, targets)` (a `losses.DistillationLoss`),
 backward through the AMP scaler or plainly, optional clipping, optimiser step and
-EMA update, with progress lines and TensorBoard scalars. `evaluate` returns top-1,
+EMA update, with progress lines and TensorBoard scalars; the host waits for the device only at log
+points (every `print_freq` iterations and the last). `evaluate` returns top-1,
 top-5 and loss summed exactly over samples and ranks.
 
 Reproducibility: with `seed=` given, `train_one_epoch` reseeds Python, NumPy and
@@ -29,10 +30,27 @@ class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite; training stops."""
 
 
-def all_ranks_finite(value: float, device: torch.device) -> bool:
-    """Whether `value` is finite on every rank (one tiny all-reduce when distributed)."""
-    bad = torch.tensor([0.0 if math.isfinite(value) else 1.0], device=device)
-    return all_reduce_sum(bad).item() == 0
+def _flush_losses(pending: list, lrs: list, it: int, num_steps: int, epoch: int, metric_logger: MetricLogger,
+                  tb_logger: Optional[TensorboardLogger]) -> None:
+    """At a log point: stop every rank together if a loss since the last one was not finite (one
+    all-reduce), else record each iteration's loss and lr (one host synchronisation)."""
+    losses = torch.stack([loss for loss, _ in pending])
+    bad = (~torch.isfinite(losses)).any().double().reshape(1)
+    values = torch.cat([all_reduce_sum(bad), losses]).tolist()
+    first = it + 2 - len(pending)  # 1-based iteration of pending[0]
+    if values[0]:
+        local = [(first + k, v) for k, v in enumerate(values[1:]) if not math.isfinite(v)]
+        where = (f"{local[0][1]} at epoch {epoch}, iteration {local[0][0]}/{num_steps}" if local else
+                 f"non-finite on another process at epoch {epoch}, between iterations {first} and {it + 1}/{num_steps}")
+        raise NonFiniteLossError(f"the training loss is {where}; stopping (try a lower <lr>, a <clip_grad> or "
+                                 f"turning <amp> off)")
+    for k, ((_, n), value, lr) in enumerate(zip(pending, values[1:], lrs)):
+        metric_logger.update(n=n, loss=value)
+        metric_logger.update(lr=lr)
+        if tb_logger is not None:
+            tb_logger.update(step=epoch * num_steps + first - 1 + k, head="train", loss=value, lr=lr)
+    pending.clear()
+    lrs.clear()
 
 
 def make_loss_scaler(device: torch.device, amp: bool):
@@ -66,8 +84,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
         mixup_fn: timm `Mixup` applied to each batch, or None.
         set_training_mode: `model.train(set_training_mode)` before the epoch.
         amp: autocast (float16) on CUDA; ignored on CPU.
-        tb_logger: TensorBoard logger for per-iteration `train/loss` and `train/lr`.
-        print_freq: progress line every this many iterations (`--log_period`).
+        tb_logger: TensorBoard logger for per-iteration `train/loss` and `train/lr` (written at log points).
+        print_freq: progress line every this many iterations (`--log_period`); the losses are read from
+            the device (the only host synchronisation) and checked only then and at the epoch's end.
         print_fn: where progress lines go (default: print on rank 0).
         seed: when given, reseed every RNG from `(seed, epoch, rank)` first (see module docstring).
 
@@ -75,7 +94,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
         Epoch averages over all ranks: `{'loss': ..., 'lr': ...}`.
 
     Raises:
-        NonFiniteLossError: the loss is NaN or infinite (names epoch and iteration).
+        NonFiniteLossError: a loss was NaN or infinite (names the epoch and the iteration, or the
+            iterations since the last log point when it was another rank's); every rank stops at the
+            same log point, after the steps in between ran.
     """
     device = torch.device(device)
     if seed is not None:
@@ -89,6 +110,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
     num_steps = len(data_loader)
     if num_steps == 0:
         raise UserError("the training loader yields no batch (fewer samples per process than <batch_size>)")
+    print_freq = max(1, int(print_freq))
+    pending, lrs = [], []  # (loss on the device, batch size) and lr of each iteration since the last log point
     for it, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]")):
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -97,12 +120,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
         with torch.autocast(device_type=device.type, enabled=use_amp):
             outputs = model(samples)
             loss = criterion(samples, outputs, targets)
-        loss_value = loss.item()
-        # every rank must stop together: a rank leaving alone would hang the others in DDP's all-reduce
-        if not all_ranks_finite(loss_value, device):
-            loss_value = loss_value if not math.isfinite(loss_value) else "non-finite on another process"
-            raise NonFiniteLossError(f"the training loss is {loss_value} at epoch {epoch}, iteration {it + 1}/"
-                                     f"{num_steps}; stopping (try a lower <lr>, a <clip_grad> or turning <amp> off)")
+        # no host synchronisation per step: the losses stay on the device until the next log point
+        pending.append((loss.detach().reshape(()).double(), samples.shape[0]))
         optimizer.zero_grad(set_to_none=True)
         if loss_scaler is not None:
             loss_scaler(loss, optimizer, clip_grad=clip, parameters=model.parameters(), create_graph=second_order)
@@ -111,18 +130,23 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
         if model_ema is not None:
             model_ema.update(_unwrap(model))
-        lr = optimizer.param_groups[0]["lr"]
-        metric_logger.update(n=samples.shape[0], loss=loss_value)
-        metric_logger.update(lr=lr)
-        if tb_logger is not None:
-            tb_logger.update(step=epoch * num_steps + it, head="train", loss=loss_value, lr=lr)
+        lrs.append(optimizer.param_groups[0]["lr"])
+        if it % print_freq == 0 or it == num_steps - 1:  # the same iterations on every rank
+            _flush_losses(pending, lrs, it, num_steps, epoch, metric_logger, tb_logger)
     metric_logger.synchronize_between_processes()
     metric_logger.print_fn(f"Averaged stats: {metric_logger}")
     return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+
+
+def is_sharded(data_loader) -> bool:
+    """Whether `data_loader` reads only this rank's share of its set: its sampler (or its batch
+    sampler's) splits the indices over `num_replicas` > 1 ranks (`ShardSampler`, `RASampler`,
+    `DistributedSampler`). A `SequentialSampler` (or any iterable without one) reads everything."""
+    samplers = [getattr(data_loader, "sampler", None),
+                getattr(getattr(data_loader, "batch_sampler", None), "sampler", None)]
+    return any(int(getattr(s, "num_replicas", 1) or 1) > 1 for s in samplers if s is not None)
 
 
 @torch.no_grad()
@@ -130,9 +154,11 @@ def evaluate(data_loader, model: nn.Module, device: torch.device, amp: bool = Tr
              print_fn: Optional[Callable[[str], None]] = None, header: str = "Test:") -> Dict[str, float]:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy on `data_loader`, exact over samples and ranks.
 
-    Per-rank sums of loss, correct predictions and sample counts are all-reduced,
-    so with a `ShardSampler` (`--dist-eval`) every sample counts once; without
-    it every rank reads the whole set and the ratios are the same. A DDP model is
+    With a sharded loader (its sampler splits the set over `num_replicas` > 1
+    ranks: `ShardSampler` with `--dist-eval`) the per-rank sums of loss, correct
+    predictions and sample counts are all-reduced, so every sample counts once;
+    otherwise every rank reads the whole set, its own sums are already the totals
+    and nothing is reduced (the printed image count is the set's, not world x N). A DDP model is
     unwrapped (evaluation needs no gradient synchronisation); a model that returns
     `(class, dist)` logits is scored on their average. The model's train/eval
     mode is restored afterwards.
@@ -174,7 +200,8 @@ def evaluate(data_loader, model: nn.Module, device: torch.device, amp: bool = Tr
         metric_logger.update(n=n, loss=batch[0].item() / n, acc1=100.0 * batch[1].item() / n,
                              acc5=100.0 * batch[2].item() / n)
     model.train(was_training)
-    all_reduce_sum(sums)
+    if is_sharded(data_loader):
+        all_reduce_sum(sums)
     loss_sum, top1, top5, count = sums.tolist()
     if count == 0:
         raise UserError("the validation loader yields no sample")

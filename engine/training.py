@@ -35,6 +35,7 @@ class TrainConfig:
         lr: the peak learning rate for `total_batch` (`--lr` x total_batch / 512).
         clip_grad: gradient-norm clipping or None (`--clip-grad`).
         model_ema, model_ema_decay, model_ema_force_cpu: the weight EMA (`--model-ema ...`).
+        model_ema_eval: also evaluate the EMA after every epoch (`--model-ema-eval`; DeiT does not).
         amp: autocast on CUDA (`--amp`).
         log_period: progress line every N iterations (`--log_period`).
         save_freq: keep checkpoint_{epoch}.pth every N epochs (`--save_freq`).
@@ -69,6 +70,7 @@ class TrainConfig:
     model_ema: bool = True
     model_ema_decay: float = 0.99996
     model_ema_force_cpu: bool = False
+    model_ema_eval: bool = False
     amp: bool = True
     log_period: int = 10
     save_freq: int = 50
@@ -102,7 +104,7 @@ def fit(cfg: TrainConfig, model: nn.Module, mask, loader_train, loader_val, num_
     Builds the DDP wrapper (when `distributed`), the EMA, optimiser, scheduler, AMP scaler,
     mixup and criterion from `cfg`; restores them from `resume_checkpoint` (its weights
     already loaded into `model`); then per epoch: train, step the scheduler, evaluate
-    (and the EMA), and on rank 0 write `checkpoint.pth` (every epoch),
+    (and, with `cfg.model_ema_eval`, the EMA), and on rank 0 write `checkpoint.pth` (every epoch),
     `checkpoint_{epoch}.pth` (every `save_freq`) and `best_checkpoint.pth` (on a new best top-1).
 
     Args:
@@ -136,6 +138,8 @@ def fit(cfg: TrainConfig, model: nn.Module, mask, loader_train, loader_val, num_
         note = ema_horizon_note(cfg.model_ema_decay, cfg.epochs * len(loader_train))
         if note:
             log(note)
+        if not cfg.model_ema_eval:
+            log("EMA: not evaluated each epoch (--model-ema-eval to evaluate it)")
     optimizer = create_optimizer_v2(model_without_ddp, **optimizer_kwargs(cfg=cfg))
     loss_scaler = make_loss_scaler(device, cfg.amp)
     lr_scheduler, _ = create_scheduler(cfg, optimizer)
@@ -171,7 +175,7 @@ def fit(cfg: TrainConfig, model: nn.Module, mask, loader_train, loader_val, num_
         improved = test_stats["acc1"] > max_accuracy
         max_accuracy = max(max_accuracy, test_stats["acc1"])
         log(f"epoch {epoch}: top-1 {test_stats['acc1']:.2f}% (best {max_accuracy:.2f}%)")
-        if model_ema is not None:
+        if model_ema is not None and cfg.model_ema_eval:
             ema_device = next(model_ema.module.parameters()).device  # the CPU with --model-ema-force-cpu
             ema_stats = evaluate(loader_val, model_ema.module, ema_device, amp=cfg.amp, print_freq=cfg.log_period,
                                  print_fn=log, header="Test (EMA):")

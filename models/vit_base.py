@@ -176,7 +176,7 @@ class ViTBase(nn.Module):
 
 
 def stochastic_depth_rates(arch: ViTArch):
-    return [r.item() for r in torch.linspace(0, arch.drop_path_rate, arch.depth)]
+    return [r.item() for r in torch.linspace(0, arch.drop_path_rate, arch.depth, device="cpu")]
 
 
 def optional_drop_path(rate: float) -> nn.Module:

@@ -7,8 +7,10 @@ weights in the files a user passes.
 from dataclasses import replace
 from typing import Optional, Tuple
 
+import torch
+
 from models.build import build_deploy_model
-from models.loading import adapt_state_dict, check_keys
+from models.loading import _is_gate_key, adapt_state_dict, check_keys
 from models.slicing import deploy_structure
 from models.vit_arch import ViTArch
 from models.vit_deploy import DeployViT
@@ -28,6 +30,23 @@ def recorded_arch(checkpoint, source: str = "") -> Optional[ViTArch]:
         return ViTArch.from_dict(d, f"checkpoint {source!r}")
     except TypeError as err:
         raise UserError(f"checkpoint {source!r}: its 'arch' entry is not a ViT architecture ({err})") from None
+
+
+def _adapted(state_dict, arch: ViTArch, source: str):
+    """(`adapt_state_dict` of `state_dict`, the gated reference it was adapted to).
+
+    The reference is built on the meta device (key names and shapes only: no memory, no RNG
+    draws); absent gates are filled with ones, as the real model's. Only a classifier of another
+    size needs the real model's initial weights: then it is built for real, as before.
+    """
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        reference = GatedViT(arch)
+    sd = adapt_state_dict(state_dict, reference, source)
+    sd = {k: torch.ones(v.shape, dtype=v.dtype) if v.is_meta and _is_gate_key(k) else v for k, v in sd.items()}
+    if any(v.is_meta for v in sd.values()):
+        reference = GatedViT(arch)
+        sd = adapt_state_dict(state_dict, reference, source)
+    return sd, reference
 
 
 def load_masked_model(arch: Optional[ViTArch], masked_model: str, weights: str = "",
@@ -77,7 +96,6 @@ def load_masked_model(arch: Optional[ViTArch], masked_model: str, weights: str =
                             f"(num_classes / the data set's class count)", field="masked_model")
     mask.check_fits(arch)
     # the weights go through the same checks and pos_embed adaptation as any ViT checkpoint
-    reference = GatedViT(arch)
-    sd = adapt_state_dict(state_dict_of(checkpoint, source), reference, source)
+    sd, reference = _adapted(state_dict_of(checkpoint, source), arch, source)
     check_keys(sd, reference, source)
     return mask, build_deploy_model(arch, mask, weights=sd)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check (benchmarks/gpu_check.py): CUDA-only tests, DeiT-B pruning pass, a torchrun AMP
-# fine-tuning run of main_deploy.py with hard distillation, and deploy speed; a markdown table.
+# The GPU check (benchmarks/gpu_check.py): CUDA-only tests, DeiT-B pruning pass, torchrun AMP
+# fine-tuning runs of main_deploy.py (hard distillation; the distilled student without a teacher and
+# with hard distillation; two nccl ranks when two GPUs are visible), and deploy speed; a markdown table.
 #   bash scripts/gpu_check.sh [--out FILE] [--tiny] [--device cpu]
 # The whole run is capped at 8 minutes (timeout 480; the check itself keeps to 450 s). With CUDA
 # it writes logs/gpu_check.md; without, it runs the tiny check into output/gpu_check/gpu_check.md.

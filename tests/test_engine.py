@@ -20,7 +20,7 @@ from engine import NonFiniteLossError, evaluate, make_loss_scaler, train_one_epo
 from losses import DistillationLoss, build_base_criterion
 from models import create_model
 from utils import (MetricLogger, SmoothedValue, TensorboardLogger, UserError, all_reduce_sum, append_json_line,
-                   init_distributed_mode, setup_logging)
+                   cleanup_distributed, init_distributed_mode, setup_logging)
 
 CPU = torch.device("cpu")
 
@@ -356,7 +356,7 @@ def _two_rank_worker(rank, port, model_path, out_dir):
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(record, f)
     finally:
-        torch.distributed.destroy_process_group()
+        cleanup_distributed()
 
 
 @pytest.mark.e2e

@@ -65,8 +65,8 @@ def test_a_failing_step_is_reported_and_the_others_still_run(tmp_path, monkeypat
         ran.append("pruning_pass")
         raise RuntimeError("out of memory | here")
 
-    steps = {"cuda_tests": passing("cuda_tests"), "pruning_pass": raising,
-             "deploy_training": passing("deploy_training"), "deploy_speed": passing("deploy_speed")}
+    steps = {name: passing(name) for name in gpu_check.STEPS}
+    steps["pruning_pass"] = raising
     monkeypatch.setattr(gpu_check, "make_steps", lambda: steps)
     out = tmp_path / "check.md"
     with pytest.raises(SystemExit) as exc:
@@ -91,7 +91,24 @@ def test_a_spent_budget_fails_the_remaining_steps(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         gpu_check.main(["--device", "cpu", "--budget", "5", "--out", str(out)])
     statuses = list(table_rows(out.read_text()).values())
-    assert statuses == ["failed: not run, the check's 5 s budget was spent"] * 4  # under 10 s left: nothing starts
+    # under 10 s left: nothing starts
+    assert statuses == ["failed: not run, the check's 5 s budget was spent"] * len(gpu_check.STEPS)
+
+
+def test_two_ranks_are_skipped_with_one_visible_gpu(monkeypatch):
+    import argparse
+
+    monkeypatch.setattr(gpu_check.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(gpu_check, "deploy_run", lambda *a, **k: pytest.fail("no run with one GPU"))
+    result = gpu_check.step_two_ranks(argparse.Namespace(device="cuda"), gpu_check.settings(False), 60)
+    assert result["status"] == "skipped: 1 GPU visible (two ranks need two)"
+    calls = []
+    monkeypatch.setattr(gpu_check.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(gpu_check, "deploy_run", lambda *a, **k: calls.append(k) or
+                        {"problems": [], "summary": "ok", "details": []})
+    assert gpu_check.step_two_ranks(argparse.Namespace(device="cuda"), gpu_check.settings(False), 60)["status"] == \
+        "passed"
+    assert [(c["nproc"], c["student"], c["steps"]) for c in calls] == [(2, "deit_base_patch16_224", 3)]
 
 
 def test_run_streaming_stops_a_hanging_command():
@@ -113,7 +130,7 @@ def test_cpu_check_end_to_end(tmp_path):
     start = time.monotonic()
     proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_check.sh"), "--device", "cpu",
                            "--out", "check/table.md"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=480)
     took = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     text = (tmp_path / "check" / "table.md").read_text()
@@ -122,11 +139,17 @@ def test_cpu_check_end_to_end(tmp_path):
     rows = table_rows(text)
     assert rows == {gpu_check.TITLES["cuda_tests"]: "skipped: no CUDA",
                     gpu_check.TITLES["pruning_pass"]: "passed", gpu_check.TITLES["deploy_training"]: "passed",
+                    gpu_check.TITLES["distilled_student"]: "passed", gpu_check.TITLES["two_ranks"]: "passed",
                     gpu_check.TITLES["deploy_speed"]: "passed"}
-    assert "backend gloo" in text and "hard distillation on" in text
+    assert "backend gloo" in text and "distillation hard seen" in text
+    # the distilled student ran without a teacher and with hard distillation; two ranks ran (gloo on CPU)
+    distilled = re.search(r"^\| 4 \| .*$", text, flags=re.M).group(0)
+    assert "distillation none seen" in distilled and "distillation hard seen" in distilled
+    assert "`deit_test_distilled_patch8_32_deploy`" in text
+    assert re.search(r"^\| 5 \| .*x 2 ranks.*backend gloo", text, flags=re.M)
     assert text.count("| CPU | ") == 4  # fp32 and bf16 at two batches
     # progress was printed as it went, in order
-    marks = [proc.stdout.index(f"== step {k}/4") for k in range(1, 5)]
+    marks = [proc.stdout.index(f"== step {k}/{len(gpu_check.STEPS)}") for k in range(1, len(gpu_check.STEPS) + 1)]
     assert marks == sorted(marks)
     after = os.path.getmtime(gpu_table) if os.path.exists(gpu_table) else None
     assert after == before

@@ -248,7 +248,7 @@ def test_torchrun_two_processes_hard_distillation_ranks_agree(work, teacher, val
     wrapper.write_text(SPY_WRAPPER.format(repo=REPO, spy=str(spy)))
     # from scratch (no --masked_model): each rank initialises differently, DDP must make them agree
     proc = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(wrapper),
-                 *_finetune_flags(teacher, out, "--model-ema-decay", "0.9")])
+                 *_finetune_flags(teacher, out, "--model-ema-decay", "0.9", "--model-ema-eval")])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " rank1]" not in proc.stdout  # rank 1 logs warnings only
     checkpoint = _check_rank0_outputs(out, teacher, val_set)

@@ -8,7 +8,7 @@ from utils.checkpoint import (CHECKPOINT_FORMAT_VERSION, SAFETENSORS_FORMAT, ato
                               restore_training_state, save_pruned_safetensors)
 from utils.distributed import (DistributedConfig, all_reduce_sum, barrier, cleanup_distributed, get_rank,
                                get_world_size, init_distributed_mode, is_dist_avail_and_initialized, is_main_process)
-from utils.environment import environment_line
+from utils.environment import environment_line, set_tf32
 from utils.errors import Parser, UserError, cli_entry, error_line, naming, option_flags
 from utils.logs import TensorboardLogger, append_json_line, setup_logging
 from utils.meters import MetricLogger, SmoothedValue, format_seconds
@@ -24,5 +24,5 @@ __all__ = [
     "init_distributed_mode", "is_dist_avail_and_initialized", "is_main_process", "load_numpy_pickle",
     "load_resume_weights", "load_torch_file", "model_checkpoint", "option_flags", "plain_args", "prepare_output_dir",
     "refuse_to_clobber", "remove_stale_temp_files", "restore_training_state", "save_pruned_safetensors",
-    "set_seed", "setup_logging", "state_dict_of",
+    "set_seed", "set_tf32", "setup_logging", "state_dict_of",
 ]

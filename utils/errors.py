@@ -8,11 +8,13 @@ spells a command-line flag. `error_line` renders the one line, given the flags o
 import argparse
 import contextlib
 import functools
+import logging
 import os
 import re
 import sys
 import time
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Union
+import traceback
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
 
 # a note traceback prints under the message: the field survives a DataLoader worker, whose
 # error reaches the main process as the worker's traceback text
@@ -21,6 +23,10 @@ _TOKEN = re.compile(r"<([a-z][a-z0-9_]*)>")
 
 
 RANK0_PRINT_GRACE_S = 2.0  # silent ranks wait this long before exiting
+
+# called as hook(line, exit code, exception) when an entry point fails; a distributed run
+# registers utils.distributed.report_failure here, which tells the other ranks to stop
+FAILURE_HOOKS: List[Callable[[str, int, BaseException], None]] = []
 
 
 class UserError(Exception):
@@ -117,6 +123,17 @@ def _launcher_rank() -> int:
 Flags = Union[Mapping[str, str], Callable[[], Mapping[str, str]], None]
 
 
+def _summary(err: BaseException) -> str:
+    """One line for an unexpected exception: its type and the first line of its message."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _tell_other_ranks(line: str, code: int, err: BaseException) -> None:
+    for hook in list(FAILURE_HOOKS):
+        hook(line, code, err)
+
+
 def cli_entry(main_fn: Optional[Callable[..., Any]] = None, *, flags: Flags = None):
     """Wrap an entry point so that `UserError` becomes one clean line on stderr and exit 2.
 
@@ -124,6 +141,9 @@ def cli_entry(main_fn: Optional[Callable[..., Any]] = None, *, flags: Flags = No
     error is printed) that names fields and `<field>` tokens (see `error_line`).
     Under torchrun every rank usually meets the same error: only rank 0 prints it
     (other ranks exit 2 silently), unless the error is marked `rank_specific`.
+    In a distributed run any failure (a `UserError`, any other exception but SystemExit, Ctrl-C) is also
+    handed to `FAILURE_HOOKS`, which stop the other ranks, and the process leaves at once
+    (exit 2 for a `UserError`, 130 for Ctrl-C, else 1) after printing its traceback.
     Usable as `@cli_entry` or `cli_entry(fn, flags=...)`.
     """
     if main_fn is None:
@@ -136,13 +156,25 @@ def cli_entry(main_fn: Optional[Callable[..., Any]] = None, *, flags: Flags = No
         except UserError as err:
             line = error_line(err, flags() if callable(flags) else flags)
             rank = _launcher_rank()
+            _tell_other_ranks(line, 2, err)  # first: returns only if this process is to report it
             if rank == 0:
                 print(f"error: {line}", file=sys.stderr, flush=True)
             elif getattr(err, "rank_specific", False):
                 print(f"error (rank {rank}): {line}", file=sys.stderr, flush=True)
-            else:  # a launcher stops all ranks when the first one exits: let rank 0 print its line first
+            if rank != 0 and not getattr(err, "rank_specific", False):
+                # a launcher stops all ranks when the first one exits: let rank 0 print its line first
                 time.sleep(RANK0_PRINT_GRACE_S)
             sys.exit(2)
+        except BaseException as err:
+            # a SystemExit is meant (submitit exits so after a preemption signal to every task)
+            if not FAILURE_HOOKS or isinstance(err, SystemExit):
+                raise
+            code = 130 if isinstance(err, KeyboardInterrupt) else 1
+            traceback.print_exc()
+            sys.stderr.flush()
+            _tell_other_ranks(_summary(err), code, err)
+            logging.shutdown()  # flush the log files: the process leaves without unwinding
+            os._exit(code)  # a normal exit could block in the process group's teardown
 
     return wrapper
 

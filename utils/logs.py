@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from utils.distributed import get_rank, is_main_process
+from utils.distributed import get_rank, is_main_process, job_guard
 from utils.errors import UserError
 
 
@@ -52,6 +52,9 @@ def setup_logging(output_dir: Optional[str], name: str = "savit", rank: Optional
         file_handler._savit_handler = True
         logger.addHandler(file_handler)
         logger.log_file = path
+    guard = job_guard()
+    if guard is not None:  # rank 0 logs which rank failed, and why
+        guard.logger = logger
     return logger
 
 

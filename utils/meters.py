@@ -91,8 +91,8 @@ class MetricLogger:
     Args:
         delimiter: separator between fields of a progress line.
         print_fn: where lines go (e.g. `logger.info`); default prints on rank 0 only.
-        device: the training device; peak CUDA memory is shown when it is a CUDA
-            device (or, when None, whenever CUDA is available).
+        device: the training device; its peak CUDA memory is shown when it is a CUDA
+            device (or, when None, the current device's whenever CUDA is available).
     """
 
     def __init__(self, delimiter: str = "  ", print_fn: Optional[Callable[[str], None]] = None,
@@ -100,10 +100,11 @@ class MetricLogger:
         self.meters = collections.defaultdict(SmoothedValue)
         self.delimiter = delimiter
         self.print_fn = print_fn or _print_on_main
-        if device is None:
+        self.device = None if device is None else torch.device(device)
+        if self.device is None:
             self.show_memory = torch.cuda.is_available()
         else:
-            self.show_memory = torch.device(device).type == "cuda"
+            self.show_memory = self.device.type == "cuda"
 
     def update(self, n: int = 1, **kwargs) -> None:
         """Record scalar values (floats, ints or 0-d tensors), each standing for `n` samples."""
@@ -161,7 +162,7 @@ class MetricLogger:
                 fields += [f"{name}: {meter}" for name, meter in self.meters.items()]
                 fields += [f"samples/s: {rate:.1f}", f"time: {iter_time}", f"data: {data_time}"]
                 if self.show_memory:
-                    fields.append(f"max mem: {torch.cuda.max_memory_allocated() / mb:.0f}MB")
+                    fields.append(f"max mem: {torch.cuda.max_memory_allocated(self.device) / mb:.0f}MB")
                 self.print_fn(self.delimiter.join(fields))
                 window_start, window_samples = now, 0
         elapsed = time.time() - start
