@@ -5,6 +5,7 @@ in-process checks; the fast subset is `python -m pytest -q -m "not e2e" tests`. 
 full-size DeiT configurations.
 """
 import os
+import socket
 import sys
 from typing import Iterable, Tuple, Union
 
@@ -126,3 +127,28 @@ def assert_accuracy(value: float, logits: torch.Tensor, labels: torch.Tensor, k:
     """`value` (%) is the top-k accuracy of `logits`, up to near-ties (and `slack` for printed rounding)."""
     low, high = topk_accuracy_bounds(logits, labels, k)
     assert low - slack <= value <= high + slack, (value, low, high)
+
+
+# -- equality and ports -----------------------------------------------------------------
+
+def assert_same(a, b, where="") -> None:
+    """Bit-for-bit equality of nested dicts / lists of tensors and plain values."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), (where, set(a) ^ set(b))
+        for k in a:
+            assert_same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), (where, (a.double() - b.double()).abs().max().item())
+    else:
+        assert a == b, (where, a, b)
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (for a rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -13,7 +13,6 @@ the guard's heartbeat verdict and its first-failure-wins record on a real TCPSto
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import free_port
 from utils import UserError
 from utils.distributed import detect_launch, first_host, slurm_port
 from utils.job_guard import LOST_AFTER_S, JobGuard
@@ -80,12 +80,6 @@ entry.main(entry.get_args_parser().parse_args())
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
@@ -101,7 +95,7 @@ def _launch(tmp_path, how, script, flags, fault_env):
     """Start the job: one torchrun, or two processes by hand ("env": RANK/..., "slurm": SLURM_*)."""
     wrapper = tmp_path / "faulty.py"
     wrapper.write_text(WRAPPER.format(repo=REPO))
-    port = _free_port()
+    port = free_port()
     if how == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                str(wrapper), script, *flags]
@@ -254,7 +248,7 @@ def test_slurm_tasks_without_a_rendezvous_are_an_error_not_silent_copies():
 
 @pytest.fixture
 def store():
-    port = _free_port()
+    port = free_port()
     server = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
     yield server, port
 
@@ -296,7 +290,7 @@ def test_guard_rank0_declares_a_silent_rank_lost(store):
 
 def test_guard_leaves_when_the_store_is_gone_unless_finishing():
     for finishing, expected in ((False, {1: 1}), (True, {})):
-        port = _free_port()
+        port = free_port()
         server = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=10),
                                wait_for_workers=False)
         exits = {}

@@ -41,7 +41,7 @@ import torch
 import main as prune_main
 import main_deploy
 from args import data_config
-from conftest import assert_accuracy, mask_case, randomize_
+from conftest import assert_accuracy, assert_same, mask_case, randomize_
 from datasets import DigitsDataset, build_transform
 from models import DeployViT, arch_of, create_model
 from pruning.deploy import deploy_structure, load_masked_model
@@ -202,22 +202,6 @@ def _text_logs(out) -> str:
     return "".join(open(os.path.join(out, n)).read() for n in names)
 
 
-def _assert_same(a, b, where="") -> None:
-    """Bit-for-bit equality of nested dicts / lists of tensors and plain values."""
-    if isinstance(a, dict):
-        assert set(a) == set(b), (where, set(a) ^ set(b))
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), (where, (a.double() - b.double()).abs().max().item())
-    else:
-        assert a == b, (where, a, b)
-
-
 # ---------------------------------------------------------------------------
 # Inputs: a tiny teacher, gated checkpoints of emptying masks, a DeiT checkpoint to score
 # ---------------------------------------------------------------------------
@@ -372,21 +356,21 @@ def test_two_ranks_agree_and_log_the_single_process_accuracy(combo, work, launch
     x, y = val_set
     for epoch, record in enumerate(records):
         rank0, rank1 = _load(spy / f"e{epoch}_rank0.pth"), _load(spy / f"e{epoch}_rank1.pth")
-        _assert_same(rank0["model"], rank1["model"], f"epoch {epoch} model")
+        assert_same(rank0["model"], rank1["model"], f"epoch {epoch} model")
         assert rank0["stats"] == rank1["stats"]
         assert record["test_acc1"] == rank0["stats"]["acc1"]
         assert_accuracy(record["test_acc1"], _logits(student, mask, rank0["model"], x), y)
         assert_accuracy(record["test_acc5"], _logits(student, mask, rank0["model"], x), y, k=5)
         if ema:
-            _assert_same(rank0["ema"], rank1["ema"], f"epoch {epoch} EMA")
+            assert_same(rank0["ema"], rank1["ema"], f"epoch {epoch} EMA")
             if HAS_EMA_EVAL:
                 assert rank0["ema_stats"] == rank1["ema_stats"]
                 assert_accuracy(record["test_ema_acc1"], _logits(student, mask, rank0["ema"], x), y)
         else:
             assert rank0["ema"] is None and rank1["ema"] is None
-    _assert_same(checkpoint["model"], rank0["model"], "checkpoint")
+    assert_same(checkpoint["model"], rank0["model"], "checkpoint")
     if ema:
-        _assert_same(checkpoint["model_ema"], rank0["ema"], "checkpoint EMA")
+        assert_same(checkpoint["model_ema"], rank0["ema"], "checkpoint EMA")
         assert any(not torch.equal(checkpoint["model"][k], checkpoint["model_ema"][k]) for k in checkpoint["model"])
     else:
         assert checkpoint["model_ema"] is None
@@ -406,7 +390,7 @@ def test_auto_resume_after_epoch_0_ends_like_the_uninterrupted_run(combo, work, 
     a, b = _load(full / "checkpoint.pth"), _load(resumed / "checkpoint.pth")
     assert a["epoch"] == 1
     for key in ("model", "model_ema", "optimizer", "lr_scheduler", "scaler", "epoch", "max_accuracy", "mask"):
-        _assert_same(a[key], b[key], key)
+        assert_same(a[key], b[key], key)
     with open(full / "log.txt") as fa, open(resumed / "log.txt") as fb:
         assert fa.read() == fb.read()  # same losses, learning rates and accuracies, epoch by epoch
 

@@ -29,7 +29,7 @@ import torch
 import main as prune_main
 import main_deploy
 from args import DistributedConfig, data_config
-from conftest import assert_accuracy, images, randomize_
+from conftest import assert_accuracy, assert_same, images, randomize_
 from datasets import DigitsDataset, build_transform
 from models import DeployViT, arch_of, create_model
 from pruning.deploy import deploy_structure, load_masked_model
@@ -85,22 +85,6 @@ def _deploy_model(checkpoint: dict, model_name: str = MODEL) -> DeployViT:
 
 def data_settings(argv):
     return data_config(main_deploy.get_args_parser().parse_args(argv))
-
-
-def _assert_same(a, b, where="") -> None:
-    """Bit-for-bit equality of nested dicts / lists of tensors and plain values."""
-    if isinstance(a, dict):
-        assert set(a) == set(b), (where, set(a) ^ set(b))
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), (where, (a.double() - b.double()).abs().max().item())
-    else:
-        assert a == b, (where, a, b)
 
 
 # ---------------------------------------------------------------------------
@@ -255,8 +239,8 @@ def test_torchrun_two_processes_hard_distillation_ranks_agree(work, teacher, val
     (record,) = _read_log(out)
     for kind, saved in (("model", checkpoint["model"]), ("ema", checkpoint["model_ema"])):
         rank0, rank1 = _load(spy / f"{kind}_rank0.pth"), _load(spy / f"{kind}_rank1.pth")
-        _assert_same(rank0["state"], saved, kind)
-        _assert_same(rank1["state"], saved, kind)
+        assert_same(rank0["state"], saved, kind)
+        assert_same(rank1["state"], saved, kind)
         assert rank0["stats"] == rank1["stats"]
         prefix = "test_" if kind == "model" else "test_ema_"
         assert record[prefix + "acc1"] == rank0["stats"]["acc1"]
@@ -331,7 +315,7 @@ def test_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_run(work, p
 
     a, b = _load(full / "checkpoint.pth"), _load(cut / "checkpoint.pth")
     for key in ("model", "model_ema", "optimizer", "lr_scheduler", "scaler", "epoch", "max_accuracy", "mask"):
-        _assert_same(a[key], b[key], key)
+        assert_same(a[key], b[key], key)
     assert a["epoch"] == 2
     with open(full / "log.txt") as fa, open(cut / "log.txt") as fb:
         assert fa.read() == fb.read()  # same losses, learning rates and accuracies, epoch by epoch
@@ -449,7 +433,7 @@ def test_mask_json_plus_finetune_weights_build_the_checkpoint_model(explicit):
     from_json = main_deploy.build_student(main_deploy.settings(
         parser.parse_args(["--model", MODEL, "--masked_model", mask_json, "--finetune", explicit]), cpu), arch, None)
     assert from_ckpt[0] == from_json[0] == PruneMask.from_dict(_load(explicit)["mask"])
-    _assert_same(from_ckpt[1].state_dict(), from_json[1].state_dict())
+    assert_same(from_ckpt[1].state_dict(), from_json[1].state_dict())
     # exactly the explicit mask's units, counted on the deploy model's tensors
     net = from_ckpt[1].eval()
     assert net.pos_embed.shape[-1] == len(EXPLICIT["embed"]) == 48

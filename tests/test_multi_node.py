@@ -4,13 +4,14 @@ one-process run's (summed in another order: equal up to round-off); main_deploy.
 ranks hold the same weights, bit for bit, after every epoch."""
 import os
 import pickle
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+
+from conftest import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = ["--data-set", "DIGITS", "--input-size", "32", "--device", "cpu", "--num_workers", "0"]
@@ -37,12 +38,6 @@ main_deploy.main(main_deploy.get_args_parser().parse_args())
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env["OMP_NUM_THREADS"] = "1"
@@ -51,7 +46,7 @@ def _env() -> dict:
 
 def _two_nodes(script_and_flags, timeout=300):
     """Run two single-process torchrun launchers, node ranks 0 and 1, through one c10d rendezvous."""
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
                                str(node), "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_id", "savit",
                                "--rdzv_endpoint", f"127.0.0.1:{port}", *script_and_flags],

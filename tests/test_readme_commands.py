@@ -17,6 +17,8 @@ from typing import Callable, Dict, List, Tuple
 import pytest
 import torch
 
+from conftest import free_port
+
 pytestmark = pytest.mark.e2e
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,6 +56,9 @@ RUNNERS: List[Tuple[str, str]] = [
     (r"python benchmarks/bench_deploy_speed\.py ", "bench_speed"),
     (r"python benchmarks/bench_pruning_pass\.py ", "bench_pass"),
     (r"bash scripts/gpu_check\.sh$", "gpu_check"),
+    (r"torchrun --nnodes=2 --node_rank=\$NODE_RANK ", "finetune_nodes"),
+    (r"sbatch scripts/slurm/\w+\.sbatch$", "sbatch"),
+    (r"python run_with_submitit\.py ", "submitit"),
     (r"python main\.py --model=vit_base_patch16_224 ", "prune_vit"),
     (r"torchrun --nproc_per_node=8 main_deploy\.py --model=vit_base_patch16_224_deploy ", "finetune_vit"),
 ]
@@ -247,6 +252,39 @@ def run_gpu_check(command: str, world: dict) -> None:
     _run(command, world)  # no GPU here: the tiny check on CPU
     with open(os.path.join(world["repo"], "output", "gpu_check", "gpu_check.md")) as f:
         assert "| 2 | pruning pass | passed |" in f.read()
+
+
+def run_finetune_nodes(command: str, world: dict) -> None:
+    # two "nodes" on this machine, one CPU process each instead of 8 GPUs; one short epoch at 32x32
+    port = str(free_port())
+    line = _substitute(command.replace("--nproc_per_node=8 ", "--nproc_per_node=1 ").replace(":29400 ", f":{port} "),
+                       world) + " " + " ".join(["--epochs", "1", "--input-size", "32", "--batch-size", "2", *CPU])
+    procs = [subprocess.Popen(["bash", "-c", "set -euo pipefail; " + line], cwd=world["repo"],
+                              env=dict(world["env"], NODE_RANK=str(node), MASTER_ADDR="127.0.0.1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+    out = _substitute(_flag_value(command, "--output_dir"), world)
+    with open(os.path.join(out, "log.txt")) as f:
+        assert [__import__("json").loads(line)["epoch"] for line in f] == [0]
+    assert "total batch of 4" in outputs[0] + outputs[1]  # 2 nodes x 1 process x 2 images
+
+
+def run_sbatch(command: str, world: dict) -> None:
+    # no SLURM here: tests/test_slurm_launch.py runs each template under stand-ins for srun and scontrol
+    template = command.split()[-1]
+    assert os.path.isfile(os.path.join(world["repo"], template)), template
+    with open(os.path.join(ROOT, "tests", "test_slurm_launch.py")) as f:
+        assert f'_sbatch("{os.path.basename(template)}"' in f.read(), template
+
+
+def run_submitit(command: str, world: dict) -> None:
+    # every flag is checked (the launcher's and main_deploy.py's) before the submission, which needs SLURM;
+    # tests/test_slurm_launch.py runs the same launcher with --local and preempts it
+    line = _substitute(command, world)
+    proc = subprocess.run(["bash", "-c", line], cwd=world["repo"], env=world["env"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: cannot submit to SLURM here"), proc.stderr
 
 
 def _flag_value(command: str, flag: str) -> str:

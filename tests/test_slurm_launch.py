@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 import torch
 
 import run_with_submitit
+from conftest import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FINETUNE = ["--model", "deit_test_patch8_32_deploy", "--data-set", "DIGITS", "--input-size", "32",
@@ -31,12 +31,6 @@ TINY_FINETUNE = ["--model", "deit_test_patch8_32_deploy", "--data-set", "DIGITS"
                  "--cooldown-epochs", "0", "--aa", "", "--reprob", "0", "--mixup", "0", "--cutmix", "0",
                  "--no-model-ema"]
 RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _load(path) -> dict:
@@ -261,7 +255,7 @@ def slurm(tmp_path):
     env.update(PATH=f"{bin_dir}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{env.get('PATH', '')}",
                OMP_NUM_THREADS="1", PYTHON=sys.executable, FAKE_CALLS=str(tmp_path / "calls"),
                SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="localhost",
-               SLURM_SUBMIT_DIR=REPO, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+               SLURM_SUBMIT_DIR=REPO, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     return env
 
 
