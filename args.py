@@ -14,10 +14,10 @@ Checks across flags that need nothing but the flags are in `check_common`.
 
 The library never sees the parsed namespace: the scripts turn it into frozen dataclasses
 (`datasets.DataConfig`, `datasets.MixupConfig`, `engine.TrainConfig`, `losses.DistillConfig`,
-and here `ModelConfig`, `RunConfig`, `PruneConfig`, `DeployConfig`, `DistributedConfig`).
-Nor does it spell flags: a library `UserError` names the configuration field it is about
-(`field="data_path"`) and mentions others as `<field>` tokens; `error_text` turns fields into
-flags, read from the `add_*` groups (`script_flags`), for the line both scripts print and log.
+and here `ModelConfig`, `RunConfig`, `PruneConfig`). Defaults live in the flags only (`defaults`
+gives them without a command line).
+A library `UserError` names the configuration field it is about (`field="data_path"`);
+`error_text` prints the field's flag before the message, the line both scripts print and log.
 
 Nothing is parsed at import time.
 """
@@ -31,17 +31,16 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+# the configurations built here from the flags (nothing else of these modules is used)
 from datasets import DataConfig, MixupConfig
 from engine import TrainConfig
 from losses import DistillConfig
-from models import arch_of, is_prunable
 from pruning.search import SearchOptions
 from utils import DistributedConfig, UserError, cli_entry, error_line, init_distributed_mode, option_flags
 from utils.distributed import DEFAULT_TIMEOUT_S
 from utils.job_guard import LOST_AFTER_S
 
-DATA_SETS = ("IMNET", "CIFAR", "INAT", "INAT19", "DIGITS")
-INAT_CATEGORIES = ("kingdom", "phylum", "class", "order", "supercategory", "family", "genus", "name")
+DATA_SETS = ("IMNET", "CIFAR", "DIGITS")
 REFERENCE_GROUP = "accepted for the reference's commands (no effect)"
 
 
@@ -75,12 +74,9 @@ open_unit_interval = _number(float, lambda v: 0 < v < 1, "in (0, 1)")
 upper_unit_interval = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")  # (0, 1]
 
 
-def _on_off(group, flag: str, help: str, *extra_off: str, default: bool = True) -> None:
-    """`--flag` / `--no-flag` (plus the spellings `extra_off`), default on unless told."""
-    dest = flag.lstrip("-").replace("-", "_")
-    group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, dest=dest, help=help)
-    for alias in extra_off:  # older spellings of the off switch
-        group.add_argument(alias, action="store_false", dest=dest, help=argparse.SUPPRESS)
+def _on_off(group, flag: str, help: str, default: bool = True) -> None:
+    """`--flag` / `--no-flag`, default on unless told."""
+    group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
 
 
 # -- flag groups ----------------------------------------------------------------------------------
@@ -200,16 +196,14 @@ def add_distillation_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """`--batch-size --data-path --data-set --inat-category --num_workers --pin-mem/--no-pin-mem`."""
+    """`--batch-size --data-path --data-set --num_workers --pin-mem/--no-pin-mem`."""
     g = parser.add_argument_group("data")
     g.add_argument("--batch-size", default=64, type=positive_int, help="batch size per process (default: 64)")
     g.add_argument("--data-path", default="", type=str,
                    help="data set root (IMNET: a folder with train/ and val/ ImageFolder trees)")
     g.add_argument("--data-set", default="IMNET", choices=list(DATA_SETS), type=str,
-                   help="IMNET (any ImageFolder tree), CIFAR (CIFAR-100), INAT (2018), INAT19, "
+                   help="IMNET (any ImageFolder tree), CIFAR (CIFAR-100), "
                         "DIGITS (scikit-learn's handwritten digits, offline; --data-path ignored)")
-    g.add_argument("--inat-category", default="name", choices=list(INAT_CATEGORIES), type=str,
-                   help="iNaturalist label granularity (default: name)")
     g.add_argument("--not_imagenet_default_mean_and_std", action="store_true",
                    help="normalise with mean = std = 0.5 instead of ImageNet's statistics")
     g.add_argument("--num_workers", default=10, type=non_negative_int,
@@ -352,8 +346,6 @@ def reference_warnings(ns: argparse.Namespace, flags: List[ReferenceFlag]) -> Li
             for ref in flags if getattr(ns, ref.dest) not in ref.neutral]
 
 
-# -- errors from the library, named by their flag ------------------------------------------------
-
 def add_fine_tuning_groups(parser: argparse.ArgumentParser, seed_help: str) -> None:
     """Every flag group of main_deploy.py (its reference-only flags aside)."""
     add_model_args(parser, ema=True)
@@ -369,7 +361,7 @@ def add_fine_tuning_groups(parser: argparse.ArgumentParser, seed_help: str) -> N
 
 
 def _all_flags_parser() -> argparse.ArgumentParser:
-    """Every flag group of main.py and main_deploy.py (not the reference's): where fields find their flags."""
+    """Every flag group of main.py and main_deploy.py (not the reference's): each field's flag and default."""
     parser = argparse.ArgumentParser(add_help=False)
     add_fine_tuning_groups(parser, seed_help="")
     add_pruning_args(parser)  # main.py's groups are main_deploy.py's, less some, plus this one
@@ -382,14 +374,18 @@ def script_flags() -> Dict[str, str]:
     return option_flags(_all_flags_parser())
 
 
-def flag_of(field: str) -> Optional[str]:
-    """The flag of a configuration field, None for a field no script has."""
-    return script_flags().get(field)
+def defaults(**overrides) -> argparse.Namespace:
+    """The flags' defaults (main_deploy.py's where the scripts differ) with `overrides`, for the
+    configurations built without a command line (tests, benchmarks)."""
+    ns = vars(_all_flags_parser().parse_args([]))
+    unknown = sorted(set(overrides) - set(ns))
+    if unknown:
+        raise TypeError(f"no such flags: {unknown}")
+    return argparse.Namespace(**{**ns, **overrides})
 
 
 def error_text(err: BaseException) -> str:
-    """The one line a script prints (and logs) for `err`: the flag of its field, then the message
-    with each `<field>` token replaced by its flag -- the ONE place fields become flags."""
+    """The one line a script prints (and logs) for `err`: the flag of its field, then the message."""
     return error_line(err, script_flags())
 
 
@@ -417,17 +413,21 @@ def _check(condition: bool, message: str) -> None:
         raise UserError(message)
 
 
+def check_input_size(ns: argparse.Namespace, arch) -> None:
+    """Set --input-size to the image size of `arch` (the --model's) when not given, so that the
+    logged configuration is the one that runs; it must be a multiple of the patch size."""
+    if ns.input_size is None:
+        ns.input_size = arch.img_size
+    _check(ns.input_size % arch.patch_size == 0, f"--input-size {ns.input_size} is not a multiple of the patch "
+                                                 f"size {arch.patch_size} of --model {ns.model}")
+
+
 def check_common(ns: argparse.Namespace) -> None:
     """Checks that combine flags or need the machine (the parser checked each value's range).
 
     Raises:
         UserError: the first bad combination found, naming the flags.
     """
-    ns.input_size = input_size_of(ns)  # resolved once: the logged configuration is the one that runs
-    if is_prunable(ns.model):  # an unknown or unsupported model is reported by the script's own check
-        patch = arch_of(ns.model).patch_size
-        _check(ns.input_size % patch == 0,
-               f"--input-size {ns.input_size} is not a multiple of the patch size {patch} of --model {ns.model}")
     if ns.cutmix_minmax is not None:
         _check(ns.cutmix_minmax[0] < ns.cutmix_minmax[1],
                f"--cutmix-minmax takes two values 0 < min < max <= 1, got {ns.cutmix_minmax}")
@@ -482,7 +482,7 @@ class RunConfig:
     eval: bool
     amp: bool
     log_period: int
-    tf32: bool = False  # TF32 matmuls and convolutions on CUDA (--tf32)
+    tf32: bool  # TF32 matmuls and convolutions on CUDA (--tf32)
 
 
 @dataclass(frozen=True)
@@ -509,38 +509,23 @@ class PruneConfig:
         return self.search.flops_percentage
 
 
-@dataclass(frozen=True)
-class DeployConfig:
-    masked_model: str
-    throughput: bool
-    auto_resume: bool
-
-
-def input_size_of(ns) -> int:
-    """--input-size, or the model's own image size when not given (224 for a name that is no ViT)."""
-    if ns.input_size is not None:
-        return ns.input_size
-    return arch_of(ns.model).img_size if is_prunable(ns.model) else 224
-
-
 def model_config(ns) -> ModelConfig:
-    return ModelConfig(name=ns.model, input_size=input_size_of(ns), drop=ns.drop, drop_path=ns.drop_path)
+    return ModelConfig(name=ns.model, input_size=ns.input_size, drop=ns.drop, drop_path=ns.drop_path)
 
 
 def run_config(ns, dist: DistributedConfig, resume: Optional[str] = None) -> RunConfig:
     return RunConfig(output_dir=ns.output_dir, log_dir=ns.output_dir if ns.log == "same" else ns.log,
                      overwrite=ns.overwrite, device=dist.device, seed=ns.seed, finetune=ns.finetune,
                      resume=ns.resume if resume is None else resume, trust_checkpoint=ns.trust_checkpoint,
-                     eval=ns.eval, amp=ns.amp, log_period=ns.log_period,
-                     tf32=ns.tf32)
+                     eval=ns.eval, amp=ns.amp, log_period=ns.log_period, tf32=ns.tf32)
 
 
 def data_config(ns, device: Optional[str] = None) -> DataConfig:
     """The data flags; pinning is on only where it helps (`--pin-mem` and a CUDA device)."""
     device = torch.device(device or ns.device)
     return DataConfig(
-        data_set=ns.data_set, data_path=ns.data_path, inat_category=ns.inat_category,
-        input_size=input_size_of(ns), batch_size=ns.batch_size, num_workers=ns.num_workers,
+        data_set=ns.data_set, data_path=ns.data_path,
+        input_size=ns.input_size, batch_size=ns.batch_size, num_workers=ns.num_workers,
         pin_memory=bool(ns.pin_mem) and device.type == "cuda", repeated_aug=getattr(ns, "repeated_aug", True),
         dist_eval=ns.dist_eval, seed=ns.seed, color_jitter=ns.color_jitter, hflip=ns.hflip, aa=ns.aa,
         train_interpolation=ns.train_interpolation, reprob=ns.reprob, remode=ns.remode, recount=ns.recount,

@@ -1,25 +1,23 @@
 """Data sets, transforms, samplers and loaders, the DeiT way.
 
 `build_dataset(is_train, cfg)` (a `DataConfig`) gives `(dataset, num_classes)` for
-IMNET (any ImageFolder tree with train/ and val/), CIFAR (CIFAR-100), INAT / INAT19
-(iNaturalist 2018 / 2019 json files) and DIGITS (scikit-learn's 8x8 handwritten
-digits upscaled to RGB: an offline demo set that runs the real pipeline).
+IMNET (any ImageFolder tree with train/ and val/), CIFAR (CIFAR-100) and DIGITS
+(scikit-learn's 8x8 handwritten digits upscaled to RGB: an offline demo set that runs
+the real pipeline).
 `build_loaders` picks the samplers: repeated augmentation (`RASampler`) or a
 seeded shuffling sampler for training, an exact shard sampler for `--dist-eval`.
 Every training sampler has `set_epoch(epoch)`: call it before each epoch.
 """
-import json
-import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.data import Mixup, auto_augment, create_transform
+from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 from torchvision import transforms
 from torchvision.datasets import CIFAR100, ImageFolder
@@ -27,7 +25,6 @@ from torchvision.datasets.folder import default_loader
 
 from utils import UserError, get_rank, get_world_size
 
-DEFAULT_CROP_PCT = 224 / 256  # DeiT evaluation: resize to 256/224 of the input size, centre-crop
 SMALL_INPUT = 32  # at or below this size DeiT trains with RandomCrop(padding=4) instead of RandomResizedCrop
 
 
@@ -36,7 +33,7 @@ class DataConfig:
     """Which data, how it is transformed and loaded (flag names in the comments).
 
     Args:
-        data_set, data_path, inat_category: `--data-set --data-path --inat-category`.
+        data_set, data_path: `--data-set --data-path`.
         input_size: `--input-size`.
         batch_size: per process (`--batch-size`); validation batches are twice as large.
         num_workers: `--num_workers`.
@@ -50,25 +47,24 @@ class DataConfig:
         inception_mean_std: normalise with 0.5 (`--not_imagenet_default_mean_and_std`).
     """
 
-    data_set: str = "IMNET"
-    data_path: str = ""
-    inat_category: str = "name"
-    input_size: int = 224
-    batch_size: int = 64
-    num_workers: int = 10
-    pin_memory: bool = False
-    repeated_aug: bool = True
-    dist_eval: bool = False
-    seed: int = 0
-    color_jitter: float = 0.4
-    hflip: float = 0.5
-    aa: str = "rand-m9-mstd0.5-inc1"
-    train_interpolation: str = "bicubic"
-    reprob: float = 0.25
-    remode: str = "pixel"
-    recount: int = 1
-    crop_pct: Optional[float] = None
-    inception_mean_std: bool = False
+    data_set: str
+    data_path: str
+    input_size: int
+    batch_size: int
+    num_workers: int
+    pin_memory: bool
+    repeated_aug: bool
+    dist_eval: bool
+    seed: int
+    color_jitter: float
+    hflip: float
+    aa: str
+    train_interpolation: str
+    reprob: float
+    remode: str
+    recount: int
+    crop_pct: Optional[float]
+    inception_mean_std: bool
 
 
 @dataclass(frozen=True)
@@ -76,13 +72,13 @@ class MixupConfig:
     """timm's Mixup/CutMix settings (`--mixup --cutmix --cutmix-minmax --mixup-prob --mixup-switch-prob
     --mixup-mode`) and the label smoothing of the soft targets (`--smoothing`)."""
 
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    cutmix_minmax: Optional[Tuple[float, float]] = None
-    prob: float = 1.0
-    switch_prob: float = 0.5
-    mode: str = "batch"
-    smoothing: float = 0.1
+    mixup: float
+    cutmix: float
+    cutmix_minmax: Optional[Tuple[float, float]]
+    prob: float
+    switch_prob: float
+    mode: str
+    smoothing: float
 
     @property
     def active(self) -> bool:
@@ -127,7 +123,7 @@ def _make_posterize_safe(transform) -> None:
 
 
 def build_transform(is_train: bool, cfg: DataConfig) -> Callable:
-    """DeiT's transforms: timm's `create_transform` for training, resize + centre crop for evaluation.
+    """DeiT's transforms, from timm's `create_transform`.
 
     Training: RandomResizedCrop (bicubic by default), flip, colour jitter / RandAugment
     (`--aa`), normalisation and random erasing (`--reprob --remode --recount`);
@@ -156,14 +152,8 @@ def build_transform(is_train: bool, cfg: DataConfig) -> Callable:
                 transforms.RandomCrop(size, padding=4),
             ])
         return transform
-    crop_pct = cfg.crop_pct or DEFAULT_CROP_PCT
-    resize = int(size / crop_pct) if size > SMALL_INPUT else size
-    return transforms.Compose([
-        transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+    return create_transform(input_size=size, is_training=False, interpolation="bicubic", mean=mean, std=std,
+                            crop_pct=1.0 if size <= SMALL_INPUT else cfg.crop_pct)  # timm's default: 224/256
 
 
 # ---------------------------------------------------------------------------
@@ -219,12 +209,12 @@ class DigitsDataset(Dataset):
 
 
 # ---------------------------------------------------------------------------
-# ImageFolder (IMNET), CIFAR-100, iNaturalist
+# ImageFolder (IMNET), CIFAR-100
 # ---------------------------------------------------------------------------
 
 def _class_folders(root: str) -> List[str]:
     if not os.path.isdir(root):
-        raise UserError(f"folder {root!r} not found (<data_set> IMNET expects train/ and val/ folders with one "
+        raise UserError(f"folder {root!r} not found (--data-set IMNET expects train/ and val/ folders with one "
                         f"sub-folder per class)", field="data_path")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
@@ -260,7 +250,7 @@ class ImageLoader:
 
 def _image_folder(data_path: str, is_train: bool, transform: Callable, what: str):
     if not data_path:
-        raise UserError("required for <data_set> IMNET (a folder with train/ and val/)", field="data_path")
+        raise UserError("required for --data-set IMNET (a folder with train/ and val/)", field="data_path")
     train_classes = _class_folders(os.path.join(data_path, "train"))
     root = os.path.join(data_path, "train" if is_train else "val")
     if not is_train:
@@ -281,76 +271,12 @@ def _image_folder(data_path: str, is_train: bool, transform: Callable, what: str
 
 def _cifar100(data_path: str, is_train: bool, transform: Callable):
     if not data_path:
-        raise UserError("required for <data_set> CIFAR (the folder holding cifar-100-python/)", field="data_path")
+        raise UserError("required for --data-set CIFAR (the folder holding cifar-100-python/)", field="data_path")
     try:
         return CIFAR100(data_path, train=is_train, transform=transform, download=False), 100
     except RuntimeError:
-        raise UserError(f"no CIFAR-100 in {data_path!r} (<data_set> CIFAR expects {data_path}/cifar-100-python/; "
+        raise UserError(f"no CIFAR-100 in {data_path!r} (--data-set CIFAR expects {data_path}/cifar-100-python/; "
                         f"nothing is downloaded)", field="data_path") from None
-
-
-class INatDataset(Dataset):
-    """iNaturalist 2018 / 2019 from the official json files, as DeiT reads it.
-
-    `{root}/train{year}.json`, `{root}/val{year}.json` (COCO-style `images` and
-    `annotations`) and `{root}/categories.json`. Labels are the distinct values of
-    the chosen taxonomy level (`--inat-category`), numbered in the order they first
-    appear among the training annotations (DeiT's numbering). Image paths are the
-    json `file_name`s relative to `root` (DeiT rebuilt them without the
-    super-category folder; the official archives keep it).
-
-    Args:
-        root: folder with the json files and the extracted images.
-        train: training or validation split.
-        year: 2018 or 2019.
-        category: taxonomy level, e.g. 'name' or 'genus'.
-        transform: applied to the PIL image.
-    """
-
-    def __init__(self, root: str, train: bool, year: int, category: str = "name",
-                 transform: Optional[Callable] = None, what: str = ""):
-        self.transform = transform
-        self.loader = ImageLoader(what or ("training set" if train else "validation set"))
-
-        def read(name: str):
-            path = os.path.join(root, name)
-            if not os.path.isfile(path):
-                raise UserError(f"{path!r} not found (<data_set> INAT{'' if year == 2018 else '19'} expects "
-                                f"train{year}.json, val{year}.json and categories.json)", field="data_path")
-            with open(path) as f:
-                return json.load(f)
-
-        categories = {int(c["id"]): c for c in read("categories.json")}
-        train_json = read(f"train{year}.json")
-        split_json = train_json if train else read(f"val{year}.json")
-
-        def level(category_id: int) -> str:
-            if category_id not in categories or category not in categories[category_id]:
-                raise UserError(f"categories.json has no {category!r} for category id {category_id}")
-            return categories[category_id][category]
-
-        label_of = {}
-        for ann in train_json["annotations"]:
-            label_of.setdefault(level(int(ann["category_id"])), len(label_of))
-        self.nb_classes = len(label_of)
-        category_of_image = {int(a["image_id"]): int(a["category_id"]) for a in split_json["annotations"]}
-        self.samples = []
-        for image in split_json["images"]:
-            name = level(category_of_image[int(image["id"])])
-            if name not in label_of:
-                raise UserError(f"validation {category} {name!r} never occurs in train{year}.json")
-            self.samples.append((os.path.join(root, image["file_name"]), label_of[name]))
-        self.targets = [t for _, t in self.samples]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, target = self.samples[index]
-        img = self.loader(path)
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, target
 
 
 def build_dataset(is_train: bool, cfg: DataConfig, what: Optional[str] = None) -> Tuple[Dataset, int]:
@@ -376,75 +302,31 @@ def build_dataset(is_train: bool, cfg: DataConfig, what: Optional[str] = None) -
         return _image_folder(cfg.data_path, is_train, transform, what)
     if name == "CIFAR":
         return _cifar100(cfg.data_path, is_train, transform)
-    if name in ("INAT", "INAT19"):
-        if not cfg.data_path:
-            raise UserError(f"required for <data_set> {name}", field="data_path")
-        dataset = INatDataset(cfg.data_path, train=is_train, year=2018 if name == "INAT" else 2019,
-                              category=cfg.inat_category, transform=transform, what=what)
-        return dataset, dataset.nb_classes
     if name == "DIGITS":
         return DigitsDataset(train=is_train, image_size=cfg.input_size, transform=transform), 10
-    raise UserError(f"{name!r} is not one of IMNET, CIFAR, INAT, INAT19, DIGITS", field="data_set")
+    raise UserError(f"{name!r} is not one of IMNET, CIFAR, DIGITS", field="data_set")
 
 
 # ---------------------------------------------------------------------------
 # Samplers and loaders
 # ---------------------------------------------------------------------------
 
-class RASampler(Sampler):
-    """Repeated-augmentation sampler (DeiT; Hoffer et al. 2020, Berman et al. 2019).
+class RASampler(RepeatAugSampler):
+    """timm's repeated-augmentation sampler (DeiT's RASampler), its shuffle seeded by `seed + epoch`.
 
-    Each epoch shuffles the indices (seeded by `seed + epoch`), repeats each index
-    `num_repeats` times in a row, pads by wrapping to a multiple of the replica
-    count and deals the list round-robin, so the copies of one image land on
-    different ranks (with different augmentations). Each rank then keeps only the
-    first `floor(len(dataset) // 256 * 256 / num_replicas)` indices, so an epoch
-    still shows about `len(dataset)` samples in total; when that rounding leaves
-    nothing (data sets under 256 images) it keeps `ceil(len(dataset) / num_replicas)`.
-
-    Args:
-        dataset: anything with `len`.
-        num_replicas: number of ranks (default: the process group's size).
-        rank: this rank (default: the process group's rank).
-        shuffle: shuffle before repeating.
-        num_repeats: copies of each index (DeiT: 3).
-        seed: added to the epoch for the shuffle (DeiT: 0).
-        selected_round: per-epoch total rounded down to a multiple of this (DeiT: 256).
+    Each index is repeated `num_repeats` times in a row and dealt round-robin, so the
+    copies of one image land on different ranks; a rank keeps
+    `len(dataset) // 256 * 256 / num_replicas` indices, or `ceil(len(dataset) / num_replicas)`
+    for data sets under 256 images. timm seeds with the epoch alone; `seed` adds `--seed`.
     """
 
-    def __init__(self, dataset: Sequence, num_replicas: Optional[int] = None, rank: Optional[int] = None,
-                 shuffle: bool = True, num_repeats: int = 3, seed: int = 0, selected_round: int = 256):
-        self.num_replicas = get_world_size() if num_replicas is None else num_replicas
-        self.rank = get_rank() if rank is None else rank
-        if not 0 <= self.rank < self.num_replicas:
-            raise ValueError(f"rank {self.rank} outside [0, {self.num_replicas})")
-        self.dataset_len = len(dataset)
-        self.shuffle = shuffle
-        self.num_repeats = num_repeats
+    def __init__(self, dataset: Sequence, num_replicas: int, rank: int, seed: int = 0, **kwargs):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, **kwargs)
         self.seed = seed
-        self.epoch = 0
-        self.num_samples = math.ceil(self.dataset_len * num_repeats / self.num_replicas)
-        self.total_size = self.num_samples * self.num_replicas
-        selected = self.dataset_len // selected_round * selected_round // self.num_replicas if selected_round else 0
-        self.num_selected_samples = selected or math.ceil(self.dataset_len / self.num_replicas)
-
-    def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.dataset_len, generator=g)
-        else:
-            order = torch.arange(self.dataset_len)
-        indices = torch.repeat_interleave(order, self.num_repeats).tolist()
-        indices += indices[: self.total_size - len(indices)]  # wrap-around padding
-        mine = indices[self.rank:self.total_size:self.num_replicas]
-        return iter(mine[: self.num_selected_samples])
-
-    def __len__(self) -> int:
-        return self.num_selected_samples
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch = self.seed + epoch
 
 
 class ShardSampler(Sampler):

@@ -26,12 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from models import arch_of, build_deploy_model, create_model, is_prunable
-from models.loading import _is_gate_key, timm_names
-from models.slicing import deploy_state_dict
-from pruning.deploy import recorded_arch
-from pruning.mask import PruneMask
-from utils import UserError, check_keys, load_torch_file, naming, state_dict_of
+from models import arch_of, create_model, is_prunable, load_pruned
+from models.loading import timm_names
+from utils import UserError, check_keys, load_torch_file, state_dict_of
 
 DISTILLATION_TYPES = ("none", "soft", "hard")
 
@@ -41,11 +38,11 @@ class DistillConfig:
     """Distillation settings (`--distillation-type --distillation-alpha --distillation-tau
     --teacher-model --teacher-path`); the teacher itself is built by `build_teacher`."""
 
-    type: str = "none"
-    alpha: float = 0.5
-    tau: float = 1.0
-    teacher_model: str = "regnety_160"
-    teacher_path: str = ""
+    type: str
+    alpha: float
+    tau: float
+    teacher_model: str
+    teacher_path: str
 
 
 class DistillationLoss(nn.Module):
@@ -76,7 +73,7 @@ class DistillationLoss(nn.Module):
                             field="distillation_type")
         if distillation_type != "none":
             if teacher is None:
-                raise UserError(f"{distillation_type} needs a teacher (<teacher_path>)", field="distillation_type")
+                raise UserError(f"{distillation_type} needs a teacher (--teacher-path)", field="distillation_type")
             if not 0.0 <= alpha <= 1.0:
                 raise UserError(f"must be in [0, 1], got {alpha}", field="distillation_alpha")
             if not tau > 0:
@@ -122,7 +119,7 @@ class DistillationLoss(nn.Module):
             teacher_outputs = (teacher_outputs[0] + teacher_outputs[1]) / 2
         if teacher_outputs.shape[-1] != outputs_kd.shape[-1]:
             raise UserError(f"the teacher predicts {teacher_outputs.shape[-1]} classes but the student "
-                            f"{outputs_kd.shape[-1]} (<teacher_model> / <teacher_path> vs the data set)")
+                            f"{outputs_kd.shape[-1]} (--teacher-model / --teacher-path vs the data set)")
         if self.distillation_type == "soft":
             tau = self.tau
             # DeiT: sum-reduced KL(teacher || student) at temperature tau, times tau^2, over numel
@@ -163,29 +160,21 @@ def _classifier_key(model: nn.Module) -> Optional[str]:
     return None
 
 
-def _plain_teacher(model_name: str, checkpoint, state: dict, num_classes: int, path: str):
-    """(teacher model, its state dict). Teachers are never gated: a prunable ViT name builds
-    the plain ViT (timm's key names); a gated checkpoint (main.py's) is sliced to its deploy
-    model and a fine-tuned pruned checkpoint (main_deploy.py's) gets its mask's structure
-    (and the input size the checkpoint records)."""
-    if not is_prunable(model_name):
-        return create_model(model_name, num_classes=num_classes), state
-    recorded = recorded_arch(checkpoint, path)  # our checkpoints record the input size they were made for
-    arch = arch_of(model_name, num_classes=num_classes, img_size=recorded.img_size if recorded else None)
-    mask = None
-    if any(_is_gate_key(k) for k in state):
-        mask = PruneMask.from_checkpoint(checkpoint, path)
-    elif isinstance(checkpoint, dict) and isinstance(checkpoint.get("mask"), dict):
-        mask = PruneMask.from_dict(checkpoint["mask"], path)
-    if mask is not None:
-        try:
-            mask.check_fits(arch)
-        except UserError as err:
-            raise UserError(f"{path!r} does not fit <teacher_model> {model_name}: {err}",
-                            field="teacher_path") from None
-        if any(_is_gate_key(k) for k in state):
-            return build_deploy_model(arch, mask), deploy_state_dict(mask, state, arch)
-    return build_deploy_model(arch, mask), state
+def _check_classes(path: str, classes: int, num_classes: int) -> None:
+    if classes != num_classes:
+        raise UserError(f"{path!r} predicts {classes} classes but the data set has {num_classes}")
+
+
+def _timm_teacher(model_name: str, path: str, num_classes: int, trust: bool) -> nn.Module:
+    """timm's model of `model_name` with the weights of `path` (class count and keys checked)."""
+    state = timm_names(state_dict_of(load_torch_file(path, "checkpoint", trust=trust), path))
+    teacher = create_model(model_name, num_classes=num_classes)
+    head_key = _classifier_key(teacher)
+    if head_key is not None and head_key in state:
+        _check_classes(path, state[head_key].shape[0], num_classes)
+    check_keys(state, teacher, path, target=f"--teacher-model {model_name}")
+    teacher.load_state_dict(state, strict=True)
+    return teacher
 
 
 def build_teacher(model_name: str, path: str, num_classes: int, device: torch.device,
@@ -193,8 +182,9 @@ def build_teacher(model_name: str, path: str, num_classes: int, device: torch.de
     """The distillation teacher: built by name, loaded from `path`, frozen, in eval mode, on `device`.
 
     Args:
-        model_name: any name `models.create_model` resolves (timm's `regnety_160`, a prunable ViT
-            name such as `deit_tiny_patch16_224`, built ungated: see `_plain_teacher`).
+        model_name: any name `models.create_model` resolves: timm's `regnety_160`, or a prunable ViT
+            name such as `deit_tiny_patch16_224`, whose teacher is the ungated deploy model that
+            `models.load_pruned` reads from `path` (plain weights, or a pruned checkpoint of this project).
         path: a state dict or `{'model': state_dict}` file.
         num_classes: the data set's class count; the teacher must predict as many.
         device: where the teacher runs.
@@ -206,16 +196,14 @@ def build_teacher(model_name: str, path: str, num_classes: int, device: torch.de
     """
     if not path:
         raise UserError("distillation needs the teacher's weights", field="teacher_path")
-    checkpoint = load_torch_file(path, "checkpoint", trust=trust, field="teacher_path")
-    with naming("teacher_path"):
-        state = timm_names(state_dict_of(checkpoint, path))  # DDP's `module.`, DeiT III's gamma_1/gamma_2
-        teacher, state = _plain_teacher(model_name, checkpoint, state, num_classes, path)
-    head_key = _classifier_key(teacher)
-    if head_key is not None and head_key in state and state[head_key].shape[0] != num_classes:
-        raise UserError(f"{path!r} predicts {state[head_key].shape[0]} classes but the data set has {num_classes}",
-                        field="teacher_path")
-    check_keys(state, teacher, path, target=f"<teacher_model> {model_name}", field="teacher_path")
-    teacher.load_state_dict(state, strict=True)
+    with UserError.about("teacher_path"):
+        if is_prunable(model_name):  # the (pruned or not) ViT its file describes, at the input size it records
+            teacher = load_pruned(path, arch_of(model_name, num_classes=num_classes), trust=trust,
+                                  classes_from_checkpoint=True, size_from_checkpoint=True,
+                                  target=f"--teacher-model {model_name}")
+            _check_classes(path, teacher.arch.num_classes, num_classes)
+        else:
+            teacher = _timm_teacher(model_name, path, num_classes, trust)
     teacher.to(device)
     teacher.eval()
     teacher.requires_grad_(False)

@@ -18,24 +18,22 @@ import torch
 
 from args import (WORLD_SIZE, DistributedConfig, ModelConfig, PruneConfig, ReferenceFlag, RunConfig,
                   add_augmentation_args, add_data_args, add_distributed_args, add_mixup_args, add_model_args,
-                  add_pruning_args, add_reference_group, add_run_args, check_common, command_line, data_config,
-                  error_text, init_distributed, mixup_config, model_config, prune_config, reference_warnings,
-                  run_config, script_entry)
-from datasets import DataConfig, MixupConfig, build_dataset, build_loaders, build_mixup
+                  add_pruning_args, add_reference_group, add_run_args, check_common, check_input_size, command_line,
+                  data_config, error_text, init_distributed, mixup_config, model_config, prune_config,
+                  reference_warnings, run_config, script_entry)
+from datasets import DataConfig, MixupConfig, build_dataset, build_loaders, build_mixup, mean_std
 from engine import evaluate
 from losses import build_base_criterion
-from models import arch_of, build_deploy_model, create_model, is_deploy_name
+from models import GatedViT, PruneMask, ViTArch, arch_of, build_deploy_model, is_deploy_name
 from models.loading import load_pretrained
-from pruning.deploy import deploy_structure
 from pruning.feed import feed_batches
 from pruning.flops import format_table, mask_macs, mask_params, ptflops_macs
 from pruning.importance import PruningScorer, all_reduce_state
-from pruning.mask import PruneMask
 from pruning.pickles import HESSIAN_FILE, criteria_filename, load_pickles, save_pickles
 from pruning.search import check_target_reachable, prune
 from pruning.selection import normalize_by_layer
 from utils import (Parser, UserError, atomic_copy, atomic_torch_save, atomic_write_json,
-                   cleanup_distributed, is_main_process, model_checkpoint, naming, prepare_output_dir,
+                   cleanup_distributed, is_main_process, model_checkpoint, prepare_output_dir,
                    refuse_to_clobber, set_seed, set_tf32, setup_logging)
 
 CHECKPOINT_NAME = "checkpoint_pruned_00.pth"
@@ -67,8 +65,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_pruning_flags(ns) -> None:
-    """main.py's own checks that need no file to be read."""
+def check_pruning_flags(ns) -> ViTArch:
+    """main.py's own checks that need no file to be read; returns the --model's architecture."""
     if ns.mask_aware_norm and not ns.eval:
         raise UserError("--mask_aware_norm is for --eval only: the pruning pass scores the gated model with the "
                         "reference's LayerNorm")
@@ -77,10 +75,11 @@ def check_pruning_flags(ns) -> None:
                         "resume fine-tuning with main_deploy.py --resume")
     if is_deploy_name(ns.model):
         raise UserError(f"--model {ns.model!r}: main.py prunes a gated model; drop the '_deploy' suffix")
-    with naming("model"):
-        arch_of(ns.model)  # one line for a model SAViT cannot prune, before any data is read
+    with UserError.about("model"):
+        arch = arch_of(ns.model)  # one line for a model SAViT cannot prune, before any data is read
     if ns.pruning_pickle_from and not os.path.isdir(ns.pruning_pickle_from):
         raise UserError(f"--pruning_pickle_from: not a directory: {ns.pruning_pickle_from!r}")
+    return arch
 
 
 @dataclass(frozen=True)
@@ -104,29 +103,28 @@ def settings(ns: argparse.Namespace, dist: DistributedConfig) -> PruneRun:
                     mixup=mixup_config(ns), prune=prune_config(ns), dist=dist, record={**vars(ns), **effective})
 
 
-def build_gated_model(cfg: PruneRun, num_classes: int):
-    model = create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.input_size,
-                         drop_rate=cfg.model.drop, drop_path_rate=cfg.model.drop_path,
-                         mask_aware_norm=cfg.prune.mask_aware_norm)
+def build_gated_model(cfg: PruneRun, arch: ViTArch, num_classes: int):
+    model = GatedViT(arch.with_options(num_classes=num_classes, drop_rate=cfg.model.drop,
+                                       drop_path_rate=cfg.model.drop_path), mask_aware_norm=cfg.prune.mask_aware_norm)
     if cfg.run.finetune:
-        with naming("finetune"):
+        with UserError.about("finetune"):
             load_pretrained(model, cfg.run.finetune, trust=cfg.run.trust_checkpoint)
     return model
 
 
 def score(cfg: PruneRun, model, dataset_train, num_classes: int, log):
     """The pruning pass: criteria dict and C (None in first-order mode)."""
-    p, data = cfg.prune, cfg.data
+    prune_cfg, data = cfg.prune, cfg.data
     mixup_fn = build_mixup(cfg.mixup, num_classes)
     criterion = build_base_criterion(mixup_fn is not None, cfg.mixup.smoothing)
-    batches, mine, total = feed_batches(dataset_train, data.batch_size, p.feed_percent, cfg.run.seed,
+    batches, mine, total = feed_batches(dataset_train, data.batch_size, prune_cfg.feed_percent, cfg.run.seed,
                                         cfg.dist.rank, cfg.dist.world_size, mixup_fn, data.num_workers,
                                         data.pin_memory)
-    log(f"pruning pass: {total} batches of {data.batch_size} ({p.feed_percent:.1%} of the training set), "
-        f"{mine} on this process; method {p.method}, interactions {'on' if p.need_hessian else 'off'}")
-    scorer = PruningScorer(model, criterion, method=p.method, need_hessian=p.need_hessian,
-                           hessian_embed=p.hessian_embed, seed=cfg.run.seed, micro_batch=p.micro_batch,
-                           estimator=p.hessian_estimator, hessian_blocks=p.hessian_blocks)
+    log(f"pruning pass: {total} batches of {data.batch_size} ({prune_cfg.feed_percent:.1%} of the training set), "
+        f"{mine} on this process; method {prune_cfg.method}, interactions {'on' if prune_cfg.need_hessian else 'off'}")
+    scorer = PruningScorer(model, criterion, method=prune_cfg.method, need_hessian=prune_cfg.need_hessian,
+                           hessian_embed=prune_cfg.hessian_embed, seed=cfg.run.seed, micro_batch=prune_cfg.micro_batch,
+                           estimator=prune_cfg.hessian_estimator, hessian_blocks=prune_cfg.hessian_blocks)
     model.eval()
     if mine:  # an error on one rank ends every rank (utils/job_guard.py)
         scorer.score_batches(batches, mine, first_index=cfg.dist.rank, index_stride=cfg.dist.world_size,
@@ -154,37 +152,38 @@ def write_outputs(cfg: PruneRun, model, mask, report, criteria, interactions, lo
     The checkpoint holds tensors and plain values only (it loads with `weights_only=True`);
     the mask records the model's class count and input size, so every tool counts the same.
     """
-    out, p = cfg.run.output_dir, cfg.prune
-    mask.for_model(model.arch.num_classes, model.arch.img_size)
-    if not p.pickle_from:
-        for path in save_pickles(out, p.method, criteria, interactions):
+    out, prune_cfg = cfg.run.output_dir, cfg.prune
+    mask = mask.for_model(model.arch.num_classes, model.arch.img_size)
+    if not prune_cfg.pickle_from:
+        for path in save_pickles(out, prune_cfg.method, criteria, interactions):
             log(f"wrote {path}")
     else:  # the new folder can serve as --pruning_pickle_from too
-        for path in copy_pickles(p.pickle_from, out, p.method):
-            log(f"copied {path} from {p.pickle_from}")
+        for path in copy_pickles(prune_cfg.pickle_from, out, prune_cfg.method):
+            log(f"copied {path} from {prune_cfg.pickle_from}")
     mask.save_json(os.path.join(out, MASK_NAME))
     atomic_write_json(report, os.path.join(out, REPORT_NAME))
     mask.apply_to(model)
+    model.normalization = dict(zip(("mean", "std"), mean_std(cfg.data.inception_mean_std)))
     atomic_torch_save(model_checkpoint(model, mask, cfg.record), os.path.join(out, CHECKPOINT_NAME))
     log(f"wrote {os.path.join(out, CHECKPOINT_NAME)} (gated model, 0/1 gates) and {os.path.join(out, MASK_NAME)}")
 
 
 def run_pruning(cfg: PruneRun, model, dataset_train, num_classes, device, log, pickles=None) -> None:
     """Score (or take `pickles`: (criteria, C) read by --pruning_pickle_from), search, report, write."""
-    arch, p = model.arch, cfg.prune
+    arch, prune_cfg = model.arch, cfg.prune
     if pickles is not None:
-        log(f"criteria and interactions read from {p.pickle_from}: no data pass")
+        log(f"criteria and interactions read from {prune_cfg.pickle_from}: no data pass")
         criteria, interactions = pickles
     else:
         criteria, interactions = score(cfg, model, dataset_train, num_classes, log)
-    if p.normalize_by_layer:
-        criteria = normalize_by_layer(criteria, p.normalize_type)
-    mask, report = prune(criteria, interactions, arch, p.search, model_name=cfg.model.name)
+    if prune_cfg.normalize_by_layer:
+        criteria = normalize_by_layer(criteria, prune_cfg.normalize_type)
+    mask, report = prune(criteria, interactions, arch, prune_cfg.search, model_name=cfg.model.name)
     if interactions is not None:
         log("interaction matrix C (heads, mlp, embed):\n" + "\n".join(
             "  " + "  ".join(f"{v:+.4e}" for v in row) for row in interactions.tolist()))
     log(f"search: {json.dumps(report.get('search', {}))}")
-    for line in mask.summary_lines()[:3] if p.silent else mask.summary_lines():
+    for line in mask.summary_lines()[:3] if prune_cfg.silent else mask.summary_lines():
         log(line)
     for line in format_table(arch, mask):
         log(line)
@@ -197,8 +196,8 @@ def run_pruning(cfg: PruneRun, model, dataset_train, num_classes, device, log, p
     report["deploy_ptflops_macs"] = counted["total"]
     report["deploy_params"] = counted["params"]
     report["achieved_reduction_deploy"] = achieved
-    report["deploy_structure"] = deploy_structure(mask)
-    log(f"FLOPs reduction (deploy model, ptflops): {achieved:.4%} (target {p.flops_percentage:.4%}); "
+    report["deploy_structure"] = mask.structure()
+    log(f"FLOPs reduction (deploy model, ptflops): {achieved:.4%} (target {prune_cfg.flops_percentage:.4%}); "
         f"GMACs {before / 1e9:.3f} -> {counted['total'] / 1e9:.3f}; params {counted['params'] / 1e6:.3f} M")
     if cfg.run.output_dir:
         write_outputs(cfg, model, mask, report, criteria, interactions, log)
@@ -208,26 +207,28 @@ def run_pruning(cfg: PruneRun, model, dataset_train, num_classes, device, log, p
 def main(ns: argparse.Namespace) -> None:
     # every input is checked before anything is written: a bad flag, file or data folder
     # leaves --output_dir untouched (the parser has checked each flag's range)
-    check_pruning_flags(ns)
+    arch = check_pruning_flags(ns)
+    check_input_size(ns, arch)
     check_common(ns)
     cfg = settings(ns, init_distributed(ns))
-    run, p = cfg.run, cfg.prune
+    run, prune_cfg = cfg.run, cfg.prune
     device = torch.device(run.device)
     tf32_line = set_tf32(run.tf32)  # explicitly: a global TF32 setting of the caller must not leak into the scores
     set_seed(run.seed)
-    arch = arch_of(cfg.model.name, img_size=cfg.model.input_size)
+    arch = arch.with_options(img_size=cfg.model.input_size)
     prune_now = not run.eval
     pickles = None
     if prune_now:  # before any data is read
-        check_target_reachable(arch, p.flops_percentage, p.layers, p.search.protect, p.search.round_to)
-        if p.pickle_from:
-            pickles = load_pickles(p.pickle_from, p.method, arch, p.need_hessian)
+        check_target_reachable(arch, prune_cfg.flops_percentage, prune_cfg.layers, prune_cfg.search.protect,
+                               prune_cfg.search.round_to)
+        if prune_cfg.pickle_from:
+            pickles = load_pickles(prune_cfg.pickle_from, prune_cfg.method, arch, prune_cfg.need_hessian)
     dataset_train = dataset_val = num_classes = None
     if prune_now and pickles is None:
         dataset_train, num_classes = build_dataset(True, cfg.data, what="training set while pruning")
     if run.eval or num_classes is None:  # from pickles the classifier size still comes from the data
         dataset_val, num_classes = build_dataset(False, cfg.data)
-    model = build_gated_model(cfg, num_classes).to(device)
+    model = build_gated_model(cfg, arch, num_classes).to(device)
 
     if prune_now:  # last check, before anything is written (--eval writes no checkpoint)
         refuse_to_clobber(run.output_dir, CHECKPOINT_NAME, resuming=False, overwrite=run.overwrite)
@@ -250,7 +251,7 @@ def main(ns: argparse.Namespace) -> None:
         if run.eval:
             _, loader_val = build_loaders(cfg.data, None, dataset_val, cfg.dist.distributed)
             stats = evaluate(loader_val, model, device, amp=run.amp, print_freq=run.log_period, print_fn=log)
-            log(f"accuracy of the gated model ({'mask-aware' if p.mask_aware_norm else 'reference'} LayerNorm) "
+            log(f"accuracy of the gated model ({'mask-aware' if prune_cfg.mask_aware_norm else 'reference'} LayerNorm) "
                 f"on {len(dataset_val)} images: top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%  "
                 f"loss {stats['loss']:.4f}")
         if prune_now:

@@ -22,18 +22,15 @@ from dataclasses import dataclass
 import torch
 
 from args import (WORLD_SIZE, DistributedConfig, ModelConfig, ReferenceFlag, RunConfig, add_fine_tuning_groups,
-                  add_reference_group, check_common, command_line, data_config, error_text, init_distributed,
-                  model_config, reference_warnings, run_config, script_entry, train_config)
-from datasets import DataConfig, build_dataset, build_loaders
+                  add_reference_group, check_common, check_input_size, command_line, data_config, error_text,
+                  init_distributed, model_config, reference_warnings, run_config, script_entry, train_config)
+from datasets import DataConfig, build_dataset, build_loaders, build_mixup, mean_std
 from engine import LAST_CHECKPOINT, TrainConfig, evaluate, fit, measure_throughput
 from losses import build_teacher
-from models import arch_of, build_deploy_model, gated_name_of, is_deploy_name
-from models.loading import load_pretrained
-from pruning.deploy import deploy_structure, load_masked_model
+from models import PruneMask, ViTArch, arch_of, build_deploy_model, gated_name_of, is_deploy_name, load_pruned
 from pruning.flops import ptflops_macs
-from pruning.mask import PruneMask
 from utils import (Parser, UserError, cleanup_distributed, is_main_process, load_resume_weights, load_torch_file,
-                   naming, prepare_output_dir, refuse_to_clobber, set_seed, set_tf32, setup_logging)
+                   prepare_output_dir, refuse_to_clobber, set_seed, set_tf32, setup_logging)
 
 CHECKPOINT_NAME = LAST_CHECKPOINT
 REFERENCE_FLAGS = [
@@ -65,19 +62,20 @@ def resolve_auto_resume(ns) -> str:
     return candidate if os.path.isfile(candidate) else ""
 
 
-def check_deploy_flags(ns, resume: str) -> None:
-    """Checks of main_deploy.py's own flags that need no file to be read."""
+def check_deploy_flags(ns, resume: str) -> ViTArch:
+    """Checks of main_deploy.py's own flags that need no file to be read; returns the --model's architecture."""
     if not is_deploy_name(ns.model):
         raise UserError(f"--model {ns.model!r}: main_deploy.py builds a deploy model; add the '_deploy' suffix "
                         f"(e.g. {ns.model}_deploy)")
-    with naming("model"):
-        arch_of(ns.model)  # one line for a model SAViT cannot prune, before any data is read
+    with UserError.about("model"):
+        arch = arch_of(ns.model)  # one line for a model SAViT cannot prune, before any data is read
     for flag, path in (("--resume", resume), ("--masked_model", ns.masked_model), ("--finetune", ns.finetune)):
         if path and not os.path.isfile(path):
             raise UserError(f"{flag}: file not found: {path!r}")
     if ns.masked_model and ns.finetune and not ns.masked_model.endswith(".json"):
         raise UserError(f"--finetune is read only with a mask JSON --masked_model, but {ns.masked_model!r} is a "
                         f"checkpoint that carries its own weights (drop --finetune or pass the mask JSON)")
+    return arch
 
 
 @dataclass(frozen=True)
@@ -108,24 +106,23 @@ def settings(ns: argparse.Namespace, dist: DistributedConfig, resume: str = "") 
 
 
 def build_student(cfg: DeployRun, arch, resume_checkpoint):
-    """(mask, deploy model) from --masked_model, --resume or --finetune (in that order of authority)."""
+    """(mask, deploy model) from --masked_model (+ --finetune), else --resume's mask, else --finetune's
+    weights (nothing pruned); the model records the run's input normalisation for its checkpoints."""
     run, name = cfg.run, cfg.model.name
-    if cfg.masked_model:
-        with naming("masked_model", f" (with <model> {name})"):  # the file may be fine, just not for this --model
-            mask, model = load_masked_model(arch, cfg.masked_model, run.finetune, trust=run.trust_checkpoint,
-                                            classes_from_checkpoint=cfg.throughput)
-    elif resume_checkpoint is not None and isinstance(resume_checkpoint.get("mask"), dict):
-        mask = PruneMask.from_dict(resume_checkpoint["mask"], source=run.resume)
-        with naming("resume", f" (with <model> {name})"):
-            mask.check_fits(arch)
-        model = build_deploy_model(arch, mask)
-    else:
-        mask = PruneMask.full(arch, model=gated_name_of(name))
-        model = build_deploy_model(arch)
-        if run.finetune:
-            with naming("finetune"):
-                load_pretrained(model, run.finetune, trust=run.trust_checkpoint)
+    if cfg.masked_model or resume_checkpoint is None or not isinstance(resume_checkpoint.get("mask"), dict):
+        with UserError.about("masked_model" if cfg.masked_model else "finetune"):
+            model = load_pruned(cfg.masked_model or None, arch, run.finetune or None, trust=run.trust_checkpoint,
+                                classes_from_checkpoint=cfg.throughput)
+        mask = model.mask
+        if mask is None:
+            raise UserError(f"{cfg.masked_model!r} records the pruned structure but not the mask: pass main.py's "
+                            f"checkpoint_pruned_00.pth or mask.json", field="masked_model")
+    else:  # the weights come with the rest of the training state (load_resume_weights)
+        with UserError.about("resume"):
+            mask = PruneMask.from_dict(resume_checkpoint["mask"], source=run.resume)
+            model = build_deploy_model(arch, mask)
     mask.model = mask.model or gated_name_of(name)
+    model.normalization = dict(zip(("mean", "std"), mean_std(cfg.data.inception_mean_std)))
     return mask, model
 
 
@@ -158,7 +155,7 @@ def log_complexity(model, arch, mask, log) -> dict:
     log(f"deploy model: {ours['total'] / 1e9:.4f} GMACs, {ours['params'] / 1e6:.3f} M params; "
         f"FLOPs reduction {1 - ours['total'] / full['total']:.2%}, params reduction {1 - ours['params'] / full['params']:.2%}")
     log(f"kept heads {kept['heads']}/{total['heads']}, MLP neurons {kept['mlp']}/{total['mlp']}, "
-        f"embedding channels {kept['embed']}/{total['embed']}; structure {json.dumps(deploy_structure(mask))}")
+        f"embedding channels {kept['embed']}/{total['embed']}; structure {json.dumps(mask.structure())}")
     return {"gmacs": ours["total"] / 1e9, "params": ours["params"], "gmacs_unpruned": full["total"] / 1e9}
 
 
@@ -178,9 +175,10 @@ def run_throughput(cfg: DeployRun, model, arch, complexity, device, log) -> None
 def main(ns: argparse.Namespace) -> None:
     # every input (flags, data, mask, weights, teacher, resume checkpoint) is checked before
     # anything is written: bad input leaves --output_dir untouched
-    check_common(ns)
     resume = resolve_auto_resume(ns)
-    check_deploy_flags(ns, resume)
+    arch = check_deploy_flags(ns, resume)
+    check_input_size(ns, arch)
+    check_common(ns)
     cfg = settings(ns, init_distributed(ns), resume)
     run = cfg.run
     device = torch.device(run.device)
@@ -189,8 +187,8 @@ def main(ns: argparse.Namespace) -> None:
     training = not (run.eval or cfg.throughput)
     dataset_val, num_classes = build_dataset(False, cfg.data) if not cfg.throughput else (None, None)
     dataset_train = build_dataset(True, cfg.data)[0] if training else None
-    arch = arch_of(cfg.model.name, img_size=cfg.model.input_size, num_classes=num_classes, drop_rate=cfg.model.drop,
-                   drop_path_rate=cfg.model.drop_path)
+    arch = arch.with_options(img_size=cfg.model.input_size, num_classes=num_classes, drop_rate=cfg.model.drop,
+                             drop_path_rate=cfg.model.drop_path)
     resume_checkpoint = (load_torch_file(run.resume, "checkpoint", trust=run.trust_checkpoint, field="resume")
                          if run.resume else None)
     if resume_checkpoint is not None and not isinstance(resume_checkpoint, dict):
@@ -209,7 +207,7 @@ def main(ns: argparse.Namespace) -> None:
 
     if training:  # last check, before anything is written
         refuse_to_clobber(run.output_dir, CHECKPOINT_NAME, resuming=bool(run.resume), overwrite=run.overwrite,
-                          how="resume it with <auto_resume> (or <resume> FILE), ")
+                          how="resume it with --auto_resume (or --resume FILE), ")
 
     logger = setup_logging(run.log_dir, "savit.deploy")
     log = logger.info
@@ -237,7 +235,8 @@ def main(ns: argparse.Namespace) -> None:
             log(f"accuracy of the deploy model on {len(dataset_val)} images: top-1 {stats['acc1']:.2f}%  "
                 f"top-5 {stats['acc5']:.2f}%  loss {stats['loss']:.4f}")
         else:
-            result = fit(cfg.train, model.to(device), mask, loader_train, loader_val, num_classes, device,
+            result = fit(cfg.train, model.to(device), mask, loader_train, loader_val,
+                         build_mixup(cfg.train.mixup, num_classes), device,
                          teacher=teacher, distributed=cfg.dist.distributed, resume_checkpoint=resume_checkpoint,
                          resume_path=run.resume, record=cfg.record, log=log,
                          epoch_fields={"n_parameters": complexity["params"], "gmacs": complexity["gmacs"]}

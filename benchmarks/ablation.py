@@ -20,7 +20,7 @@ Pipeline (every step through the project's own entry points):
   * per target t and seed s: main.py (1), (2) and (3) with `--seed s` (the seed draws the scoring
     batches, the interaction blocks and the search); the other masks are built here and saved as
     mask JSONs; the accuracy right after pruning is that of the deploy model
-    (`pruning.deploy.load_masked_model` + `engine.evaluate`: exact, mask-aware);
+    (`models.load_pruned` + `engine.evaluate`: exact, mask-aware);
   * every mask is fine-tuned by the same main_deploy.py command (the demo's step 3: hard
     distillation from the pretrained model, lr 8e-3, no warm-up, cosine) with `--seed s`; the
     reported accuracy is that of the LAST epoch (no selection on the validation set).
@@ -40,15 +40,11 @@ goes under `--output_dir`; copy the table to `logs/` to update the committed one
 import argparse
 import json
 import os
-import platform
-import shlex
-import shutil
-import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -56,20 +52,18 @@ import torch  # noqa: E402
 
 from benchmarks.ablation_report import (ESTIMATORS, METHODS, answer, interactions_table, paired_table,  # noqa: E402
                                         per_seed_table, summary_table, target_verdict)
-from datasets import DataConfig, build_dataset, build_loaders  # noqa: E402
+from benchmarks.common import (DEMO_MODEL, Runner, command_line, data_flags, environment, epochs_logged,  # noqa: E402
+                               pretrain, write_report)
+from args import data_config, defaults  # noqa: E402
+from datasets import build_dataset, build_loaders  # noqa: E402
 from engine import evaluate  # noqa: E402
-from models import arch_of  # noqa: E402
-from pruning.baselines import magnitude_criteria, pruned_counts, random_mask, uniform_mask  # noqa: E402
-from pruning.deploy import load_masked_model  # noqa: E402
+from models import PruneMask, arch_of, load_pruned  # noqa: E402
+from pruning.baselines import magnitude_criteria, pruned_counts, random_mask_with_counts, uniform_mask  # noqa: E402
 from pruning.flops import mask_macs  # noqa: E402
-from pruning.mask import PruneMask  # noqa: E402
 from pruning.pickles import load_pickles  # noqa: E402
 from pruning.search import SearchOptions, prune  # noqa: E402
-from utils import (Parser, UserError, atomic_write_json, atomic_write_text, cli_entry, load_torch_file,  # noqa: E402
-                   state_dict_of)
+from utils import Parser, UserError, atomic_write_json, cli_entry, load_torch_file, state_dict_of  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_MODEL = "deit_demo_patch8_32"
 # main.py's extra flags per SAViT estimator
 SAVIT_FLAGS = {"savit": ["--need_hessian"], "savit_rb": ["--need_hessian", "--hessian_estimator", "rb"]}
 
@@ -125,81 +119,6 @@ def check_args(args) -> None:
     args.data_flags = data_flags(args.data_set, args.data_path, args.input_size, args.batch_size)
 
 
-def data_flags(data_set: str = "DIGITS", data_path: str = "", input_size: int = 32,
-               batch_size: int = 64) -> List[str]:
-    """The demo's data and training flags (scripts/demo.sh), on the given data (default: the demo's)."""
-    where = ["--data-path", os.path.abspath(data_path)] if data_set == "IMNET" else []
-    return ["--data-set", data_set, *where, "--input-size", str(input_size), "--num_workers", "1",
-            "--batch-size", str(batch_size), "--aa", "", "--reprob", "0", "--mixup", "0", "--cutmix", "0",
-            "--hflip", "0", "--drop-path", "0.05", "--log_period", "100"]
-
-
-class Runner:
-    """Runs the project's entry points as subprocesses, output to `{dir}/run.out`; skips finished steps."""
-
-    def __init__(self, python: str):
-        self.python = python
-        self.env = dict(os.environ, OMP_NUM_THREADS="1")
-        self.start = time.time()
-        self.reused = 0  # steps found finished and skipped
-        self._lock = threading.Lock()
-
-    def say(self, message: str) -> None:
-        elapsed = int(time.time() - self.start)
-        print(f"[ablation {elapsed // 60:3d}:{elapsed % 60:02d}] {message}", flush=True)
-
-    def run(self, script: str, flags: List[str], out_dir: str, done: bool, what: str) -> None:
-        """Run `python script flags --output_dir out_dir` unless `done`; an unfinished folder is emptied first."""
-        if done:
-            self.say(f"{what}: done already ({out_dir})")
-            with self._lock:
-                self.reused += 1
-            return
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)  # a partial run of ours (log.txt would be appended to)
-        os.makedirs(out_dir)
-        cmd = [self.python, script, *flags, "--output_dir", out_dir]
-        self.say(f"{what}: {' '.join(shlex.quote(c) for c in cmd[1:])}")
-        t0 = time.time()
-        with open(os.path.join(out_dir, "run.out"), "w") as log:
-            rc = subprocess.call(cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        if rc != 0:
-            with open(os.path.join(out_dir, "run.out")) as log:
-                tail = log.read()[-3000:]
-            raise UserError(f"{what} failed (exit {rc}); end of {out_dir}/run.out:\n{tail}")
-        self.say(f"{what}: finished in {time.time() - t0:.0f} s")
-
-
-def epochs_logged(out_dir: str) -> List[dict]:
-    path = os.path.join(out_dir, "log.txt")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def pretrain(runner: Runner, pretrained: str, epochs: int, output_dir: str, model: str = DEMO_MODEL,
-             flags: Sequence[str] = ()) -> str:
-    """The demo's step 1 (main_deploy.py, no mask) unless `pretrained` exists; returns the checkpoint path.
-
-    `pretrained`: the file (trained into its folder when missing and named best_checkpoint.pth), or ""
-    for {output_dir}/pretrain; `flags`: the data flags (default: the demo's)."""
-    if pretrained and os.path.isfile(pretrained):
-        return os.path.abspath(pretrained)
-    if pretrained and os.path.basename(pretrained) != "best_checkpoint.pth":
-        raise UserError(f"--pretrained: file not found: {pretrained!r} (a missing file is trained only when it "
-                        f"is a main_deploy.py best_checkpoint.pth)")
-    out = os.path.dirname(os.path.abspath(pretrained)) if pretrained else os.path.join(output_dir, "pretrain")
-    ckpt = os.path.join(out, "best_checkpoint.pth")
-    if pretrained:
-        runner.say(f"--pretrained {pretrained} does not exist yet: training it (the demo's step 1)")
-    train = ["--model", f"{model}_deploy", *(flags or data_flags()), "--epochs", str(epochs),
-             "--lr", "1.6e-2", "--warmup-epochs", "3", "--cooldown-epochs", "0"]
-    done = os.path.isfile(ckpt) and len(epochs_logged(out)) == epochs
-    runner.run("main_deploy.py", train, out, done, f"pretrain {model} ({epochs} epochs)")
-    return ckpt
-
-
 class Unit:
     """One (target, seed): main.py's masks, the baselines' masks, their accuracy and their fine-tunes."""
 
@@ -238,7 +157,7 @@ class Unit:
             masks["magnitude"], _ = prune(magnitude_criteria(weights, arch), C, arch, options,
                                           model_name=self.args.model)
         if "random" in self.args.methods:
-            masks["random"] = random_mask(arch, counts, seed=self.seed, protect=True, model=self.args.model)
+            masks["random"] = random_mask_with_counts(arch, counts, seed=self.seed, protect=True, model=self.args.model)
         if "uniform" in self.args.methods:
             masks["uniform"], _ = uniform_mask(criteria, arch, self.target, protect=True, model=self.args.model)
         paths = {}
@@ -305,14 +224,14 @@ def describe_data(args, n_train: int, n_val: int, num_classes: int) -> str:
 
 def write_markdown(args, path: str, by_target: Dict[float, Dict[str, List[dict]]], interactions: Dict[float, list],
                    unpruned: float, data_text: str, arch, pretrained_from: str, wall: float, reused: int) -> None:
-    cmd = "python benchmarks/ablation.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    cmd = command_line(__file__)
     seeds = ", ".join(map(str, args.seeds))
     total = PruneMask.full(arch).total_counts()
     lines = [
         f"# Ablation of SAViT ({args.model}, FLOPs targets {', '.join(f'{t:.0%}' for t in sorted(by_target))})",
         "", "```", cmd, "```", "",
-        f"Written by `benchmarks/ablation.py` in {wall / 60:.1f} min of wall-clock on {platform.machine()} CPU "
-        f"({os.cpu_count()} cores, {args.jobs} unit(s) at once, one torch thread each, torch {torch.__version__})"
+        f"Written by `benchmarks/ablation.py` in {wall / 60:.1f} min of wall-clock on {environment()} "
+        f"({args.jobs} unit(s) at once, one torch thread each)"
         + (f"; {reused} finished step(s) of an earlier run were reused, their time is not included." if reused
            else "."),
         "",
@@ -364,16 +283,15 @@ def write_markdown(args, path: str, by_target: Dict[float, Dict[str, List[dict]]
         "(`pruning.baselines.magnitude_criteria`). C has no meaning for magnitudes, so the search runs with the C of "
         "the same seed's reference run: it swaps the unit criterion and keeps SAViT's allocation. Protection on.",
         "- **random**: the same number of heads, neurons and channels as the seed's reference SAViT mask, chosen "
-        "uniformly at random (`pruning.baselines.random_mask`), protection on, so the FLOPs equal SAViT's.",
+        "uniformly at random (`pruning.baselines.random_mask_with_counts`), protection on, so the FLOPs equal SAViT's.",
         "- **uniform**: one fraction r pruned from heads, neurons and channels alike, r by bisection on the exact MACs "
         "count (`pruning.baselines.uniform_mask`); units by the seed's method 2 criteria, protection on. r lands on "
         "a coarse grid when a component has few units: see the FLOPs column.",
         "",
         f"Every run's folder (main.py logs, masks, fine-tune logs and checkpoints) is under `{args.output_shown}/`; "
         f"the numbers above are also in `{args.output_shown}/results.json`.",
-        "",
     ]
-    atomic_write_text("\n".join(lines), path)
+    write_report(lines, path, say=False)
 
 
 @cli_entry
@@ -387,8 +305,8 @@ def main(args) -> None:
     runner = Runner(args.python)
     started = time.time()
 
-    data_cfg = DataConfig(data_set=args.data_set, data_path=args.data_path, input_size=args.input_size,
-                          batch_size=64, num_workers=0, repeated_aug=False)
+    data_cfg = data_config(defaults(data_set=args.data_set, data_path=args.data_path, input_size=args.input_size,
+                                    batch_size=64, num_workers=0, repeated_aug=False), device="cpu")
     dataset_val, num_classes = build_dataset(False, data_cfg)
     n_train = len(build_dataset(True, data_cfg)[0])
     arch = arch_of(args.model, num_classes=num_classes, img_size=args.input_size)
@@ -399,7 +317,7 @@ def main(args) -> None:
 
     def top1(mask_path: str) -> float:
         with eval_lock:  # one evaluation at a time; they are short
-            _, model = load_masked_model(arch, mask_path, pretrained)
+            model = load_pruned(mask_path, arch, pretrained)
             return evaluate(loader_val, model, torch.device("cpu"), amp=False, print_fn=lambda _: None)["acc1"]
 
     unpruned_mask = os.path.join(args.output_dir, "unpruned_mask.json")

@@ -9,6 +9,7 @@ import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import scipy.stats
 
 from pruning.mask import COMPONENTS
 
@@ -26,16 +27,12 @@ LABELS = {
 }
 STAGES = (("acc_pruned", "right after pruning"), ("acc_finetuned", "after fine-tune"))
 
-# t(0.975, df) for df = 1..30 (two-sided 95%); larger df use 1.96
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
-
 
 def t975(df: int) -> float:
+    """Student's t quantile t(0.975, df): the two-sided 95% interval's factor."""
     if df < 1:
         raise ValueError("a paired interval needs at least 2 seeds")
-    return _T975[df - 1] if df <= len(_T975) else 1.96
+    return float(scipy.stats.t.ppf(0.975, df))
 
 
 def mean_std(values: Sequence[float]) -> Tuple[float, float]:

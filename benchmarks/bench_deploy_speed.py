@@ -40,9 +40,7 @@ import ctypes.util
 import datetime
 import glob
 import os
-import platform
 import re
-import shlex
 import statistics
 import sys
 import tempfile
@@ -54,12 +52,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.common import call_seconds, command_line, environment, paired, write_report  # noqa: E402
 from engine import measure_throughput  # noqa: E402
 from models import arch_of, build_deploy_model, is_prunable  # noqa: E402
+from models.mask import PruneMask  # noqa: E402
 from pruning.export import DEFAULT_OPSET, export  # noqa: E402
 from pruning.flops import mask_macs, mask_params  # noqa: E402
-from pruning.mask import PruneMask  # noqa: E402
-from utils import Parser, UserError, atomic_write_text, cli_entry  # noqa: E402
+from utils import Parser, UserError, cli_entry  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODELS = "deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224"
@@ -193,17 +192,6 @@ def round_to_of(path: str) -> int:
     return int(found.group(1)) if found else 1
 
 
-def _cpu_seconds(call: Callable[[], None], iters: int, clock: str) -> List[float]:
-    """Seconds of each of `iters` calls: wall time, or this thread's CPU time (`clock` 'cpu')."""
-    now = time.perf_counter if clock == "wall" else time.thread_time
-    seconds = []
-    for _ in range(iters):
-        start = now()
-        call()
-        seconds.append(now() - start)
-    return seconds
-
-
 def torch_infer_rate(model: torch.nn.Module, images: torch.Tensor, warmup: int, iters: int, precision: str,
                      clock: str = "wall") -> float:
     """Images/s of inference (median over `iters` calls after `warmup` untimed ones).
@@ -217,21 +205,7 @@ def torch_infer_rate(model: torch.nn.Module, images: torch.Tensor, warmup: int, 
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             model(images)
 
-    for _ in range(warmup):
-        call()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        stream = torch.cuda.current_stream(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-        for start, end in events:
-            start.record(stream)
-            call()
-            end.record(stream)
-        torch.cuda.synchronize(device)
-        seconds = [start.elapsed_time(end) / 1e3 for start, end in events]
-    else:
-        seconds = _cpu_seconds(call, iters, clock)
-    return images.shape[0] / statistics.median(seconds)
+    return images.shape[0] / statistics.median(call_seconds(call, iters, warmup, clock, device))
 
 
 def train_rate(model: torch.nn.Module, batch_size: int, img_size: int, device: torch.device, warmup: int,
@@ -268,33 +242,8 @@ def ort_session(model: torch.nn.Module, arch, threads: int, path: str):
 
 def ort_infer_rate(session, images: np.ndarray, warmup: int, iters: int, clock: str = "wall") -> float:
     """Images/s of `session.run` (median over `iters` calls after `warmup` untimed ones)."""
-    def call() -> None:
-        session.run(None, {"images": images})
-
-    for _ in range(warmup):
-        call()
-    return images.shape[0] / statistics.median(_cpu_seconds(call, iters, clock))
-
-
-def paired(rate: Dict[str, Callable[[int], float]], rounds: int, warmup: int,
-           warm_every_round: bool = False) -> Dict[str, List[float]]:
-    """Images/s of both models, alternating A B / B A over `rounds` rounds.
-
-    Args:
-        rate: {'unpruned': f, 'pruned': f}, f(warmup) -> img/s of one round.
-        rounds: alternating rounds.
-        warmup: untimed calls before a model's first round (every round with `warm_every_round`).
-
-    Returns:
-        {'unpruned': [img/s per round], 'pruned': [...], 'ratio': [pruned / unpruned per round]}.
-    """
-    out: Dict[str, List[float]] = {"unpruned": [], "pruned": []}
-    for r in range(rounds):
-        order = ("unpruned", "pruned") if r % 2 == 0 else ("pruned", "unpruned")
-        for name in order:
-            out[name].append(rate[name](warmup if (r == 0 or warm_every_round) else 0))
-    out["ratio"] = [p / u for p, u in zip(out["pruned"], out["unpruned"])]
-    return out
+    seconds = call_seconds(lambda: session.run(None, {"images": images}), iters, warmup, clock)
+    return images.shape[0] / statistics.median(seconds)
 
 
 def measured_cpu_share(row: dict, cpu_used: float, threads: int) -> float:
@@ -312,10 +261,7 @@ def load_line() -> str:
 
 
 def device_line(device: torch.device, threads: int) -> str:
-    if device.type == "cuda":
-        return f"GPU {torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    return (f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, threads {threads}, "
-            f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})")
+    return f"{environment(device)}; torch threads {threads} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def fmt_range(values: List[float]) -> str:
@@ -571,14 +517,11 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     rows, warnings = run(args)
     total = time.perf_counter() - start
-    shown = sys.argv[1:] if argv is None else list(argv)
-    command = " ".join(["python", os.path.relpath(os.path.abspath(__file__), REPO)] + [shlex.quote(a) for a in shown])
-    text = render(args, rows, warnings, command, started, load_start, load_line(), total)
+    text = render(args, rows, warnings, command_line(__file__, argv), started, load_start, load_line(), total)
     print()
     print(text)
     if args.out:
-        atomic_write_text(text, args.out)
-        print(f"wrote {args.out}")
+        write_report([text.rstrip("\n")], args.out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import copy
 import os
 import statistics
 import sys
-import time
 from typing import Callable, Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.func import functional_call, grad, jvp, vmap  # noqa: E402
 
+from benchmarks.common import synced_clock as clock  # noqa: E402
 from models import create_model  # noqa: E402
 from pruning.importance import gates_only_grad  # noqa: E402
 from pruning.interactions import block_draw  # noqa: E402
@@ -88,11 +88,11 @@ class Bench:
         params = [p for p in self.model.parameters() if p not in set(self.gates)]
         for p in params:
             p.requires_grad_(True)
-        t0 = time.perf_counter()
+        t0 = clock()
         loss = self._loss()
-        t1 = time.perf_counter()
+        t1 = clock()
         loss.backward()
-        t2 = time.perf_counter()
+        t2 = clock()
         self.model.zero_grad(set_to_none=True)
         for p in params:
             p.requires_grad_(False)
@@ -106,37 +106,37 @@ class Bench:
 
     def _reverse(self, symmetric: bool):
         with gates_only_grad(self.model) as gates:
-            t0 = time.perf_counter()
+            t0 = clock()
             loss = self._loss()
-            t1 = time.perf_counter()
+            t1 = clock()
             grads = torch.autograd.grad(loss, gates, create_graph=True)
-            t2 = time.perf_counter()
+            t2 = clock()
             times, rows = {"forward": t1 - t0, "backward (create_graph)": t2 - t1}, []
             for i in range(3):
-                t = time.perf_counter()
+                t = clock()
                 wrt = [gates[j] for j in self.columns[i]]
                 if symmetric:  # heads and MLP rows: no embedding column; the embed row also reads block l
                     wrt = wrt[:2] if i < 2 else wrt + [gates[f] for f in self.firsts[:2]]
                 row = torch.autograd.grad(grads[self.firsts[i]].sum(), wrt, retain_graph=i < 2, allow_unused=True,
                                           materialize_grads=True)
                 rows.append([float(v.double().sum()) for v in row])
-                times[f"product {i} ({('heads', 'mlp', 'embed')[i]} row)"] = time.perf_counter() - t
+                times[f"product {i} ({('heads', 'mlp', 'embed')[i]} row)"] = clock() - t
         if symmetric:  # 1_i^T H 1_embed = 1_embed^T H 1_i
             rows = [rows[0] + [rows[2][3]], rows[1] + [rows[2][4]], rows[2][:3]]
         return times, rows
 
     def batched(self):
         with gates_only_grad(self.model) as gates:
-            t0 = time.perf_counter()
+            t0 = clock()
             grads = torch.autograd.grad(self._loss(), gates, create_graph=True)
-            t1 = time.perf_counter()
+            t1 = clock()
             union = sorted({j for cols in self.columns for j in cols})
             s = torch.stack([grads[f].sum() for f in self.firsts])
             out = torch.autograd.grad(s, [gates[j] for j in union], grad_outputs=torch.eye(3),
                                       is_grads_batched=True, allow_unused=True, materialize_grads=True)
             at = dict(zip(union, out))
             rows = [[float(at[j][i].double().sum()) for j in self.columns[i]] for i in range(3)]
-            return {"forward + backward (create_graph)": t1 - t0, "three products, batched": time.perf_counter() - t1}, rows
+            return {"forward + backward (create_graph)": t1 - t0, "three products, batched": clock() - t1}, rows
 
     def _functional(self):
         keys = self.gate_names
@@ -156,19 +156,19 @@ class Bench:
         times, rows = {}, []
         with torch.enable_grad():
             for i in range(3):
-                t = time.perf_counter()
+                t = clock()
                 _, hv = jvp(grad_fn, (values,), (tangent(self.firsts[i]),))
                 rows.append([float(hv[keys[j]].double().sum()) for j in self.columns[i]])
-                times[f"jvp {i}"] = time.perf_counter() - t
+                times[f"jvp {i}"] = clock() - t
         return times, rows
 
     def fwd_rev_v(self):
         keys, values, grad_fn, tangent = self._functional()
         tangents = {k: torch.stack([tangent(f)[k] for f in self.firsts]) for k in keys}
         with torch.enable_grad():
-            t = time.perf_counter()
+            t = clock()
             hv = vmap(lambda tt: jvp(grad_fn, (values,), (tt,))[1])(tangents)
-            elapsed = time.perf_counter() - t
+            elapsed = clock() - t
         rows = [[float(hv[keys[j]][i].double().sum()) for j in self.columns[i]] for i in range(3)]
         return {"three jvps, vmap": elapsed}, rows
 

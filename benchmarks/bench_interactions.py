@@ -1,7 +1,7 @@
 """Variance of the interaction matrix C over seeds: `--hessian_estimator reference|rb`, `--hessian_blocks K`.
 
 On the demo's data and model (DIGITS, deit_demo_patch8_32, its pretrained weights; trained here by
-the demo's step 1 through `benchmarks/ablation.py` unless `--pretrained` names a file), in-process,
+the demo's step 1 (`benchmarks.common.pretrain`, as `benchmarks/ablation.py` does) unless `--pretrained` names a file), in-process,
 method 2 with interactions, 1 torch thread:
 
 1. PruningScorer itself scores the first `--check_batches` batches of seed 0 with each estimator:
@@ -28,37 +28,40 @@ Everything goes under `--output_dir` (default output/bench_interactions), the ta
 import argparse
 import itertools
 import os
-import shlex
 import statistics
 import sys
 import time
 from typing import Dict, List, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import ablation  # noqa: E402  (the demo's step 1 and data flags)
-from args import data_config, mixup_config  # noqa: E402
+from benchmarks.common import (DEMO_MODEL, Runner, command_line, environment, markdown_table, pretrain,  # noqa: E402
+                               timed, write_report)
+from args import data_config, defaults, mixup_config  # noqa: E402
 from datasets import build_dataset, build_mixup  # noqa: E402
 from losses import build_base_criterion  # noqa: E402
-from main import get_args_parser  # noqa: E402
 from models import create_model  # noqa: E402
 from models.loading import load_pretrained  # noqa: E402
 from pruning.feed import feed_batches, num_feed_batches  # noqa: E402
 from pruning.importance import PruningScorer, gates_only_grad  # noqa: E402
-from pruning.interactions import block_draw, hvp_sums, interaction_normalisers  # noqa: E402
+from pruning.interactions import block_draw, hvp_sums  # noqa: E402
 from pruning.mask import COMPONENTS  # noqa: E402
 from pruning.search import SearchOptions, prune  # noqa: E402
-from utils import Parser, UserError, atomic_write_json, atomic_write_text, cli_entry, environment_line  # noqa: E402
+from utils import Parser, UserError, atomic_write_json, cli_entry  # noqa: E402
 
 ESTIMATORS = {"reference": ("reference", 1), "rb": ("rb", 1), "rb K=2": ("rb", 2), "rb K=4": ("rb", 4),
               "reference K=4": ("reference", 4)}  # the last: is it rb or the K draws that help?
 ENTRIES = [(i, j) for i in range(3) for j in range(i, 3)]  # what the search reads
 NAMES = ("H", "M", "E")  # heads, MLP, embedding
 MODES = ("seed", "draws")
+# main.py's configuration of the demo's step 2 (`benchmarks.common.data_flags`: batch 64 at 32 px, no
+# augmentation but the crop, no mixup)
+DATA = data_config(defaults(data_set="DIGITS", input_size=32, batch_size=64, num_workers=1, hflip=0.0, aa="",
+                            reprob=0.0), device="cpu")
+MIXUP = mixup_config(defaults(mixup=0.0, cutmix=0.0))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,17 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main_args(pretrained: str) -> argparse.Namespace:
-    """main.py's flags for the demo's step 2 (data flags of the demo, method 2, interactions)."""
-    return get_args_parser().parse_args(["--model", ablation.DEMO_MODEL, *ablation.data_flags(),
-                                         "--finetune", pretrained,
-                                         "--pruning_method", "2", "--need_hessian"])
-
-
-def load_batches(args, dataset, num_classes: int, seed: int, count: int) -> list:
+def load_batches(dataset, num_classes: int, seed: int, count: int) -> list:
     """The first `count` batches of the pass of `--seed seed` (any feed's batches are a prefix of these)."""
-    mixup_fn = build_mixup(mixup_config(args), num_classes)
-    batches, mine, _ = feed_batches(dataset, args.batch_size, 1.0, seed, 0, 1, mixup_fn, 0, False)
+    mixup_fn = build_mixup(MIXUP, num_classes)
+    batches, mine, _ = feed_batches(dataset, DATA.batch_size, 1.0, seed, 0, 1, mixup_fn, 0, False)
     return [b for _, b in zip(range(min(mine, count)), batches)]
 
 
@@ -156,10 +152,9 @@ def real_pass(model, criterion, batches: list, seed: int, name: str) -> dict:
                            hessian_blocks=blocks)
     wall, cpu = [], []
     for k, (images, targets) in enumerate(batches):
-        t0, c0 = time.perf_counter(), time.process_time()
-        scorer.score_batch(images, targets, k)
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+        _, w, c = timed(lambda: scorer.score_batch(images, targets, k))
+        wall.append(w)
+        cpu.append(c)
     criteria, C = scorer.finalize()
     return {"criteria": criteria, "C": C.numpy(), "wall": statistics.median(wall), "cpu": statistics.median(cpu)}
 
@@ -200,8 +195,8 @@ def write_markdown(args, path: str, results: dict, timing: dict, check_diff: dic
     lines = [
         "# Variance of the interaction matrix C over seeds: reference vs Rao-Blackwellised estimator", "",
         "```", command, "```", "",
-        f"Written by `benchmarks/bench_interactions.py` in {wall / 60:.1f} min on {environment_line()}.", "",
-        f"Demo model `{ablation.DEMO_MODEL}` (6 blocks), its pretrained weights ({args.pretrained_from}), "
+        f"Written by `benchmarks/bench_interactions.py` in {wall / 60:.1f} min on {environment()}.", "",
+        f"Demo model `{DEMO_MODEL}` (6 blocks), its pretrained weights ({args.pretrained_from}), "
         "DIGITS training set with the demo's data flags (batch 64), method 2 with interactions, "
         f"seeds 0..{args.seeds - 1}. "
         "Feeds and their batch counts: " + ", ".join(f"{f} -> {n}" for f, n in batches_of.items()) + ".", "",
@@ -243,14 +238,13 @@ def write_markdown(args, path: str, results: dict, timing: dict, check_diff: dic
                           + "; ".join(ratios) + "."]
             lines.append("")
     lines += ["## Time per batch (PruningScorer itself)", "",
-              f"Median over the first {args.check_batches} batches of seed 0, 1 torch thread, on a shared machine.", "",
-              "| estimator | Hessian-vector products | s/batch (wall) | s/batch (CPU) | CPU vs reference |",
-              "|---|---|---|---|---|"]
-    for name in args.estimators:
-        t = timing[name]
-        rel = f"{t['cpu'] / timing['reference']['cpu']:.2f}x" if "reference" in timing else "-"
-        lines.append(f"| {name} | {2 * ESTIMATORS[name][1] + 1} | {t['wall']:.3f} | {t['cpu']:.3f} | {rel} |")
-    atomic_write_text("\n".join(lines) + "\n", path)
+              f"Median over the first {args.check_batches} batches of seed 0, 1 torch thread, on a shared machine.", ""]
+    lines += markdown_table(
+        ["estimator", "Hessian-vector products", "s/batch (wall)", "s/batch (CPU)", "CPU vs reference"],
+        [[name, 2 * ESTIMATORS[name][1] + 1, f"{timing[name]['wall']:.3f}", f"{timing[name]['cpu']:.3f}",
+          f"{timing[name]['cpu'] / timing['reference']['cpu']:.2f}x" if "reference" in timing else "-"]
+         for name in args.estimators])
+    write_report(lines, path, say=False)
 
 
 @cli_entry
@@ -261,25 +255,24 @@ def main(args) -> None:
         raise UserError(f"--feeds and --seed_feeds must be in (0, 1], got {args.feeds} and {args.seed_feeds}")
     torch.set_num_threads(1)
     start = time.time()
-    command = "OMP_NUM_THREADS=1 python " + " ".join(shlex.quote(a) for a in sys.argv)
-    runner = ablation.Runner(sys.executable)
+    command = "OMP_NUM_THREADS=1 " + command_line(sys.argv[0])
+    runner = Runner(sys.executable)
     args.pretrained_from = (f"`--pretrained {args.pretrained}`" if args.pretrained else
                             f"the demo's step 1, {args.pretrain_epochs} epochs, best checkpoint")
-    pretrained = ablation.pretrain(runner, args.pretrained, args.pretrain_epochs, args.output_dir)
-    margs = main_args(pretrained)
-    dataset, num_classes = build_dataset(True, data_config(margs), what="training set")
-    mixup = mixup_config(margs)
-    criterion = build_base_criterion(build_mixup(mixup, num_classes) is not None, mixup.smoothing)
-    model = create_model(margs.model, num_classes=num_classes, img_size=margs.input_size)
+    pretrained = pretrain(runner, args.pretrained, args.pretrain_epochs, args.output_dir)
+    dataset, num_classes = build_dataset(True, DATA, what="training set")
+    criterion = build_base_criterion(build_mixup(MIXUP, num_classes) is not None, MIXUP.smoothing)
+    model = create_model(DEMO_MODEL, num_classes=num_classes, img_size=DATA.input_size)
     load_pretrained(model, pretrained)
     model.eval()
     arch, seeds = model.arch, list(range(args.seeds))
-    normalisers = interaction_normalisers(arch, margs.hessian_embed).numpy()
+    # main.py's default --hessian_embed: the scorer's own
+    normalisers = PruningScorer(model, criterion, method=2, need_hessian=True).normalisers.cpu().numpy()
     feeds = {"draws": sorted(args.feeds), "seed": sorted(args.seed_feeds)}
-    batches_of = {f: num_feed_batches(len(dataset), margs.batch_size, f) for f in sorted(set(args.feeds + args.seed_feeds))}
+    batches_of = {f: num_feed_batches(len(dataset), DATA.batch_size, f) for f in sorted(set(args.feeds + args.seed_feeds))}
 
     # 1. PruningScorer itself (time per batch) and the check that `estimate` reproduces its C
-    check = load_batches(margs, dataset, num_classes, 0, args.check_batches)
+    check = load_batches(dataset, num_classes, 0, args.check_batches)
     timing, check_diff = {}, {}
     for name in args.estimators:
         real = real_pass(model, criterion, check, 0, name)
@@ -294,7 +287,7 @@ def main(args) -> None:
     for mode in args.modes:
         prefixes = [batches_of[f] for f in feeds[mode]]
         for data_seed in ([0] if mode == "draws" else seeds):
-            batches = load_batches(margs, dataset, num_classes, data_seed, max(prefixes))
+            batches = load_batches(dataset, num_classes, data_seed, max(prefixes))
             Cs, criteria = pass_C(model, criterion, batches, seeds if mode == "draws" else [data_seed],
                                   args.estimators, prefixes, normalisers)
             for (seed, name, n), C in sorted(Cs.items()):

@@ -9,7 +9,8 @@ Variants, each in a fresh subprocess (so that its peak RSS is its own):
   (ours mb)   -- the same with `--micro-batch` (each batch in chunks; same results), when given.
 (b) and ours use the same block draws; their criteria (method 2) and C are compared.
 Variants run round-robin `--repeats` times (the machine may be shared): the table shows
-the fastest time and the median peak memory of each.
+the fastest time and the median peak memory of each. `--device cuda` runs them on the GPU
+(benchmarks/gpu_check.py's pruning pass) and also reports the peak GPU memory.
 
 Example (DeiT-S, steadiest on a shared machine with one thread):
     python benchmarks/bench_pruning_pass.py --model deit_small_patch16_224 --batch-size 8 --batches 3 \
@@ -24,7 +25,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from benchmarks.common import timed  # noqa: E402
 from models import create_model  # noqa: E402
 from pruning.importance import PruningScorer  # noqa: E402
 from pruning.interactions import block_draw, interaction_normalisers  # noqa: E402
@@ -56,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=0, help="also run ours with this micro-batch (0: no)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each variant, round-robin")
     p.add_argument("--variants", default="plain,ref,ours", help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -70,11 +72,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def make_batches(args, num_classes: int):
+def make_batches(args, num_classes: int, device: torch.device):
     g = torch.Generator().manual_seed(args.seed)
     n = args.warmup + args.batches
-    return [(torch.randn(args.batch_size, 3, args.input_size, args.input_size, generator=g),
-             torch.randint(0, num_classes, (args.batch_size,), generator=g)) for _ in range(n)]
+    return [(torch.randn(args.batch_size, 3, args.input_size, args.input_size, generator=g).to(device),
+             torch.randint(0, num_classes, (args.batch_size,), generator=g).to(device)) for _ in range(n)]
 
 
 def reference_style_batch(model: nn.Module, criterion, images, targets, batch_index: int, seed: int,
@@ -101,15 +103,18 @@ def reference_style_batch(model: nn.Module, criterion, images, targets, batch_in
         p.grad = None
 
 
-def worker(args) -> None:
+def measure(args) -> dict:
+    """Run variant `args.worker` in this process: seconds per timed batch (wall and process CPU), memory
+    and, but for 'plain', the criteria and C."""
     # (b) resets every .grad after each batch, which breaks the cycle this warning is about
     warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    model = create_model(args.model, img_size=args.input_size).eval()
+    model = create_model(args.model, img_size=args.input_size).eval().to(device)
     criterion = nn.CrossEntropyLoss()
-    batches = make_batches(args, model.arch.num_classes)
+    batches = make_batches(args, model.arch.num_classes, device)
     variant = args.worker
     if variant == "plain":
         for p in model.gate_parameters():
@@ -117,18 +122,14 @@ def worker(args) -> None:
     elif variant == "ref":
         for p in model.parameters():
             p.requires_grad_(True)
-        normalisers = interaction_normalisers(model.arch, args.hessian_embed)
-        shapes = criteria_shapes(model.arch)
-        sums = {c: torch.zeros(shapes[c], dtype=torch.float64) for c in COMPONENTS}
-        sums["C"] = torch.zeros(3, 3, dtype=torch.float64)
+        normalisers = interaction_normalisers(model.arch, args.hessian_embed).to(device)
+        shapes = dict(criteria_shapes(model.arch), C=(3, 3))
+        sums = {c: torch.zeros(shapes[c], dtype=torch.float64, device=device) for c in shapes}
     else:
         scorer = PruningScorer(model, criterion, method=2, need_hessian=True, hessian_embed=args.hessian_embed,
                                seed=args.seed, micro_batch=args.micro_batch if variant == "ours_mb" else None)
 
-    rss_start = current_rss_mb()
-    times, cpu_times = [], []
-    for k, (images, targets) in enumerate(batches):
-        start, cpu_start = time.perf_counter(), time.process_time()
+    def batch(k: int, images, targets) -> None:
         if variant == "plain":  # eval mode as the others; gates frozen, weights get .grad
             criterion(model(images), targets).backward()
             for p in model.parameters():
@@ -137,12 +138,20 @@ def worker(args) -> None:
             reference_style_batch(model, criterion, images, targets, k, args.seed, normalisers, sums)
         else:
             scorer.score_batch(images, targets, k)
+
+    rss_start = current_rss_mb()
+    times, cpu_times = [], []
+    for k, (images, targets) in enumerate(batches):
+        _, wall, cpu = timed(lambda: batch(k, images, targets))
         if k >= args.warmup:
-            times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
-    result = {"variant": variant, "s_per_batch": sum(times) / len(times),
+            times.append(wall)
+            cpu_times.append(cpu)
+    result = {"variant": variant, "times": times, "s_per_batch": sum(times) / len(times),
               "cpu_s_per_batch": sum(cpu_times) / len(cpu_times), "rss_start_mb": rss_start,
               "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        result["reserved_cuda_mb"] = torch.cuda.max_memory_reserved(device) / 2 ** 20
     if variant == "ref":
         n = len(batches)
         result["criteria"] = {c: (sums[c] / n).tolist() for c in COMPONENTS}
@@ -151,8 +160,7 @@ def worker(args) -> None:
         criteria, C = scorer.finalize()
         result["criteria"] = {c: v.tolist() for c, v in criteria.items()}
         result["C"] = C.tolist()
-    with open(args.result, "w") as f:
-        json.dump(result, f)
+    return result
 
 
 def run_variant(variant: str, argv) -> dict:
@@ -174,7 +182,8 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.worker:
-        worker(args)
+        with open(args.result, "w") as f:
+            json.dump(measure(args), f)
         return
     variants = [v for v in args.variants.split(",") if v]
     if args.micro_batch and "ours_mb" not in variants:
@@ -194,7 +203,8 @@ def main(argv=None) -> None:
                           pass_mb=passes[len(passes) // 2], peak_rss_mb=peaks[len(peaks) // 2])
     threads = next(iter(results.values()))["threads"]
     print(f"\n{args.model} at {args.input_size}, batch {args.batch_size}, {args.batches} timed batches "
-          f"(+{args.warmup} warm-up), CPU, {threads} threads, {args.repeats} run(s) each; "
+          f"(+{args.warmup} warm-up), {'CPU' if args.device == 'cpu' else args.device}, {threads} threads, "
+          f"{args.repeats} run(s) each; "
           f"pruning method 2 with interactions")
     print(f"{'variant':<30} {'s/batch':>9} {'CPU s/batch':>12} {'peak RSS MB':>12} {'pass peak MB':>13}")
     for v, r in results.items():

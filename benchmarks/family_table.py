@@ -18,10 +18,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.common import environment, markdown_row, markdown_table  # noqa: E402
 from models import arch_of, build_deploy_model, create_model  # noqa: E402
 from models.loading import adapt_state_dict  # noqa: E402
 from models.registry import TEST_CONFIGS, build_timm_test_model  # noqa: E402
-from pruning.baselines import random_mask  # noqa: E402
+from pruning.baselines import random_mask_with_counts  # noqa: E402
 from pruning.flops import mask_macs, ptflops_macs  # noqa: E402
 
 # family -> (tiny configurations, full-size timm names)
@@ -63,7 +64,7 @@ def randomized_timm_model(name: str, seed: int, scale: float) -> torch.nn.Module
     return model.eval()
 
 
-def row(family: str, name: str) -> str:
+def row(family: str, name: str) -> list:
     scale = 0.1 if name in TEST_CONFIGS else 0.02  # timm's init scale at full size
     reference = randomized_timm_model(name, seed=0, scale=scale)
     gated = create_model(name).eval()
@@ -79,25 +80,25 @@ def row(family: str, name: str) -> str:
         counted = ptflops_macs(build_deploy_model(arch, mask).eval(), arch)["total"]
         macs = (lambda v: f"{v / 1e9:.4f} G") if analytic >= 1e9 else (lambda v: f"{v / 1e6:.4f} M")
         cells.append(f"{macs(analytic)} / {macs(counted)} = {analytic / counted:.6f}")
-    return f"| {family} | {name} | {timm.__version__} | {diff:.2e} | {cells[0]} | {cells[1]} |"
+    return [family, name, timm.__version__, f"{diff:.2e}", *cells]
 
 
 def half_mask(arch):
     """A seeded random mask: half the heads and MLP neurons, a quarter of the embedding channels."""
     counts = {"heads": arch.depth * arch.num_heads // 2, "mlp": arch.depth * arch.mlp_hidden // 2,
               "embed": arch.embed_dim // 4}
-    return random_mask(arch, counts, seed=0)
+    return random_mask_with_counts(arch, counts, seed=0)
 
 
 def main() -> None:
     start = time.time()
-    print("| family | timm name | timm version | max abs logit diff, gated vs timm | MACs unpruned: analytic / "
-          "ptflops | MACs pruned (1/2 heads and neurons, 1/4 channels): analytic / ptflops |")
-    print("|---|---|---|---|---|---|")
+    print("\n".join(markdown_table(["family", "timm name", "timm version", "max abs logit diff, gated vs timm",
+                                    "MACs unpruned: analytic / ptflops",
+                                    "MACs pruned (1/2 heads and neurons, 1/4 channels): analytic / ptflops"], [])))
     for family, tiny, full in FAMILIES:
         for name in tiny + full:
-            print(row(family, name), flush=True)
-    print(f"\n({time.time() - start:.0f} s, torch {torch.__version__}, {torch.get_num_threads()} threads; random "
+            print(markdown_row(row(family, name)), flush=True)
+    print(f"\n({time.time() - start:.0f} s, {environment()}, {torch.get_num_threads()} threads; random "
           f"weights, 2 images, eval mode; MACs of one image)")
 
 

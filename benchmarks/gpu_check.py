@@ -1,9 +1,10 @@
-"""One GPU check in six steps, each with its own time budget, written as a markdown table.
+"""One GPU check in six steps, each with its own time budget, written as a markdown table: a driver
+over the tests, the benchmarks and main_deploy.py.
 
   1. cuda_tests      -- the tests that skip without CUDA (found in tests/ by their skipif), by node id;
-  2. pruning_pass    -- `PruningScorer` (method 2 with interactions, fp32, no scaler) of DeiT-B at
-                        batch 32 on random data: s/batch and peak memory, next to the reference's
-                        published 4.2 s/it and 18.7 GB on one GPU;
+  2. pruning_pass    -- benchmarks/bench_pruning_pass.py's pass ('ours': `PruningScorer`, method 2
+                        with interactions, fp32, no scaler) of DeiT-B at batch 32 on random data:
+                        s/batch and peak memory, next to the reference's 4.2 s/it and 18.7 GB on one GPU;
   3. deploy_training -- main_deploy.py under `torchrun --nproc_per_node 1` (nccl; gloo on CPU): DeiT-B
                         deploy from logs/masks' 50% mask (random weights), hard distillation from a
                         random DeiT-T, AMP, one epoch of a few batches of a random ImageFolder;
@@ -12,7 +13,8 @@
   5. two_ranks       -- step 3 under `torchrun --nproc_per_node 2` (nccl), when two GPUs are visible
                         (skipped otherwise; gloo on CPU);
   6. deploy_speed    -- inference images/s of the 50% deploy DeiT-B and of the unpruned one, batch 256
-                        and 1, fp32 and bf16 autocast, CUDA events after warm-up.
+                        and 1, fp32 and bf16 autocast (benchmarks/bench_deploy_speed.py's timing:
+                        CUDA events after warm-up).
 
 Steps 2 and 6 run in a subprocess of this script (`--worker STEP`; step 1 is pytest, steps 3-5
 torchrun), stopped when its budget is spent: a failing or hanging step still leaves the others' results. The table is
@@ -31,7 +33,6 @@ import glob
 import json
 import os
 import re
-import resource
 import shlex
 import signal
 import statistics
@@ -47,7 +48,8 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
-from utils import Parser, UserError, atomic_write_text, cli_entry, environment_line  # noqa: E402
+from benchmarks.common import command_line, environment, markdown_table, write_report  # noqa: E402
+from utils import Parser, UserError, cli_entry  # noqa: E402
 
 STEPS = ("cuda_tests", "pruning_pass", "deploy_training", "distilled_student", "two_ranks", "deploy_speed")
 TITLES = {"cuda_tests": "CUDA-only tests", "pruning_pass": "pruning pass",
@@ -186,7 +188,7 @@ def cuda_test_ids(tests_dir: str = os.path.join(REPO, "tests")) -> List[str]:
 
 def half_mask(arch):
     """The tiny check's mask: one head fewer and every other MLP neuron kept in each block."""
-    from pruning.mask import PruneMask
+    from models.mask import PruneMask
 
     mask = PruneMask.full(arch)
     mask.heads = [list(range(arch.num_heads - 1)) for _ in range(arch.depth)]
@@ -197,7 +199,7 @@ def half_mask(arch):
 def load_mask(cfg: dict):
     """The check's 50% mask (logs/masks for DeiT-B; `half_mask` for the tiny model) and its arch."""
     from models import arch_of
-    from pruning.mask import PruneMask
+    from models.mask import PruneMask
 
     arch = arch_of(cfg["model"])
     if cfg["mask"] is None:
@@ -205,11 +207,6 @@ def load_mask(cfg: dict):
     mask = PruneMask.load(cfg["mask"])
     mask.check_fits(arch)
     return mask, arch
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,38 +231,22 @@ def step_cuda_tests(args, cfg, timeout: float) -> dict:
 
 
 def worker_pruning_pass(args, cfg) -> dict:
-    import torch.nn as nn
+    """bench_pruning_pass.py's 'ours' variant on the check's model, batch and device."""
+    from benchmarks import bench_pruning_pass
 
-    from models import create_model
-    from pruning.importance import PruningScorer
-
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = create_model(cfg["model"], img_size=cfg["img"]).to(device)
-    scorer = PruningScorer(model, nn.CrossEntropyLoss(), method=2, need_hessian=True, seed=0)
-    g = torch.Generator().manual_seed(0)
     batch, warmup = cfg["prune_batch"], 1
-    times = []
-    for k in range(warmup + cfg["prune_batches"]):
-        images = torch.randn(batch, 3, cfg["img"], cfg["img"], generator=g)
-        targets = torch.randint(0, model.arch.num_classes, (batch,), generator=g)
-        sync(device)
-        start = time.perf_counter()
-        scorer.score_batch(images, targets, k)
-        sync(device)
-        if k >= warmup:
-            times.append(time.perf_counter() - start)
-        print(f"pruning pass batch {k + 1}/{warmup + cfg['prune_batches']}: {time.perf_counter() - start:.3f} s"
-              + (" (warm-up)" if k < warmup else ""), flush=True)
-    criteria, C = scorer.finalize()
-    finite = all(bool(torch.isfinite(v).all()) for v in criteria.values()) and bool(torch.isfinite(C).all())
-    s_per_batch = statistics.median(times)
-    if device.type == "cuda":
-        peak_gb = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    got = bench_pruning_pass.measure(bench_pruning_pass.parse_args(
+        ["--model", cfg["model"], "--input-size", str(cfg["img"]), "--batch-size", str(batch),
+         "--batches", str(cfg["prune_batches"]), "--warmup", str(warmup), "--device", args.device,
+         "--worker", "ours"]))
+    finite = all(bool(torch.isfinite(torch.tensor(v)).all()) for v in [*got["criteria"].values(), got["C"]])
+    s_per_batch = statistics.median(got["times"])
+    if "peak_cuda_mb" in got:
+        peak_gb = got["peak_cuda_mb"] / 2 ** 10
         memory = (f"peak {peak_gb:.2f} GB allocated (torch.cuda.max_memory_allocated), "
-                  f"{torch.cuda.max_memory_reserved(device) / 2 ** 30:.2f} GB reserved")
+                  f"{got['reserved_cuda_mb'] / 2 ** 10:.2f} GB reserved")
     else:
-        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+        peak_gb = got["peak_rss_mb"] / 2 ** 10
         memory = f"peak RSS {peak_gb:.2f} GB (whole process)"
     summary = f"{s_per_batch:.3f} s/batch, {memory}"
     if not args.tiny:
@@ -273,9 +254,9 @@ def worker_pruning_pass(args, cfg) -> dict:
         summary += (f"; reference: {ref_s} s/it, {ref_gb} GB (ours: {s_per_batch / ref_s:.2f}x the time, "
                     f"{peak_gb / ref_gb:.2f}x the memory)")
     details = [f"- model `{cfg['model']}` at {cfg['img']}, batch {batch}, random images and labels, "
-               f"{len(times)} timed batches after {warmup} warm-up (median)",
-               "- `pruning.importance.PruningScorer`: method 2 with the interaction matrix C, gates-only gradients, "
-               "criteria in fp32 (autocast off), no loss scaler",
+               f"{len(got['times'])} timed batches after {warmup} warm-up (median)",
+               "- `benchmarks/bench_pruning_pass.py` variant 'ours' (`pruning.importance.PruningScorer`): method 2 "
+               "with the interaction matrix C, gates-only gradients, criteria in fp32 (autocast off), no loss scaler",
                f"- {summary}",
                f"- criteria and C finite: {finite}"]
     return {"status": "passed" if finite else "failed: non-finite criteria or C", "summary": summary,
@@ -419,30 +400,9 @@ def step_two_ranks(args, cfg, timeout: float) -> dict:
                                 steps=cfg.get("extra_steps", cfg["train_steps"]))])
 
 
-def time_forward(net, batch: int, img: int, device: torch.device, bf16: bool, warmup: int, iters: int) -> float:
-    """Median seconds of one inference call on random input (CUDA events on GPU, perf_counter on CPU)."""
-    x = torch.randn(batch, 3, img, img, device=device)
-    times = []
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for _ in range(warmup):
-            net(x)
-        sync(device)
-        for _ in range(iters):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                net(x)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1000)
-            else:
-                start = time.perf_counter()
-                net(x)
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def worker_deploy_speed(args, cfg) -> dict:
+    """Inference img/s of the unpruned and the pruned deploy model, by bench_deploy_speed.py's timing."""
+    from benchmarks.bench_deploy_speed import torch_infer_rate
     from models import build_deploy_model
     from pruning.flops import mask_macs
 
@@ -455,28 +415,29 @@ def worker_deploy_speed(args, cfg) -> dict:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
     rows = []
-    for precision in ("fp32", "bf16 autocast"):
+    for precision, label in (("fp32", "fp32"), ("bf16", "bf16 autocast")):
         for batch in cfg["speed_batches"]:
-            ips = {name: batch / time_forward(net, batch, arch.img_size, device, precision != "fp32", cfg["warmup"],
-                                              cfg["iters"]) for name, net in nets.items()}
-            rows.append((precision, batch, ips["unpruned"], ips["pruned"], ips["pruned"] / ips["unpruned"]))
-            print(f"{where}, {precision}, batch {batch}: unpruned {ips['unpruned']:.1f} img/s, pruned "
-                  f"{ips['pruned']:.1f} img/s, speedup {rows[-1][4]:.2f}x (FLOPs ratio {flops_ratio:.2f}x)", flush=True)
-    ok = all(r[2] > 0 and r[3] > 0 for r in rows)
-    best = next(r for r in rows if r[0] == "bf16 autocast" and r[1] == max(cfg["speed_batches"]))
-    summary = (f"{where}: speedup {', '.join(f'{r[4]:.2f}x ({r[0]}, b{r[1]})' for r in rows)}; "
-               f"FLOPs ratio {flops_ratio:.2f}x; pruned {best[3]:.1f} img/s at bf16, batch {best[1]}")
-    clock = "CUDA events" if device.type == "cuda" else "perf_counter"
+            images = torch.randn(batch, 3, arch.img_size, arch.img_size, device=device)
+            ips = {name: torch_infer_rate(net, images, cfg["warmup"], cfg["iters"], precision)
+                   for name, net in nets.items()}
+            rows.append((where, label, batch, f"{ips['unpruned']:.1f}", f"{ips['pruned']:.1f}",
+                         f"{ips['pruned'] / ips['unpruned']:.2f}x", f"{flops_ratio:.2f}x"))
+            print(f"{where}, {label}, batch {batch}: unpruned {rows[-1][3]} img/s, pruned {rows[-1][4]} img/s, "
+                  f"speedup {rows[-1][5]} (FLOPs ratio {flops_ratio:.2f}x)", flush=True)
+    ok = all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+    best = next(r for r in rows if r[1] == "bf16 autocast" and r[2] == max(cfg["speed_batches"]))
+    summary = (f"{where}: speedup {', '.join(f'{r[5]} ({r[1]}, b{r[2]})' for r in rows)}; "
+               f"FLOPs ratio {flops_ratio:.2f}x; pruned {best[4]} img/s at bf16, batch {best[2]}")
+    clock = "CUDA events" if device.type == "cuda" else "wall clock"
     details = [f"- `{cfg['model']}_deploy` unpruned vs pruned by "
                f"`{os.path.relpath(cfg['mask'], REPO) if cfg['mask'] else 'half_mask (tiny)'}`, random weights, "
                f"input {arch.img_size} px; on {where}" + (f" (fp32 matmuls with TF32: {tf32})" if device.type == "cuda"
                                                            else ""),
-               f"- inference (`torch.inference_mode`), {cfg['warmup']} warm-up calls, median of {cfg['iters']} timed "
-               f"calls ({clock}); bf16 autocast = `torch.autocast({device.type!r}, dtype=torch.bfloat16)`", "",
-               "| device | precision | batch | unpruned img/s | pruned img/s | speedup | FLOPs ratio |",
-               "|---|---|---|---|---|---|---|"]
-    details += [f"| {where} | {p} | {b} | {u:.1f} | {q:.1f} | {s:.2f}x | {flops_ratio:.2f}x |"
-                for p, b, u, q, s in rows]
+               f"- inference (`torch.inference_mode`, `bench_deploy_speed.torch_infer_rate`), {cfg['warmup']} warm-up "
+               f"calls, median of {cfg['iters']} timed calls ({clock}); bf16 autocast = "
+               f"`torch.autocast({device.type!r}, dtype=torch.bfloat16)`", ""]
+    details += markdown_table(["device", "precision", "batch", "unpruned img/s", "pruned img/s", "speedup",
+                               "FLOPs ratio"], rows)
     return {"status": "passed" if ok else "failed: a throughput was not positive", "summary": summary,
             "details": details}
 
@@ -544,28 +505,25 @@ def run_steps(args, cfg, steps: Dict[str, Callable], on_result: Callable[[Dict[s
     return results
 
 
-def render(args, cfg, results: Dict[str, dict], command: str, started: str, took: float) -> str:
-    device = torch.device(args.device)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none (no CUDA)"
+def render(args, cfg, results: Dict[str, dict], command: str, started: str, took: float) -> List[str]:
+    """The markdown lines of the check: its environment, one table row per step, then each step's details."""
+    rows = []
+    for k, name in enumerate(STEPS, 1):
+        r = results.get(name)
+        rows.append([k, TITLES[name], "pending", "", ""] if r is None else
+                    [k, TITLES[name], r["status"], f"{r['seconds']:.1f}", r.get("summary", "").replace("|", "\\|")])
     lines = ["# GPU check", "", "Command:", "", f"    {command}", "",
              f"- date: {started}; took {took:.0f} s",
-             f"- environment: {environment_line()}; torch built for CUDA {torch.version.cuda}; GPU: {gpu}",
+             f"- environment: {environment(args.device)}",
              f"- check: {'tiny (`' + cfg['model'] + '`, automatic on CPU)' if args.tiny else 'full (DeiT-B)'}; "
              "each step in its own process with its own time budget"
              + ("; the tiny check's timings only show that each path runs (tiny models, few calls: noisy)"
-                if args.tiny else ""), "",
-             "| # | step | status | seconds | result |", "|---|---|---|---|---|"]
-    for k, name in enumerate(STEPS, 1):
-        r = results.get(name)
-        if r is None:
-            lines.append(f"| {k} | {TITLES[name]} | pending | | |")
-        else:
-            cell = r.get("summary", "").replace("|", "\\|")
-            lines.append(f"| {k} | {TITLES[name]} | {r['status']} | {r['seconds']:.1f} | {cell} |")
+                if args.tiny else ""), ""]
+    lines += markdown_table(["#", "step", "status", "seconds", "result"], rows)
     for k, name in enumerate(STEPS, 1):
         if results.get(name, {}).get("details"):
             lines += ["", f"## {k}. {TITLES[name]}", ""] + results[name]["details"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def worker_main(args) -> None:
@@ -582,19 +540,17 @@ def main(argv=None) -> None:
         worker_main(args)
         return
     cfg = settings(args.tiny)
-    shown = sys.argv[1:] if argv is None else list(argv)
-    launcher = os.environ.get("GPU_CHECK_LAUNCHER") or f"python {os.path.relpath(os.path.abspath(__file__), REPO)}"
-    command = " ".join([launcher] + [shlex.quote(a) for a in shown])
+    command = command_line(__file__, argv, os.environ.get("GPU_CHECK_LAUNCHER"))
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     start = time.monotonic()
     print(f"GPU check ({'tiny' if args.tiny else 'full'}) on {args.device}; table: {args.out}", flush=True)
 
     def write(results):
-        atomic_write_text(render(args, cfg, results, command, started, time.monotonic() - start), args.out)
+        write_report(render(args, cfg, results, command, started, time.monotonic() - start), args.out, say=False)
 
     signal.signal(signal.SIGTERM, _raise_stopped)
     results = run_steps(args, cfg, make_steps(), write)
-    print("\n" + render(args, cfg, results, command, started, time.monotonic() - start))
+    print("\n" + "\n".join(render(args, cfg, results, command, started, time.monotonic() - start)) + "\n")
     print(f"wrote {args.out}")
     failed = [n for n, r in results.items() if r["status"].startswith("failed")]
     if failed:

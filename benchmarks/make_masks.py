@@ -42,9 +42,9 @@ import numpy as np  # noqa: E402
 from models import arch_of  # noqa: E402
 from models.vit_arch import ViTArch  # noqa: E402
 from pruning.flops import mask_macs  # noqa: E402
-from pruning.mask import PruneMask  # noqa: E402
+from models.mask import PruneMask  # noqa: E402
 from pruning.pickles import load_pickles  # noqa: E402
-from pruning.search import ACCEPT_TOLERANCE, SearchOptions, _align, _Problem, check_round_to, prune  # noqa: E402
+from pruning.search import ACCEPT_TOLERANCE, OrderedCuts, SearchOptions, _align, check_round_to, prune  # noqa: E402
 from pruning.selection import component_orders, criteria_blocks, mask_from_orders, select_units  # noqa: E402
 from utils import Parser, UserError, atomic_write_text, cli_entry  # noqa: E402
 
@@ -133,8 +133,8 @@ def aligned_paper_mask(criteria: Dict[str, "np.ndarray"], arch: ViTArch, counts:
     blocks = criteria_blocks(criteria, arch)
     orders = component_orders(blocks, protect=True)
     target = reduction(mask_from_orders(arch, orders, counts, model), arch)
-    problem = _Problem(arch, orders, target, SearchOptions(flops_percentage=target).flops_threshold)
-    k = _align(problem, blocks, dict(counts), SearchOptions(flops_percentage=target, round_to=n))
+    cuts = OrderedCuts(arch, orders, target, SearchOptions(flops_percentage=target).flops_threshold)
+    k = _align(cuts, blocks, dict(counts), SearchOptions(flops_percentage=target, round_to=n))
     mask = mask_from_orders(arch, orders, k, model)
     mask.validate()
     got = reduction(mask, arch)

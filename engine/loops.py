@@ -42,8 +42,8 @@ def _flush_losses(pending: list, lrs: list, it: int, num_steps: int, epoch: int,
         local = [(first + k, v) for k, v in enumerate(values[1:]) if not math.isfinite(v)]
         where = (f"{local[0][1]} at epoch {epoch}, iteration {local[0][0]}/{num_steps}" if local else
                  f"non-finite on another process at epoch {epoch}, between iterations {first} and {it + 1}/{num_steps}")
-        raise NonFiniteLossError(f"the training loss is {where}; stopping (try a lower <lr>, a <clip_grad> or "
-                                 f"turning <amp> off)")
+        raise NonFiniteLossError(f"the training loss is {where}; stopping (try a lower --lr, a --clip-grad or "
+                                 f"turning --amp off)")
     for k, ((_, n), value, lr) in enumerate(zip(pending, values[1:], lrs)):
         metric_logger.update(n=n, loss=value)
         metric_logger.update(lr=lr)
@@ -109,7 +109,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     num_steps = len(data_loader)
     if num_steps == 0:
-        raise UserError("the training loader yields no batch (fewer samples per process than <batch_size>)")
+        raise UserError("the training loader yields no batch (fewer samples per process than --batch-size)")
     print_freq = max(1, int(print_freq))
     pending, lrs = [], []  # (loss on the device, batch size) and lr of each iteration since the last log point
     for it, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]")):

@@ -1,25 +1,29 @@
-"""`load_pruned`: the ready physically pruned ViT from one self-describing file, no flags.
+"""`load_pruned`: the one way from a file to a physically pruned ViT (a `DeployViT`).
 
-The file is main.py's `checkpoint_pruned_00.pth` (gated weights with 0/1 gates: sliced here),
-main_deploy.py's `checkpoint.pth` / `best_checkpoint.pth` (deploy weights) or its
-`best_checkpoint.safetensors` (deploy weights; architecture, structure and normalisation in the
-metadata). Torch files are read with `weights_only=True`: nothing in them can run code.
-Checkpoints written before `structure` was recorded rebuild it from their `mask`.
+It reads main.py's `checkpoint_pruned_00.pth` and the reference's gated checkpoints (gated
+weights with 0/1 gates: sliced here), main_deploy.py's `checkpoint.pth` / `best_checkpoint.pth`
+(deploy weights) and `best_checkpoint.safetensors` (deploy weights; architecture, structure and
+normalisation in the metadata), plain timm/DeiT weights (nothing pruned), and a mask JSON with
+the weights to slice. Checkpoints written before `structure` was recorded rebuild it from their
+`mask`. Unpruned-shape weights are checked against the gated model's keys and shapes on the
+meta device: no full-size model is allocated for the check.
 """
 import json
 import os
 import pickle
-from types import SimpleNamespace
+from dataclasses import replace
 from typing import Optional
 
 import torch
 
 from models.build import build_deploy_model
-from models.slicing import deploy_structure
+from models.loading import _is_gate_key, adapt_state_dict, timm_names
+from models.mask import PruneMask
+from models.slicing import deploy_state_dict
 from models.vit_arch import ViTArch
 from models.vit_deploy import DeployViT
 from models.vit_gated import GatedViT
-from utils import CHECKPOINT_FORMAT_VERSION, SAFETENSORS_FORMAT, UserError, check_keys
+from utils import CHECKPOINT_FORMAT_VERSION, SAFETENSORS_FORMAT, UserError, check_keys, load_torch_file, state_dict_of
 
 GATE_KEY = "res_gate.weight"  # present in gated weights only (the shared embedding gate)
 EXPECTED = "main.py's checkpoint_pruned_00.pth or main_deploy.py's checkpoint.pth / best_checkpoint.(pth|safetensors)"
@@ -30,22 +34,23 @@ def _first_line(err: BaseException) -> str:
     return text[:200] if text else type(err).__name__
 
 
-def _read_torch(path: str) -> dict:
+def _read_torch(path: str, trust: Optional[bool]):
+    """The object in a torch file (see `load_pruned` for `trust`)."""
+    if trust is not None:
+        return load_torch_file(path, "checkpoint", trust=trust)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # weights_only refused an object
         raise UserError(f"checkpoint {path!r} holds Python objects beyond tensors and plain containers "
                         f"({_first_line(err)}): it is not a checkpoint this project wrote") from None
     except Exception as err:  # zip, pickle and torch errors all mean "not a torch file"
         raise UserError(f"checkpoint {path!r} is not a readable torch file ({type(err).__name__}: "
                         f"{_first_line(err)})") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
-        raise UserError(f"checkpoint {path!r} has no 'model' entry: expected {EXPECTED}")
-    return checkpoint
 
 
-def _read_safetensors(path: str) -> dict:
-    """{'model': weights, and the metadata's entries decoded from JSON}."""
+def _read_safetensors(path: str, plain_ok: bool) -> dict:
+    """{'model': weights, and the metadata's entries decoded from JSON}; `plain_ok`: a file without
+    this project's metadata (timm's weights) gives its weights alone."""
     from safetensors import safe_open
 
     try:
@@ -56,6 +61,8 @@ def _read_safetensors(path: str) -> dict:
         raise UserError(f"{path!r} is not a readable safetensors file ({type(err).__name__}: "
                         f"{_first_line(err)})") from None
     if metadata.get("format") != SAFETENSORS_FORMAT:
+        if plain_ok:
+            return {"model": weights}
         raise UserError(f"{path!r}: its metadata has no \"format\": \"{SAFETENSORS_FORMAT}\": not a pruned model "
                         f"this project wrote (main_deploy.py --save_safetensors)")
     checkpoint = {"model": weights}
@@ -68,89 +75,154 @@ def _read_safetensors(path: str) -> dict:
     return checkpoint
 
 
-def _int_list(value, length: int, high: int, what: str) -> list:
-    if not isinstance(value, list) or len(value) != length or not all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= high for v in value):
-        raise UserError(f"{what}: expected {length} integers in [0, {high}]")
-    return value
+def _recorded_arch(checkpoint: dict, path: str) -> Optional[ViTArch]:
+    d = checkpoint.get("arch")
+    if not isinstance(d, dict):
+        return None
+    try:
+        return ViTArch.from_dict(d, f"checkpoint {path!r}")
+    except TypeError as err:
+        raise UserError(f"checkpoint {path!r}: malformed 'arch' entry ({err})") from None
 
 
-def _mask_lists(d, arch: ViTArch, path: str) -> SimpleNamespace:
-    """The kept-unit lists of a recorded mask, checked against `arch` (what the slicing reads)."""
-    where = f"checkpoint {path!r}: 'mask' entry"
-    if not isinstance(d, dict) or not all(isinstance(d.get(k), list) for k in ("heads", "mlp", "embed")):
-        raise UserError(f"{where} is malformed (expected lists 'heads', 'mlp', 'embed')")
-    if len(d["heads"]) != arch.depth or len(d["mlp"]) != arch.depth:
-        raise UserError(f"{where} does not have {arch.depth} blocks")
-    for name, lists, n in (("heads", d["heads"], arch.num_heads), ("mlp", d["mlp"], arch.mlp_hidden),
-                           ("embed", [d["embed"]], arch.embed_dim)):
-        for idx in lists:
-            ok = isinstance(idx, list) and all(isinstance(i, int) and 0 <= i < n for i in idx)
-            if not ok or idx != sorted(set(idx)):
-                raise UserError(f"{where}: '{name}' must hold sorted distinct indices in [0, {n})")
-    if not d["embed"]:
-        raise UserError(f"{where}: every embedding channel is pruned")
-    return SimpleNamespace(heads=d["heads"], mlp=d["mlp"], embed=d["embed"], depth=arch.depth,
-                           num_heads=arch.num_heads, head_dim=arch.head_dim)
+def _fitted_arch(arch: ViTArch, recorded: Optional[ViTArch], state: dict, path: str, classes_from_checkpoint: bool,
+                 size_from_checkpoint: bool) -> ViTArch:
+    """`arch` with the file's input size (when asked) and class count (checked, or taken when asked)."""
+    if recorded is not None and size_from_checkpoint:
+        arch = replace(arch, img_size=recorded.img_size)
+    head = state.get("head.weight")
+    classes = head.shape[0] if head is not None else (recorded.num_classes if recorded is not None else None)
+    if classes is None or classes == arch.num_classes:
+        return arch
+    if classes_from_checkpoint:
+        return replace(arch, num_classes=classes)
+    raise UserError(f"{path!r} was trained for {classes} classes but {arch.num_classes} are requested "
+                    f"(num_classes / the data set's class count)")
 
 
-def _structure(checkpoint: dict, arch: ViTArch, mask: Optional[SimpleNamespace], path: str) -> dict:
-    """The recorded structure (checked), or the mask's for files written before it was recorded."""
-    s = checkpoint.get("structure")
-    if s is None:  # written before the structure was recorded (the mask is there: checked by the caller)
-        return deploy_structure(mask)
-    where = f"checkpoint {path!r}: 'structure' entry"
-    if not isinstance(s, dict) or not isinstance(s.get("width"), int) or not 1 <= s["width"] <= arch.embed_dim:
-        raise UserError(f"{where} is malformed (expected 'width' in [1, {arch.embed_dim}], 'heads', 'hidden')")
-    structure = {"width": s["width"],
-                 "heads": _int_list(s.get("heads"), arch.depth, arch.num_heads, f"{where} 'heads'"),
-                 "hidden": _int_list(s.get("hidden"), arch.depth, arch.mlp_hidden, f"{where} 'hidden'")}
-    if mask is not None and deploy_structure(mask) != structure:
-        raise UserError(f"{where} differs from its 'mask' entry")
-    return structure
+def _fits(mask: PruneMask, arch: ViTArch, source: str, target: str) -> None:
+    try:
+        mask.check_fits(arch)
+    except UserError as err:
+        raise UserError(f"{source!r} does not fit {target}: {err}") from None
 
 
-def load_pruned(path: str) -> DeployViT:
-    """The physically pruned ViT (eval mode, on CPU) that a pruned file describes.
+def _sliced(state: dict, arch: ViTArch, mask: PruneMask, source: str, target: str) -> DeployViT:
+    """The deploy model of unpruned-shape weights (gated, or plain timm/DeiT) cut by `mask`: the
+    weights are adapted (`adapt_state_dict`) and checked against the gated model's keys and shapes."""
+    _fits(mask, arch, source, target)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # key names and shapes only
+        reference = GatedViT(arch)
+    sd = adapt_state_dict(state, reference, source)
+    check_keys(sd, reference, source, target=target)
+    fresh = {k for k, v in sd.items() if v.is_meta}  # absent gates, a classifier of another size
+    model = build_deploy_model(arch, mask)
+    sliced = deploy_state_dict(mask, {k: v for k, v in sd.items() if k not in fresh}, arch)
+    replaced = {k.rsplit(".", 1)[0] for k in fresh if not _is_gate_key(k)}  # keeps its initial weights
+    sliced.update({k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] in replaced})
+    model.load_state_dict(sliced, strict=True)
+    return model
 
-    Args:
-        path: main.py's checkpoint_pruned_00.pth, main_deploy.py's checkpoint.pth /
-            best_checkpoint.pth, or a .safetensors file from main_deploy.py --save_safetensors.
 
-    Returns:
-        the `DeployViT`; `model.arch` is the unpruned architecture (class count, image size),
-        `model.normalization` the recorded {'mean', 'std'} of its inputs (None when not recorded).
+def _deploy(checkpoint: dict, state: dict, arch: ViTArch, mask: Optional[PruneMask], path: str,
+            target: str) -> DeployViT:
+    """The deploy model of deploy weights: the mask's structure, or the recorded one."""
+    if mask is not None:
+        _fits(mask, arch, path, target)
+        model = build_deploy_model(arch, mask)
+    else:
+        s = checkpoint.get("structure")
+        try:
+            model = build_deploy_model(arch, structure={k: s[k] for k in ("width", "heads", "hidden")})
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"checkpoint {path!r}: malformed 'structure' entry ({type(err).__name__}: {err})") from None
+    check_keys(state, model, path, target=target)
+    model.load_state_dict(state, strict=True)
+    return model
 
-    Raises:
-        UserError: missing, unreadable or foreign file, or weights that do not fit the recorded model.
-    """
+
+def _from_checkpoint(path: str, arch: Optional[ViTArch], trust: Optional[bool], classes_from_checkpoint: bool,
+                     size_from_checkpoint: bool, target: str) -> DeployViT:
     if not path or not os.path.isfile(path):
         raise UserError(f"pruned model file not found: {path!r}")
-    checkpoint = _read_safetensors(path) if str(path).endswith(".safetensors") else _read_torch(path)
+    checkpoint = (_read_safetensors(path, plain_ok=arch is not None) if str(path).endswith(".safetensors")
+                  else _read_torch(path, trust))
+    if arch is None and not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)):
+        raise UserError(f"checkpoint {path!r} has no 'model' entry: expected {EXPECTED}")
+    state = state_dict_of(checkpoint, path)
+    checkpoint = checkpoint if isinstance(checkpoint, dict) and state is not checkpoint else {}  # beside the weights
+    state = timm_names(state)  # DDP's `module.`, DeiT III's gamma_1/gamma_2
     version = checkpoint.get("format_version", CHECKPOINT_FORMAT_VERSION)
     if isinstance(version, int) and version > CHECKPOINT_FORMAT_VERSION:
         raise UserError(f"checkpoint {path!r} has format version {version}; this code reads up to "
                         f"{CHECKPOINT_FORMAT_VERSION} (update the code)")
-    state_dict = checkpoint["model"]
-    gated = GATE_KEY in state_dict
-    # gated weights are sliced by the mask; deploy weights need the structure, or the mask it comes from
-    needed = ("arch",) if "structure" in checkpoint and not gated else ("mask", "arch")
-    missing = [k for k in needed if not isinstance(checkpoint.get(k), dict)]
-    if missing:
-        raise UserError(f"checkpoint {path!r} has no {'/'.join(repr(k) for k in missing)} entry: expected {EXPECTED}")
-    try:
-        arch = ViTArch.from_dict(checkpoint["arch"], f"checkpoint {path!r}")
-    except TypeError as err:
-        raise UserError(f"checkpoint {path!r}: malformed 'arch' entry ({err})") from None
-    mask = _mask_lists(checkpoint["mask"], arch, path) if "mask" in checkpoint else None
-    structure = _structure(checkpoint, arch, mask, path)
-    if gated:  # main.py's gated model: slice the kept heads, neurons and channels
-        check_keys(state_dict, GatedViT(arch), path)
-        model = build_deploy_model(arch, mask, weights=state_dict)
+    gated = GATE_KEY in state
+    if arch is None:  # the file must describe itself
+        needed = ("arch",) if "structure" in checkpoint and not gated else ("mask", "arch")
+        missing = [k for k in needed if not isinstance(checkpoint.get(k), dict)]
+        if missing:
+            raise UserError(f"checkpoint {path!r} has no {'/'.join(repr(k) for k in missing)} entry: "
+                            f"expected {EXPECTED}")
+    recorded = _recorded_arch(checkpoint, path)
+    arch = _fitted_arch(arch or recorded, recorded, state, path, classes_from_checkpoint, size_from_checkpoint)
+    mask = PruneMask.from_checkpoint(checkpoint or state, path) if gated or "mask" in checkpoint else None
+    if mask is not None and "structure" in checkpoint and checkpoint["structure"] != mask.structure():
+        raise UserError(f"checkpoint {path!r}: 'structure' entry differs from its 'mask' entry")
+    if gated:  # main.py's (or the reference's) gated model: slice the kept heads, neurons and channels
+        model = _sliced(state, arch, mask, path, target)
+    elif mask is None and "structure" not in checkpoint:  # plain ViT weights: nothing pruned
+        mask = PruneMask.full(arch)
+        model = _sliced(state, arch, mask, path, target)
     else:
-        model = build_deploy_model(arch, structure=structure)
-        check_keys(state_dict, model, path)
-        model.load_state_dict(state_dict, strict=True)
+        model = _deploy(checkpoint, state, arch, mask, path, target)
     norm = checkpoint.get("normalization")
     model.normalization = norm if isinstance(norm, dict) else None
+    model.mask = mask
+    return model
+
+
+def load_pruned(path: Optional[str], arch: Optional[ViTArch] = None, weights: Optional[str] = None, *,
+                trust: Optional[bool] = None, classes_from_checkpoint: bool = False,
+                size_from_checkpoint: bool = False, target: str = "the model") -> DeployViT:
+    """The physically pruned ViT (eval mode, on CPU) that a file describes.
+
+    Args:
+        path: a pruned file (see the module docstring); plain timm/DeiT weights (with `arch`:
+            nothing pruned); a mask JSON (with `arch` and `weights`); or None (with `arch`: the
+            unpruned model, with `weights` when given).
+        arch: the unpruned architecture the file must fit; None: the one the file records.
+        weights: with a mask JSON or no `path`, the gated or plain ViT weights to slice (starting
+            weights: pos_embed resampled to `arch`, a classifier of another size freshly initialised).
+        trust: True loads torch files that need full unpickling (--trust_checkpoint); False refuses
+            them, naming that flag; None (tools without it) refuses them as files this project did not write.
+        classes_from_checkpoint: the file's class count replaces `arch.num_classes` instead of being
+            checked against it.
+        size_from_checkpoint: the input size the file records replaces `arch.img_size`.
+        target: what the file must fit, as errors name it.
+
+    Returns:
+        the `DeployViT`; `model.arch` is the unpruned architecture (class count, image size),
+        `model.mask` the `PruneMask` (None when the file records only the structure),
+        `model.normalization` the recorded {'mean', 'std'} of its inputs (None when not recorded).
+
+    Raises:
+        UserError: missing, unreadable or foreign file, or weights that do not fit the model.
+    """
+    if path is not None and not str(path).endswith(".json"):
+        model = _from_checkpoint(path, arch, trust, classes_from_checkpoint, size_from_checkpoint, target)
+        return model.eval()
+    if path is not None and not weights:
+        raise UserError(f"{path!r} is a mask JSON: pass the weights to slice with --finetune")
+    if arch is None:
+        raise UserError(f"{path!r} is a mask JSON: the model's architecture must be given")
+    mask = PruneMask.full(arch) if path is None else PruneMask.load(path)
+    if weights:
+        state = state_dict_of(load_torch_file(weights, "weights", trust=bool(trust)), weights)
+        gates = PruneMask.from_gate_state_dict(state, source=weights) if path is None and GATE_KEY in state else None
+        if gates is not None and gates.kept_counts() != gates.total_counts():
+            raise UserError(f"{weights!r} holds a pruned gated model: pass it as the pruned model (--masked_model)")
+        model = _sliced(state, arch, mask, weights, target)
+    else:
+        model = build_deploy_model(arch, mask)
+    model.mask, model.normalization = mask, None
     return model.eval()

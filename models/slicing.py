@@ -1,37 +1,114 @@
 """Gated (or plain ViT) weights -> the weights of the physically smaller ViT (docs/METHOD.md
-sections 1 and 5): pure functions that slice tensors and touch no model.
-
-A mask here is anything with the lists `heads` (kept heads per block), `mlp` (kept neurons per
-block) and `embed` (kept channels) and the ints `depth`, `num_heads`, `head_dim`: a
-`pruning.mask.PruneMask`, or the lists a checkpoint records (`models.pruned`). Kept in `models`
-so that loading a pruned file needs nothing from `pruning`.
-"""
-from typing import Dict, Tuple
+sections 1 and 5): pure functions that slice tensors by a `PruneMask` and touch no model."""
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from models.mask import PruneMask
+from models.vit_arch import ViTArch
+
 Tensor = torch.Tensor
+PREFIX_TOKENS = ("cls_token", "dist_token", "reg_token")
 
 
-def _qkv_rows(heads, head_dim: int, num_heads: int) -> Tensor:
-    """Rows of the fused qkv projection that belong to `heads` (q block, k block, v block)."""
-    per_head = torch.arange(head_dim)
-    one = torch.cat([h * head_dim + per_head for h in heads]) if heads else torch.zeros(0, dtype=torch.long)
-    width = num_heads * head_dim
-    return torch.cat([one + s * width for s in range(3)])
-
-
-def _proj_cols(heads, head_dim: int) -> Tensor:
+def _head_columns(heads: List[int], head_dim: int) -> Tensor:
+    """Indices of the head-dim slices of `heads` in a (heads x head_dim) axis."""
     per_head = torch.arange(head_dim)
     return torch.cat([h * head_dim + per_head for h in heads]) if heads else torch.zeros(0, dtype=torch.long)
 
 
-def deploy_structure(mask) -> dict:
-    """Kept width, heads per block and MLP neurons per block: `DeployViT`'s keyword arguments."""
-    return {"width": len(mask.embed), "heads": [len(h) for h in mask.heads], "hidden": [len(m) for m in mask.mlp]}
+def _qkv_rows(heads: List[int], head_dim: int, num_heads: int) -> Tensor:
+    """Rows of the fused qkv projection that belong to `heads` (q block, k block, v block)."""
+    one = _head_columns(heads, head_dim)
+    return torch.cat([one + s * num_heads * head_dim for s in range(3)])
 
 
-def deploy_state_dict(mask, gated: Dict[str, Tensor], arch) -> Dict[str, Tensor]:
+class _Slicer:
+    """The sliced state dict, filled key by key from the unpruned one."""
+
+    def __init__(self, unpruned: Dict[str, Tensor]):
+        self.unpruned = unpruned
+        self.out: Dict[str, Tensor] = {}
+
+    def take(self, key: str, dim_index: Dict[int, Tensor], optional: bool = False) -> None:
+        if optional and key not in self.unpruned:
+            return
+        t = self.unpruned[key]
+        for dim, idx in dim_index.items():
+            t = t.index_select(dim, idx)
+        self.out[key] = t.clone()
+
+
+def _embedding(s: _Slicer, arch: ViTArch, e: Tensor) -> List[str]:
+    """Slice the patch embedding, prefix tokens, pos_embed and norm_pre; returns the keys that
+    write the embedding into the residual stream (where an emptied branch's constant can go)."""
+    s.take("patch_embed.proj.weight", {0: e})
+    s.take("patch_embed.proj.bias", {0: e}, optional=True)
+    for token in PREFIX_TOKENS:
+        s.take(token, {2: e}, optional=True)
+    s.take("pos_embed", {2: e})
+    if arch.pre_norm:
+        s.take("norm_pre.weight", {0: e})
+        s.take("norm_pre.bias", {0: e})
+        return ["norm_pre.bias"]
+    if arch.no_embed_class:  # the prefix tokens are not covered by pos_embed
+        return ["pos_embed"] + [t for t in PREFIX_TOKENS if t in s.unpruned]
+    return ["pos_embed"]
+
+
+def _attention(s: _Slicer, p: str, heads: List[int], mask: PruneMask, e: Tensor) -> None:
+    rows = _qkv_rows(heads, mask.head_dim, mask.num_heads)
+    s.take(p + "norm1.weight", {0: e})
+    s.take(p + "norm1.bias", {0: e})
+    s.take(p + "attn.qkv.weight", {0: rows, 1: e})
+    s.take(p + "attn.qkv.bias", {0: rows}, optional=True)
+    for norm in ("q_norm", "k_norm"):  # over the head dim: unchanged
+        s.take(p + f"attn.{norm}.weight", {}, optional=True)
+        s.take(p + f"attn.{norm}.bias", {}, optional=True)
+    s.take(p + "attn.proj.weight", {0: e, 1: _head_columns(heads, mask.head_dim)})
+    s.take(p + "attn.proj.bias", {0: e})
+    s.take(p + "ls1.gamma", {0: e}, optional=True)
+
+
+def _mlp(s: _Slicer, p: str, neurons: List[int], e: Tensor) -> None:
+    n = torch.tensor(neurons, dtype=torch.long)
+    s.take(p + "norm2.weight", {0: e})
+    s.take(p + "norm2.bias", {0: e})
+    s.take(p + "mlp.fc1.weight", {0: n, 1: e})
+    s.take(p + "mlp.fc1.bias", {0: n})
+    s.take(p + "mlp.fc2.weight", {0: e, 1: n})
+    s.take(p + "mlp.fc2.bias", {0: e})
+    s.take(p + "ls2.gamma", {0: e}, optional=True)
+
+
+def _branch_constant(unpruned: Dict[str, Tensor], bias_key: str, scale_key: str, e: Tensor) -> Tensor:
+    """What an emptied branch adds to the kept channels: its output bias, times its LayerScale."""
+    constant = unpruned[bias_key].index_select(0, e)
+    if scale_key in unpruned:
+        constant = constant * unpruned[scale_key].index_select(0, e)
+    return constant
+
+
+def _fold(out: Dict[str, Tensor], constant: Tensor, writer: Optional[Tuple[str, str]],
+          embedding_writers: List[str]) -> None:
+    """Add `constant` to the last writer of the residual stream: the embedding (`writer` None) or
+    the (bias key, LayerScale key) of the last kept branch (the bias gets constant / gamma)."""
+    if writer is None:
+        for key in embedding_writers:
+            out[key] = out[key] + constant.to(out[key].dtype).view(*([1] * (out[key].dim() - 1)), -1)
+        return
+    target, scale = writer
+    if scale in out:  # the writer adds gamma * (W h + b): add constant / gamma to b
+        gamma = out[scale].to(torch.float64)
+        if bool(((gamma == 0) & (constant != 0)).any()):
+            raise ValueError(f"cannot fold the constant of an emptied branch into {target}: "
+                             f"its LayerScale {scale} is zero where the constant is not")
+        safe = torch.where(gamma == 0, torch.ones_like(gamma), gamma)  # 0 / 0: nothing to add there
+        constant = torch.where(gamma == 0, torch.zeros_like(gamma), constant.to(torch.float64) / safe)
+    out[target] = out[target] + constant.to(out[target].dtype)
+
+
+def deploy_state_dict(mask: PruneMask, gated: Dict[str, Tensor], arch: ViTArch) -> Dict[str, Tensor]:
     """Slice a gated (or plain timm/DeiT) ViT state dict down to the kept heads, neurons and channels.
 
     Gate entries are dropped; every other tensor keeps its key. A block branch whose
@@ -44,90 +121,30 @@ def deploy_state_dict(mask, gated: Dict[str, Tensor], arch) -> Dict[str, Tensor]
     position embedding). Exact in eval mode, no extra layer.
 
     `arch` is the unpruned `ViTArch` (where the embedding ends: `pre_norm`, `no_embed_class`).
+    A classifier absent from `gated` is absent from the result.
     """
     e = torch.tensor(mask.embed, dtype=torch.long)
-    hd, H = mask.head_dim, mask.num_heads
-    out: Dict[str, Tensor] = {}
-
-    def take(key: str, dim_index: Dict[int, Tensor]) -> None:
-        t = gated[key]
-        for dim, idx in dim_index.items():
-            t = t.index_select(dim, idx)
-        out[key] = t.clone()
-
-    def take_if_present(key: str, dim_index: Dict[int, Tensor]) -> None:
-        if key in gated:
-            take(key, dim_index)
-
-    take("patch_embed.proj.weight", {0: e})
-    take_if_present("patch_embed.proj.bias", {0: e})
-    for token in ("cls_token", "dist_token", "reg_token"):
-        take_if_present(token, {2: e})
-    take("pos_embed", {2: e})
-    if arch.pre_norm:
-        take("norm_pre.weight", {0: e})
-        take("norm_pre.bias", {0: e})
-        embedding_writers = ["norm_pre.bias"]
-    elif arch.no_embed_class:  # the prefix tokens are not covered by pos_embed
-        embedding_writers = ["pos_embed"] + [t for t in ("cls_token", "dist_token", "reg_token") if t in gated]
-    else:
-        embedding_writers = ["pos_embed"]
-    writer: Tuple[str, ...] = ("embedding",)  # (bias key, LayerScale key or absent) of the last writer
-
-    def fold_constant(bias_key: str, scale_key: str) -> None:
-        constant = gated[bias_key].index_select(0, e)
-        if scale_key in gated:
-            constant = constant * gated[scale_key].index_select(0, e)
-        if writer == ("embedding",):
-            for key in embedding_writers:
-                out[key] = out[key] + constant.to(out[key].dtype).view(*([1] * (out[key].dim() - 1)), -1)
-            return
-        target, scale = writer
-        if scale in out:  # the writer adds gamma * (W h + b): add constant / gamma to b
-            gamma = out[scale].to(torch.float64)
-            if bool(((gamma == 0) & (constant != 0)).any()):
-                raise ValueError(f"cannot fold the constant of an emptied branch into {target}: "
-                                 f"its LayerScale {scale} is zero where the constant is not")
-            safe = torch.where(gamma == 0, torch.ones_like(gamma), gamma)  # 0 / 0: nothing to add there
-            constant = torch.where(gamma == 0, torch.zeros_like(gamma), constant.to(torch.float64) / safe)
-        out[target] = out[target] + constant.to(out[target].dtype)
-
+    s = _Slicer(gated)
+    embedding_writers = _embedding(s, arch, e)
+    writer: Optional[Tuple[str, str]] = None  # (bias key, LayerScale key) of the last kept branch
     for i in range(mask.depth):
         p = f"blocks.{i}."
         # in stream order: attention branch, then MLP branch
-        if not mask.heads[i]:
-            fold_constant(p + "attn.proj.bias", p + "ls1.gamma")
-        else:
-            rows = _qkv_rows(mask.heads[i], hd, H)
-            take(p + "norm1.weight", {0: e})
-            take(p + "norm1.bias", {0: e})
-            take(p + "attn.qkv.weight", {0: rows, 1: e})
-            take_if_present(p + "attn.qkv.bias", {0: rows})
-            for norm in ("q_norm", "k_norm"):  # over the head dim: unchanged
-                take_if_present(p + f"attn.{norm}.weight", {})
-                take_if_present(p + f"attn.{norm}.bias", {})
-            take(p + "attn.proj.weight", {0: e, 1: _proj_cols(mask.heads[i], hd)})
-            take(p + "attn.proj.bias", {0: e})
-            take_if_present(p + "ls1.gamma", {0: e})
+        if mask.heads[i]:
+            _attention(s, p, mask.heads[i], mask, e)
             writer = (p + "attn.proj.bias", p + "ls1.gamma")
-        if not mask.mlp[i]:
-            fold_constant(p + "mlp.fc2.bias", p + "ls2.gamma")
         else:
-            n = torch.tensor(mask.mlp[i], dtype=torch.long)
-            take(p + "norm2.weight", {0: e})
-            take(p + "norm2.bias", {0: e})
-            take(p + "mlp.fc1.weight", {0: n, 1: e})
-            take(p + "mlp.fc1.bias", {0: n})
-            take(p + "mlp.fc2.weight", {0: e, 1: n})
-            take(p + "mlp.fc2.bias", {0: e})
-            take_if_present(p + "ls2.gamma", {0: e})
+            _fold(s.out, _branch_constant(gated, p + "attn.proj.bias", p + "ls1.gamma", e), writer, embedding_writers)
+        if mask.mlp[i]:
+            _mlp(s, p, mask.mlp[i], e)
             writer = (p + "mlp.fc2.bias", p + "ls2.gamma")
+        else:
+            _fold(s.out, _branch_constant(gated, p + "mlp.fc2.bias", p + "ls2.gamma", e), writer, embedding_writers)
     for norm in ("norm", "fc_norm"):
-        take_if_present(norm + ".weight", {0: e})
-        take_if_present(norm + ".bias", {0: e})
+        s.take(norm + ".weight", {0: e}, optional=True)
+        s.take(norm + ".bias", {0: e}, optional=True)
     for head in ("head", "head_dist"):
         if head + ".weight" in gated:
-            take(head + ".weight", {1: e})
-            take(head + ".bias", {})
-    return out
-
+            s.take(head + ".weight", {1: e})
+            s.take(head + ".bias", {})
+    return s.out

@@ -139,16 +139,16 @@ def _exactly(module: nn.Module, cls: type) -> bool:
     return type(module) is cls
 
 
-def arch_from_timm(model: nn.Module, name: str) -> ViTArch:
-    """Read the `ViTArch` of a timm VisionTransformer; one-line UserError for anything else.
-
-    `model` may live on the meta device: only module types, shapes and plain attributes are read.
-    """
+def _refusal(name: str):
     def refuse(what: str) -> UserError:
         return UserError(f"model {name!r} is not supported: {what}. SAViT here prunes timm VisionTransformers "
                          f"built from the standard pre-norm Block (ViT, DeiT, DeiT III, register and avg-pool ViTs)")
 
-    distilled = _exactly(model, VisionTransformerDistilled)
+    return refuse
+
+
+def _check_stem_and_pooling(model: nn.Module, distilled: bool, refuse) -> None:
+    """The class, patch embedding, position embedding, pooling and final norm."""
     if not (distilled or _exactly(model, VisionTransformer)):
         raise refuse(f"its class is {type(model).__name__}, not timm's VisionTransformer")
     if not _exactly(model.patch_embed, PatchEmbed) or not isinstance(model.patch_embed.norm, nn.Identity):
@@ -165,63 +165,87 @@ def arch_from_timm(model: nn.Module, name: str) -> ViTArch:
         raise refuse("pooling that includes the prefix tokens")
     if distilled and (model.no_embed_class or model.num_reg_tokens):
         raise refuse("a distilled model with no_embed_class or register tokens")
-    fc_norm = not isinstance(model.fc_norm, nn.Identity)
-    if isinstance(model.norm, nn.Identity) == (not fc_norm):
+    if isinstance(model.norm, nn.Identity) == isinstance(model.fc_norm, nn.Identity):
         raise refuse("no final norm (final_norm=False)")
-    blocks = list(model.blocks)
-    first = blocks[0]
+
+
+def _check_block(where: str, b: nn.Module, first: nn.Module, embed_dim: int, refuse) -> None:
+    """Block `b` is timm's standard Block, of the same shape and options as block 0 (`first`)."""
+    if not _exactly(b, Block):
+        raise refuse(f"{where} is a {type(b).__name__}, not timm's standard Block")
+    if not _exactly(b.attn, Attention):
+        raise refuse(f"{where} attention is a {type(b.attn).__name__} (RoPE, differential, ... attention)")
+    if not _exactly(b.mlp, Mlp) or not _exactly(b.mlp.act, nn.GELU) or b.mlp.act.approximate != "none":
+        raise refuse(f"{where} MLP is a {type(b.mlp).__name__} with {type(getattr(b.mlp, 'act', None)).__name__}"
+                     f" (only Mlp with exact GELU is supported)")
+    if not isinstance(getattr(b.attn, "norm", nn.Identity()), nn.Identity) or \
+            not isinstance(getattr(b.mlp, "norm", nn.Identity()), nn.Identity):
+        raise refuse(f"{where} has a norm inside its attention or MLP (scale_attn_norm / scale_mlp_norm)")
+    if b.attn.proj.bias is None or b.mlp.fc1.bias is None or b.mlp.fc2.bias is None:
+        raise refuse(f"{where} has a projection without bias")
+    if b.attn.num_heads * b.attn.head_dim != embed_dim:
+        raise refuse(f"{where} attention width {b.attn.num_heads * b.attn.head_dim} is not the embedding width")
+    for ls in (b.ls1, b.ls2):
+        if not (isinstance(ls, nn.Identity) or _exactly(ls, LayerScale)):
+            raise refuse(f"{where} has a {type(ls).__name__} residual scale")
+
+    def options(block: nn.Module) -> tuple:
+        return (block.attn.num_heads, block.mlp.fc1.out_features, block.attn.qkv.bias is None, type(block.ls1),
+                type(block.attn.q_norm))
+
+    if options(b) != options(first):
+        raise refuse(f"{where} differs in shape or options from block 0")
+
+
+def _norm_eps(model: nn.Module, refuse) -> float:
+    """The one eps of every norm (each an affine LayerNorm with bias, or absent)."""
     norms = [model.norm_pre, model.norm, model.fc_norm]
-    for i, b in enumerate(blocks):
-        where = f"block {i}"
-        if not _exactly(b, Block):
-            raise refuse(f"{where} is a {type(b).__name__}, not timm's standard Block")
-        if not _exactly(b.attn, Attention):
-            raise refuse(f"{where} attention is a {type(b.attn).__name__} (RoPE, differential, ... attention)")
-        if not _exactly(b.mlp, Mlp) or not _exactly(b.mlp.act, nn.GELU) or b.mlp.act.approximate != "none":
-            raise refuse(f"{where} MLP is a {type(b.mlp).__name__} with {type(getattr(b.mlp, 'act', None)).__name__}"
-                         f" (only Mlp with exact GELU is supported)")
-        if not isinstance(getattr(b.attn, "norm", nn.Identity()), nn.Identity) or \
-                not isinstance(getattr(b.mlp, "norm", nn.Identity()), nn.Identity):
-            raise refuse(f"{where} has a norm inside its attention or MLP (scale_attn_norm / scale_mlp_norm)")
-        if b.attn.proj.bias is None or b.mlp.fc1.bias is None or b.mlp.fc2.bias is None:
-            raise refuse(f"{where} has a projection without bias")
-        if b.attn.num_heads * b.attn.head_dim != model.embed_dim:
-            raise refuse(f"{where} attention width {b.attn.num_heads * b.attn.head_dim} is not the embedding width")
-        for ls in (b.ls1, b.ls2):
-            if not (isinstance(ls, nn.Identity) or _exactly(ls, LayerScale)):
-                raise refuse(f"{where} has a {type(ls).__name__} residual scale")
-        same = (b.attn.num_heads, b.mlp.fc1.out_features, b.attn.qkv.bias is None, type(b.ls1), type(b.attn.q_norm))
-        if same != (first.attn.num_heads, first.mlp.fc1.out_features, first.attn.qkv.bias is None, type(first.ls1),
-                    type(first.attn.q_norm)):
-            raise refuse(f"{where} differs in shape or options from block 0")
+    for b in model.blocks:
         norms += [b.norm1, b.norm2, b.attn.q_norm, b.attn.k_norm]
-    eps = {m.eps for m in norms if not isinstance(m, nn.Identity)}
-    if any(not isinstance(m, nn.Identity) and not (isinstance(m, nn.LayerNorm) and m.elementwise_affine and
-                                                   m.bias is not None) for m in norms) or len(eps) != 1:
+    norms = [m for m in norms if not isinstance(m, nn.Identity)]
+    eps = {m.eps for m in norms}
+    if any(not (isinstance(m, nn.LayerNorm) and m.elementwise_affine and m.bias is not None) for m in norms) \
+            or len(eps) != 1:
         raise refuse("a norm other than an affine LayerNorm with bias, or LayerNorms with different eps")
+    return float(eps.pop())
+
+
+def _layer_scale_init(block: nn.Module) -> Optional[float]:
+    if isinstance(block.ls1, nn.Identity):
+        return None
+    init_values = getattr(block.ls1, "init_values", None)
+    return init_values if init_values is not None else float(block.ls1.gamma.flatten()[0])  # older timm: gamma only
+
+
+def arch_from_timm(model: nn.Module, name: str) -> ViTArch:
+    """Read the `ViTArch` of a timm VisionTransformer; one-line UserError for anything else.
+
+    `model` may live on the meta device: only module types, shapes and plain attributes are read.
+    """
+    refuse = _refusal(name)
+    distilled = _exactly(model, VisionTransformerDistilled)
+    _check_stem_and_pooling(model, distilled, refuse)
+    first = model.blocks[0]
+    for i, b in enumerate(model.blocks):
+        _check_block(f"block {i}", b, first, model.embed_dim, refuse)
+    norm_eps = _norm_eps(model, refuse)
     hidden = first.mlp.fc1.out_features
     mlp_ratio = hidden / model.embed_dim
     if int(round(model.embed_dim * mlp_ratio)) != hidden:
         raise refuse(f"MLP width {hidden} is not embed_dim * mlp_ratio")
-    init_values = None
-    if not isinstance(first.ls1, nn.Identity):
-        init_values = getattr(first.ls1, "init_values", None)
-        if init_values is None:  # older timm keeps only gamma (see timm_arch)
-            init_values = float(first.ls1.gamma.flatten()[0])
     if (model.patch_embed.proj.bias is None) != (not isinstance(model.norm_pre, nn.Identity)):
         raise refuse("a patch embedding bias that does not follow pre_norm (bias exactly when no norm_pre)")
     head = model.head
-    num_classes = head.out_features if isinstance(head, nn.Linear) else 0
     return ViTArch(
-        embed_dim=model.embed_dim, depth=len(blocks), num_heads=first.attn.num_heads, mlp_ratio=mlp_ratio,
+        embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=first.attn.num_heads, mlp_ratio=mlp_ratio,
         img_size=_square(model.patch_embed.img_size, "image size", name),
         patch_size=_square(model.patch_embed.patch_size, "patch size", name),
-        in_chans=model.patch_embed.proj.in_channels, num_classes=num_classes, distilled=distilled,
-        class_token=model.cls_token is not None, reg_tokens=int(model.num_reg_tokens),
-        no_embed_class=bool(model.no_embed_class), global_pool=model.global_pool, fc_norm=fc_norm,
-        pre_norm=not isinstance(model.norm_pre, nn.Identity), init_values=init_values,
-        qkv_bias=first.attn.qkv.bias is not None, qk_norm=not isinstance(first.attn.q_norm, nn.Identity),
-        norm_eps=float(eps.pop()),
+        in_chans=model.patch_embed.proj.in_channels,
+        num_classes=head.out_features if isinstance(head, nn.Linear) else 0, distilled=distilled, class_token=model.cls_token is not None, reg_tokens=int(model.num_reg_tokens),
+        no_embed_class=bool(model.no_embed_class), global_pool=model.global_pool,
+        fc_norm=not isinstance(model.fc_norm, nn.Identity), pre_norm=not isinstance(model.norm_pre, nn.Identity),
+        init_values=_layer_scale_init(first), qkv_bias=first.attn.qkv.bias is not None,
+        qk_norm=not isinstance(first.attn.q_norm, nn.Identity), norm_eps=norm_eps,
     )
 
 

@@ -99,6 +99,8 @@ class ViTBase(nn.Module):
     Subclasses build `self.blocks` and implement `forward_blocks`.
     """
 
+    normalization: Optional[dict] = None  # {'mean', 'std'} of its inputs, when known (stored in checkpoints)
+
     def __init__(self, arch: ViTArch, width: int):
         super().__init__()
         self.arch = arch

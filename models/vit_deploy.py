@@ -77,6 +77,8 @@ class DeployViT(ViTBase):
     """A ViT with `heads[l]` heads and `hidden[l]` MLP neurons in block l and width `width`
     (the unpruned structure of `arch` for what is not given)."""
 
+    mask = None  # the `PruneMask` it was cut by, when `models.load_pruned` read one
+
     def __init__(self, arch: ViTArch, width: Optional[int] = None, heads: Optional[List[int]] = None,
                  hidden: Optional[List[int]] = None):
         width = arch.embed_dim if width is None else width

@@ -8,7 +8,8 @@ import torch
 
 from models.vit_arch import ViTArch
 from pruning.flops import mask_macs
-from pruning.mask import COMPONENTS, PruneMask, component_shapes
+from models.mask import PruneMask
+from pruning.mask import COMPONENTS, component_shapes
 from pruning.selection import counts_from_ratios, mask_from_counts
 from utils import UserError
 
@@ -62,8 +63,8 @@ def pruned_counts(mask: PruneMask) -> Dict[str, int]:
     return {c: total[c] - kept[c] for c in COMPONENTS}
 
 
-def random_mask(arch: ViTArch, counts: Mapping[str, int], seed: int, protect: bool = True,
-                model: str = "") -> PruneMask:
+def random_mask_with_counts(arch: ViTArch, counts: Mapping[str, int], seed: int, protect: bool = True,
+                            model: str = "") -> PruneMask:
     """`counts[c]` units of each component chosen uniformly at random (seeded): `mask_from_counts` of
     random scores, so no block loses more units than SAViT's own rule allows.
 

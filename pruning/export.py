@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Tuple
 
 import torch
 
-from utils import Parser, UserError, _atomic_write, cli_entry
+from utils import Parser, UserError, atomic_write, cli_entry
 
 if TYPE_CHECKING:
     from models import ViTArch, DeployViT
@@ -82,13 +82,13 @@ def export(model: "DeployViT", arch: "ViTArch", fmt: str, out: str, opset: int =
         written = {o.domain: o.version for o in program.model_proto.opset_import}.get("")
         if written != opset:  # torch's version converter gives up on some opsets and keeps its own
             raise UserError(f"--opset {opset}: the exporter could only write opset {written}; choose {written}")
-        _atomic_write(out, lambda tmp: program.save(tmp, external_data=False))
+        atomic_write(out, lambda tmp: program.save(tmp, external_data=False))
     elif fmt == "torchscript":
         with warnings.catch_warnings():
             # the input-size check in PatchEmbed is constant for a fixed image size
             warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
             traced = torch.jit.trace(model, example)
-        _atomic_write(out, lambda tmp: torch.jit.save(traced, tmp))
+        atomic_write(out, lambda tmp: torch.jit.save(traced, tmp))
     elif fmt == "exported-program":
         program = torch.export.export(model, (example,), dynamic_shapes={"images": {0: batch}})
 
@@ -96,7 +96,7 @@ def export(model: "DeployViT", arch: "ViTArch", fmt: str, out: str, opset: int =
             with open(tmp, "wb") as f:  # a file object: torch.export.save warns on names not ending in .pt2
                 torch.export.save(program, f)
 
-        _atomic_write(out, save)
+        atomic_write(out, save)
     else:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
 

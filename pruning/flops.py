@@ -25,7 +25,7 @@ from models.vit_arch import ViTArch
 from models import arch_of, build_deploy_model, gated_name_of
 from models.vit_base import LayerScale, TokenPool
 from models.vit_deploy import AttentionCore
-from pruning.mask import PruneMask
+from models.mask import PruneMask
 from utils import Parser, UserError, cli_entry, error_line, option_flags
 
 
@@ -39,7 +39,7 @@ def analytic_macs(arch: ViTArch, width: Optional[int] = None, heads: Optional[Li
     d = arch.embed_dim if width is None else width
     heads = [arch.num_heads] * arch.depth if heads is None else heads
     hidden = [arch.mlp_hidden] * arch.depth if hidden is None else hidden
-    n, hd, p = arch.num_tokens, arch.head_dim, arch.patch_size
+    n, hd, patch = arch.num_tokens, arch.head_dim, arch.patch_size
     layer_scale = n * d if arch.init_values is not None else 0  # x * gamma: 1 per element
     attn = mlp = 0
     for h, m in zip(heads, hidden):
@@ -55,7 +55,7 @@ def analytic_macs(arch: ViTArch, width: Optional[int] = None, heads: Optional[Li
             mlp += n * d + n * (d * m + m) + n * m + n * (m * d + d)  # norm2, fc1, GELU, fc2
             mlp += layer_scale                                   # ls2
     heads_out = 2 if arch.distilled else 1
-    other = arch.num_patches * (arch.in_chans * p * p * d + (d if arch.patch_bias else 0))  # patch embedding
+    other = arch.num_patches * (arch.in_chans * patch * patch * d + (d if arch.patch_bias else 0))  # patch embedding
     other += n * d if arch.pre_norm else 0                      # norm_pre
     other += arch.num_patches * d if arch.global_pool == "avg" else 0  # mean of the patch tokens
     other += d if arch.fc_norm else n * d                       # fc_norm on the pooled vector, else norm
@@ -198,7 +198,7 @@ def _main(argv=None) -> None:
         arch = arch_for_mask(name, mask, img_size=args.input_size, num_classes=args.nb_classes)
         if mask is not None:
             mask.check_fits(arch)
-    except UserError as err:  # name the flag; the library's <field> tokens become this parser's flags
+    except UserError as err:  # name the flag (a field of the error by this parser's flag)
         raise UserError(f"--mask: {error_line(err, option_flags(parser))}") from None
     print(f"model {name}  tokens {arch.num_tokens}  classes {arch.num_classes}  mask {args.mask or '(none: unpruned)'}")
     for line in format_table(arch, mask):

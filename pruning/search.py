@@ -12,14 +12,14 @@ import torch
 from models.vit_arch import ViTArch
 from pruning.evolution import CHILDREN, GENERATIONS, POPULATION, evolution_search, interaction_matrix, objective
 from pruning.flops import analytic_macs, mask_macs
-from pruning.mask import COMPONENTS, PruneMask, component_shapes
+from models.mask import PruneMask
+from pruning.mask import COMPONENTS, component_shapes
 from pruning.selection import (block_sequences, component_orders, counts_from_ratios, criteria_blocks,
                                mask_from_orders, max_prunable)
 from utils import UserError
 
 ACCEPT_TOLERANCE = 0.005  # |achieved - target| of the final mask (absolute fraction of MACs)
 LAYER_CHOICES = {0: "heads", 1: "mlp", 2: "embed", 3: "all"}
-# the messages of `check_target_reachable` still spell these flags (tests/test_search.py matches them)
 Counts = Dict[str, int]
 Move = Callable[[int, int, int], Optional[str]]  # (k_head, k_embed, direction) -> component to move, or None
 
@@ -130,7 +130,7 @@ def check_target_reachable(arch: ViTArch, target: float, layers: int = 3, protec
     best = _even_reduction(arch, k_max)
     what = "all components" if layers == 3 else f"the {LAYER_CHOICES[layers]} alone"
     if best < target - ACCEPT_TOLERANCE:
-        raise UserError(f"{target} is unreachable with <pruning_layers> {layers}: pruning everything "
+        raise UserError(f"{target} is unreachable with --pruning_layers {layers}: pruning everything "
                         f"prunable of {what}{' (protection on)' if protect else ''} removes {best:.2%} of the FLOPs",
                         field="pruning_flops_percentage")
     if layers in (0, 2):  # coarse units: is some count close enough?
@@ -139,7 +139,7 @@ def check_target_reachable(arch: ViTArch, target: float, layers: int = 3, protec
         reductions = np.array([_even_reduction(arch, {c: k}) for k in range(0, limit[c] + 1, step)])
         closest = reductions[np.argmin(np.abs(reductions - target))]
         if abs(closest - target) > ACCEPT_TOLERANCE:
-            raise UserError(f"{target} cannot be met within 0.5% with <pruning_layers> {layers}: pruning {c} "
+            raise UserError(f"{target} cannot be met within 0.5% with --pruning_layers {layers}: pruning {c} "
                             f"gives steps of {reductions[1] - reductions[0]:.2%}, closest {closest:.2%}",
                             field="pruning_flops_percentage")
     return best
@@ -147,8 +147,8 @@ def check_target_reachable(arch: ViTArch, target: float, layers: int = 3, protec
 
 # -- the exact count of one problem -------------------------------------------------------------------
 
-class _Problem:
-    """Exact MACs of 'prune the first k units of each component's order', with the limits and the target.
+class OrderedCuts:
+    """Exact MACs of cutting the first k units of each component's order, with the limits and the target.
 
     The tolerance of the calibration is max(threshold, one MLP neuron's share of the MACs).
     """
@@ -193,60 +193,60 @@ class _Problem:
 
 # -- the three allocation modes -----------------------------------------------------------------------
 
-def _single_component(p: _Problem, component: str) -> Counts:
+def _single_component(cuts: OrderedCuts, component: str) -> Counts:
     """`--pruning_layers 0|1|2`: the count of that component whose exact MACs come closest to the target."""
     k = {c: 0 for c in COMPONENTS}
-    k[component] = p.closest(lambda n: p.reduction(**{component: n}), p.k_max[component])
+    k[component] = cuts.closest(lambda n: cuts.reduction(**{component: n}), cuts.k_max[component])
     return k
 
 
-def _interactions_start(p: _Problem, matrix: np.ndarray, options: "SearchOptions") -> Tuple[Counts, Move, dict]:
+def _interactions_start(cuts: OrderedCuts, matrix: np.ndarray, options: "SearchOptions") -> Tuple[Counts, Move, dict]:
     """Interactions mode: heads and embedding counts from the evolution strategy's fractions.
     Returns the start counts, the repair move (keep F highest) and the report's entries."""
-    found = evolution_search(matrix, p.arch, p.target, options.flops_threshold, options.seed,
-                             tuple(p.k_max[c] / p.totals[c] for c in COMPONENTS), options.population,
+    found = evolution_search(matrix, cuts.arch, cuts.target, options.flops_threshold, options.seed,
+                             tuple(cuts.k_max[c] / cuts.totals[c] for c in COMPONENTS), options.population,
                              options.children, options.generations)
     if found.feasible:
-        start = counts_from_ratios(p.arch, {"heads": found.r_head, "embed": found.r_embed}, options.protect)
+        start = counts_from_ratios(cuts.arch, {"heads": found.r_head, "embed": found.r_embed}, options.protect)
     else:  # the formula found nothing feasible: start from the most pruning, the calibration repairs
-        start = dict(p.k_max)
+        start = dict(cuts.k_max)
     info = {"mode": "interactions", "search": dataclasses.asdict(found)}
-    return start, functools.partial(_objective_move, p, matrix), info
+    return start, functools.partial(_objective_move, cuts, matrix), info
 
 
-def _objective_move(p: _Problem, matrix: np.ndarray, k_head: int, k_embed: int, direction: int) -> Optional[str]:
+def _objective_move(cuts: OrderedCuts, matrix: np.ndarray, k_head: int, k_embed: int, direction: int) -> Optional[str]:
     """The head or embedding move by `direction` that keeps F highest (None when neither may move)."""
-    r_mlp = p.k_max["mlp"] / p.totals["mlp"] if direction > 0 else 0.0
+    r_mlp = cuts.k_max["mlp"] / cuts.totals["mlp"] if direction > 0 else 0.0
     best = None
     for c in ("heads", "embed"):
         k = {"heads": k_head, "embed": k_embed}
         k[c] += direction
-        if 0 <= k[c] <= p.k_max[c]:
-            f = float(objective(matrix, k["heads"] / p.totals["heads"], r_mlp, k["embed"] / p.totals["embed"]))
+        if 0 <= k[c] <= cuts.k_max[c]:
+            f = float(objective(matrix, k["heads"] / cuts.totals["heads"], r_mlp, k["embed"] / cuts.totals["embed"]))
             if best is None or f > best[0]:
                 best = (f, c)
     return None if best is None else best[1]
 
 
-def _first_order_start(p: _Problem, crit: Mapping[str, np.ndarray]) -> Tuple[Counts, Move, dict]:
+def _first_order_start(cuts: OrderedCuts, crit: Mapping[str, np.ndarray]) -> Tuple[Counts, Move, dict]:
     """First-order mode: all prunable units ranked by criterion per MAC saved, one global cut.
     Returns the start counts (the cut closest to the target), the repair move (the next unit by
     that score) and the report's entries."""
-    score = {c: crit[c].ravel()[p.orders[c]] / p.savings[c] for c in COMPONENTS}
+    score = {c: crit[c].ravel()[cuts.orders[c]] / cuts.savings[c] for c in COMPONENTS}
     merged = np.concatenate([score[c] for c in COMPONENTS])
-    which = np.concatenate([np.full(p.k_max[c], i) for i, c in enumerate(COMPONENTS)])
+    which = np.concatenate([np.full(cuts.k_max[c], i) for i, c in enumerate(COMPONENTS)])
     ranked = which[np.argsort(merged, kind="stable")]  # stable: each component keeps its own order
     cum = np.stack([np.concatenate([[0], np.cumsum(ranked == i)]) for i in range(3)])  # counts in the first t
-    t = p.closest(lambda t: p.reduction(*cum[:, t].tolist()), len(ranked))
+    t = cuts.closest(lambda t: cuts.reduction(*cum[:, t].tolist()), len(ranked))
     start = {"heads": int(cum[0, t]), "embed": int(cum[2, t])}
-    return start, functools.partial(_score_move, p, score), {"mode": "first-order"}
+    return start, functools.partial(_score_move, cuts, score), {"mode": "first-order"}
 
 
-def _score_move(p: _Problem, score: Mapping[str, np.ndarray], k_head: int, k_embed: int,
+def _score_move(cuts: OrderedCuts, score: Mapping[str, np.ndarray], k_head: int, k_embed: int,
                 direction: int) -> Optional[str]:
     """The next head or embedding unit by score: the lowest to prune one more, the highest to give one back."""
     nxt = {"heads": k_head if direction > 0 else k_head - 1, "embed": k_embed if direction > 0 else k_embed - 1}
-    moves = [(score[c][i], c) for c, i in nxt.items() if 0 <= i < p.k_max[c]]
+    moves = [(score[c][i], c) for c, i in nxt.items() if 0 <= i < cuts.k_max[c]]
     if not moves:
         return None
     return (min(moves) if direction > 0 else max(moves))[1]
@@ -254,22 +254,22 @@ def _score_move(p: _Problem, score: Mapping[str, np.ndarray], k_head: int, k_emb
 
 # -- calibration and the whole ------------------------------------------------------------------------
 
-def _mlp_count(p: _Problem, k_head: int, k_embed: int) -> Tuple[int, int]:
+def _mlp_count(cuts: OrderedCuts, k_head: int, k_embed: int) -> Tuple[int, int]:
     """(k_mlp closest to the target, +1 / -1 when the MLP cannot absorb the miss: prune more / less, else 0)."""
-    k_mlp = p.closest(lambda k: p.reduction(k_head, k, k_embed), p.k_max["mlp"])
-    reduction = p.reduction(k_head, k_mlp, k_embed)
-    if k_mlp == p.k_max["mlp"] and reduction < p.target - p.tol:
+    k_mlp = cuts.closest(lambda k: cuts.reduction(k_head, k, k_embed), cuts.k_max["mlp"])
+    reduction = cuts.reduction(k_head, k_mlp, k_embed)
+    if k_mlp == cuts.k_max["mlp"] and reduction < cuts.target - cuts.tol:
         return k_mlp, +1
-    if k_mlp == 0 and reduction > p.target + p.tol:
+    if k_mlp == 0 and reduction > cuts.target + cuts.tol:
         return k_mlp, -1
     return k_mlp, 0
 
 
-def _calibrate(p: _Problem, start: Mapping[str, int], move: Move) -> Tuple[Counts, int]:
+def _calibrate(cuts: OrderedCuts, start: Mapping[str, int], move: Move) -> Tuple[Counts, int]:
     """Choose k_mlp on the exact count; while it sits at a bound, `move` heads/embed one unit at a time.
     Returns the counts and the number of such repair steps."""
     k_head, k_embed = start["heads"], start["embed"]
-    k_mlp, need = _mlp_count(p, k_head, k_embed)
+    k_mlp, need = _mlp_count(cuts, k_head, k_embed)
     direction, steps = need, 0
     while need != 0 and need == direction:
         component = move(k_head, k_embed, direction)
@@ -280,7 +280,7 @@ def _calibrate(p: _Problem, start: Mapping[str, int], move: Move) -> Tuple[Count
         else:
             k_embed += direction
         steps += 1
-        k_mlp, need = _mlp_count(p, k_head, k_embed)
+        k_mlp, need = _mlp_count(cuts, k_head, k_embed)
     return {"heads": k_head, "mlp": k_mlp, "embed": k_embed}, steps
 
 
@@ -290,9 +290,9 @@ class _MlpGroups:
     """Each block's prunable MLP neurons in groups of `n`, lowest criterion first; `j[b]` groups of
     block b pruned keep a multiple of n neurons (n divides the MLP width)."""
 
-    def __init__(self, p: _Problem, crit: Mapping[str, np.ndarray], n: int):
-        self.p, self.n = p, n
-        seqs = block_sequences(p.orders["mlp"], p.arch.depth, p.arch.mlp_hidden)
+    def __init__(self, cuts: OrderedCuts, crit: Mapping[str, np.ndarray], n: int):
+        self.cuts, self.n = cuts, n
+        seqs = block_sequences(cuts.orders["mlp"], cuts.arch.depth, cuts.arch.mlp_hidden)
         self.limit = [len(s) // n for s in seqs]
         # criterion lost with each group: sum over its n neurons
         self.score = [[float(crit["mlp"][b, s[g * n:(g + 1) * n]].sum()) for g in range(self.limit[b])]
@@ -300,17 +300,17 @@ class _MlpGroups:
 
     def nearest(self, k_mlp: int) -> list:
         """Groups per block closest to the per-block counts of the first k_mlp units of the order."""
-        pruned = self.p.arch.mlp_hidden - np.array(self.p.kept_per_block("mlp", k_mlp))
+        pruned = self.cuts.arch.mlp_hidden - np.array(self.cuts.kept_per_block("mlp", k_mlp))
         return [min(int(np.floor(x / self.n + 0.5)), lim) for x, lim in zip(pruned, self.limit)]
 
     def reduction(self, k_head: int, j: list, k_embed: int) -> float:
-        m = self.p.arch.mlp_hidden
-        return self.p.reduction_per_block(k_head, [m - self.n * g for g in j], k_embed)
+        m = self.cuts.arch.mlp_hidden
+        return self.cuts.reduction_per_block(k_head, [m - self.n * g for g in j], k_embed)
 
     def calibrate(self, k_head: int, j: list, k_embed: int) -> Tuple[list, float]:
         """Move one group at a time -- the least important next group to prune more, the most important
         pruned one to prune less -- while that brings the exact reduction closer to the target."""
-        target, j = self.p.target, list(j)
+        target, j = self.cuts.target, list(j)
         r = self.reduction(k_head, j, k_embed)
         while True:
             more = r < target
@@ -330,7 +330,7 @@ class _MlpGroups:
         return j, r
 
 
-def _align(p: _Problem, crit: Mapping[str, np.ndarray], k: Counts, options: "SearchOptions") -> dict:
+def _align(cuts: OrderedCuts, crit: Mapping[str, np.ndarray], k: Counts, options: "SearchOptions") -> dict:
     """Counts whose kept MLP widths (per block) and embedding width are multiples of `options.round_to`.
 
     The embedding count goes to the nearest aligned one (then the next nearest, ...); for each,
@@ -342,39 +342,39 @@ def _align(p: _Problem, crit: Mapping[str, np.ndarray], k: Counts, options: "Sea
         {'heads': int, 'mlp': [pruned neurons per block], 'embed': int}.
     """
     n, layers = options.round_to, options.layers
-    groups = _MlpGroups(p, crit, n)
+    groups = _MlpGroups(cuts, crit, n)
     start = groups.nearest(k["mlp"])
     if layers in (0, 1):  # the embedding stays whole
         embeds = [0]
     else:
-        limit = p.k_max["embed"] // n * n  # n divides the width: kept = width - multiple of n
+        limit = cuts.k_max["embed"] // n * n  # n divides the width: kept = width - multiple of n
         embeds = sorted(range(0, limit + 1, n), key=lambda e: (abs(e - k["embed"]), e))
-    tol = max(options.flops_threshold, n * p.savings["mlp"] / p.full)
+    tol = max(options.flops_threshold, n * cuts.savings["mlp"] / cuts.full)
     best = None
     for k_embed in embeds:
         if layers in (1, 3):
             j, r = groups.calibrate(k["heads"], start, k_embed)
         else:  # heads or embedding alone: the MLP stays whole
             j, r = start, groups.reduction(k["heads"], start, k_embed)
-        if best is None or abs(r - p.target) < abs(best[2] - p.target):
+        if best is None or abs(r - cuts.target) < abs(best[2] - cuts.target):
             best = (k_embed, j, r)
-        if layers != 2 and abs(r - p.target) <= tol:
+        if layers != 2 and abs(r - cuts.target) <= tol:
             break
     k_embed, j, _ = best
     return {"heads": k["heads"], "mlp": [n * g for g in j], "embed": k_embed}
 
 
-def _allocate(p: _Problem, crit: Mapping[str, np.ndarray], matrix: np.ndarray,
+def _allocate(cuts: OrderedCuts, crit: Mapping[str, np.ndarray], matrix: np.ndarray,
               options: SearchOptions) -> Tuple[Counts, int, dict]:
     """The counts of the mode `options` selects, the repair steps and the report's mode entries."""
     if options.layers != 3:
         component = COMPONENTS[options.layers]
-        return _single_component(p, component), 0, {"mode": f"{component} only"}
+        return _single_component(cuts, component), 0, {"mode": f"{component} only"}
     if options.use_interactions and np.any(matrix != 0):
-        start, move, info = _interactions_start(p, matrix, options)
+        start, move, info = _interactions_start(cuts, matrix, options)
     else:
-        start, move, info = _first_order_start(p, crit)
-    return (*_calibrate(p, start, move), info)
+        start, move, info = _first_order_start(cuts, crit)
+    return (*_calibrate(cuts, start, move), info)
 
 
 def prune(criteria: Mapping[str, torch.Tensor], C, arch: ViTArch, options: SearchOptions,
@@ -405,23 +405,24 @@ def prune(criteria: Mapping[str, torch.Tensor], C, arch: ViTArch, options: Searc
     if options.flops_threshold < 0 or not np.isfinite(options.flops_threshold):
         raise UserError(f"must be >= 0, got {options.flops_threshold!r}", field="pruning_flops_threshold")
     crit = criteria_blocks(criteria, arch)
-    p = _Problem(arch, component_orders(crit, options.protect), target, options.flops_threshold)
+    cuts = OrderedCuts(arch, component_orders(crit, options.protect), target, options.flops_threshold)
     matrix = interaction_matrix(C) if C is not None else np.zeros((3, 3))
-    k, steps, info = _allocate(p, crit, matrix, options)
+    k, steps, info = _allocate(cuts, crit, matrix, options)
     if options.round_to > 1:
-        k = _align(p, crit, k, options)
-    mask = mask_from_orders(arch, p.orders, k, model_name)
+        k = _align(cuts, crit, k, options)
+    mask = mask_from_orders(arch, cuts.orders, k, model_name)
     k = {c: int(np.sum(k[c])) for c in COMPONENTS}
     before, after = mask_macs(arch)["total"], mask_macs(arch, mask)["total"]
     achieved = 1.0 - after / before
     if abs(achieved - target) > ACCEPT_TOLERANCE:
         raise UserError(f"{target}: the closest mask found removes {achieved:.2%} of the FLOPs (more than 0.5% "
-                        f"off); choose another target or <pruning_layers>"
-                        f"{' or a smaller <round_to>' if options.round_to > 1 else ''}", field="pruning_flops_percentage")
-    ratios = {c: k[c] / p.totals[c] for c in COMPONENTS}
+                        f"off); choose another target or --pruning_layers"
+                        f"{' or a smaller --round_to' if options.round_to > 1 else ''}",
+                        field="pruning_flops_percentage")
+    ratios = {c: k[c] / cuts.totals[c] for c in COMPONENTS}
     report = dict(target=target, layers=layers, protect=options.protect, seed=options.seed,
                   round_to=options.round_to, **info)
-    report.update(counts=dict(k), totals=p.totals, ratios=ratios, repair_steps=steps,
+    report.update(counts=dict(k), totals=cuts.totals, ratios=ratios, repair_steps=steps,
                   fitness=float(objective(matrix, ratios["heads"], ratios["mlp"], ratios["embed"])),
                   macs_before=before, macs_after=after, achieved_reduction=achieved)
     return mask, report

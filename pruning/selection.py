@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from models.vit_arch import ViTArch
-from pruning.mask import COMPONENTS, PruneMask, component_shapes
+from models.mask import PruneMask
+from pruning.mask import COMPONENTS, component_shapes
 from utils import UserError
 
 PROTECT_FRACTION = 0.05

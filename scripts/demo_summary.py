@@ -15,14 +15,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datasets import DataConfig, build_dataset, build_loaders  # noqa: E402
+from args import data_config, defaults  # noqa: E402
+from datasets import build_dataset, build_loaders  # noqa: E402
 from engine import evaluate, measure_throughput  # noqa: E402
-from models import DeployViT, arch_of, build_deploy_model, gated_name_of  # noqa: E402
-from pruning.deploy import load_masked_model  # noqa: E402
+from models import arch_of, gated_name_of, load_pruned  # noqa: E402
 from pruning.flops import mask_macs, mask_params  # noqa: E402
-from pruning.mask import PruneMask  # noqa: E402
 from utils import (Parser, UserError, atomic_write_json, atomic_write_text, cli_entry, environment_line,  # noqa: E402
-                   load_torch_file, state_dict_of)
+                   load_torch_file)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPREAD = os.path.join(REPO, "logs", "demo_spread.json")  # scripts/demo_spread.py on the reference machine
@@ -31,7 +30,7 @@ STEPS = {"unpruned": os.path.join("1_pretrain", "best_checkpoint.pth"),
          "pruned": os.path.join("2_prune", "checkpoint_pruned_00.pth"),
          "finetuned": os.path.join("3_finetune", "best_checkpoint.pth")}
 # the recorded flags that decide the evaluation data and its transform
-DATA_KEYS = ("data_set", "data_path", "input_size", "inat_category", "crop_pct", "not_imagenet_default_mean_and_std")
+DATA_KEYS = ("data_set", "data_path", "input_size", "crop_pct", "not_imagenet_default_mean_and_std")
 
 
 def recorded_data(checkpoints: dict, out: str) -> dict:
@@ -56,12 +55,6 @@ def recorded_data(checkpoints: dict, out: str) -> dict:
             diff = {k: (first[k], record[k]) for k in first if first[k] != record[k]}
             raise UserError(f"{out}: the runs were made on different data or models ({first_path} vs {path}: {diff})")
     return first
-
-
-def load_trained(arch, path: str, checkpoint: dict) -> DeployViT:
-    """A deploy model from a main_deploy.py training checkpoint (its mask decides the structure)."""
-    mask = PruneMask.from_dict(checkpoint["mask"], path) if "mask" in checkpoint else PruneMask.full(arch)
-    return build_deploy_model(arch, mask, deploy_weights=state_dict_of(checkpoint, path))
 
 
 def spread_lines(summary: dict, path: str) -> list:
@@ -107,19 +100,19 @@ def main() -> None:
         raise UserError(f"--model: the runs under {out} do not record their model; name it")
     if data["model"] and model_name != data["model"]:
         raise UserError(f"--model {model_name!r}: the runs under {out} recorded {data['model']!r}")
-    data_args = DataConfig(data_set=data["data_set"], data_path=data["data_path"] or "", input_size=data["input_size"],
-                           inat_category=data["inat_category"] or "name", crop_pct=data["crop_pct"],
-                           inception_mean_std=bool(data["not_imagenet_default_mean_and_std"]), batch_size=64,
-                           num_workers=0, repeated_aug=False)
+    data_args = data_config(defaults(
+        data_set=data["data_set"], data_path=data["data_path"] or "", input_size=data["input_size"],
+        crop_pct=data["crop_pct"],
+        not_imagenet_default_mean_and_std=bool(data["not_imagenet_default_mean_and_std"]), batch_size=64,
+        num_workers=0, repeated_aug=False), device="cpu")
     dataset_val, num_classes = build_dataset(False, data_args)
     _, loader = build_loaders(data_args, None, dataset_val, distributed=False)
     arch = arch_of(model_name, num_classes=num_classes, img_size=data["input_size"])
     device = torch.device("cpu")
     data_name = data["data_set"] + (f" {data['data_path']}" if data["data_path"] else "")
 
-    unpruned = load_trained(arch, *checkpoints["unpruned"])
-    mask, pruned = load_masked_model(arch, checkpoints["pruned"][0])
-    finetuned = load_trained(arch, *checkpoints["finetuned"])
+    unpruned, pruned, finetuned = (load_pruned(checkpoints[step][0], arch) for step in STEPS)
+    mask = pruned.mask
 
     def top1(model) -> float:
         return evaluate(loader, model.eval(), device, amp=False, print_fn=lambda _: None)["acc1"]

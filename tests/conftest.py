@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(1)
 
 from models.vit_arch import ViTArch  # noqa: E402 (after the sys.path line)
-from pruning.mask import PruneMask  # noqa: E402
+from models.mask import PruneMask  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -38,8 +38,8 @@ MASK_CASES = {
 }
 
 
-def random_mask(arch: ViTArch, seed: int, embed: bool = False,
-                empty: Union[str, Iterable[Tuple[int, str]]] = ()) -> PruneMask:
+def random_subset_mask(arch: ViTArch, seed: int, embed: bool = False,
+                       empty: Union[str, Iterable[Tuple[int, str]]] = ()) -> PruneMask:
     """A seeded random mask: per block a random sorted subset (possibly empty) of heads and of
     neurons; a random non-empty subset of embedding channels when `embed`, else all of them.
 
@@ -70,7 +70,7 @@ def random_mask(arch: ViTArch, seed: int, embed: bool = False,
 
 def mask_case(arch: ViTArch, case: str, embed: bool = False) -> PruneMask:
     seed, empty = MASK_CASES[case]
-    return random_mask(arch, seed, embed=embed, empty=empty)
+    return random_subset_mask(arch, seed, embed=embed, empty=empty)
 
 
 def randomize_(model: nn.Module, seed: int, scale: float = 0.1) -> nn.Module:

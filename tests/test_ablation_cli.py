@@ -1,12 +1,14 @@
 """benchmarks/ablation.py from the command line: bad flags give one line, and an ImageFolder runs end to end."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 
 import pytest
 
 from test_datasets import make_image_folder
+from test_readme_commands import readme_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "ablation.py")
@@ -37,7 +39,10 @@ def test_bad_flags_are_one_line_errors(tmp_path, flags, named):
 def test_runs_on_an_image_folder(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=8, size=(36, 36))
     out = tmp_path / "out"
-    proc = _run(["--data-path", str(data), "--model", "deit_test_patch8_32", "--input-size", "32",
+    # the README's command, its flags overridden by the ones after them (argparse keeps the last)
+    _, script, *readme_flags = shlex.split(readme_command("ablation"))
+    assert os.path.join(ROOT, script) == SCRIPT
+    proc = _run([*readme_flags, "--data-path", str(data), "--model", "deit_test_patch8_32", "--input-size", "32",
                  "--batch-size", "8", "--targets", "0.5", "--seeds", "0", "--methods", "savit", "random",
                  "--pretrain_epochs", "1", "--finetune_epochs", "1", "--feed_percent", "1.0",
                  "--output_dir", str(out)], cwd=ROOT)

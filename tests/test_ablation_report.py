@@ -22,13 +22,15 @@ def _t_central_mass(t: float, df: int, steps: int = 200001) -> float:
     return 2 * simpson
 
 
-@pytest.mark.parametrize("df", list(range(1, 31)))
+@pytest.mark.parametrize("df", list(range(1, 31)) + [50, 200])
 def test_t_quantiles_hold_95_percent(df):
     assert _t_central_mass(t975(df), df) == pytest.approx(0.95, abs=2e-4)
 
 
-def test_t_quantile_beyond_the_table_is_the_normal_one():
-    assert t975(200) == 1.96
+def test_t_quantiles_match_the_printed_table_and_tend_to_the_normal_one():
+    # Student's table, t(0.975, df) to 3 decimals
+    assert [round(t975(df), 3) for df in (1, 2, 3, 4, 10, 30)] == [12.706, 4.303, 3.182, 2.776, 2.228, 2.042]
+    assert 1.96 < t975(200) < 1.973 and t975(10 ** 7) == pytest.approx(1.95996, abs=1e-5)
     with pytest.raises(ValueError):
         t975(0)
 

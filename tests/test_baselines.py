@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from models import create_model
-from pruning.baselines import magnitude_criteria, pruned_counts, random_mask, uniform_mask
+from pruning.baselines import magnitude_criteria, pruned_counts, random_mask_with_counts, uniform_mask
 from models.slicing import deploy_state_dict
 from pruning.flops import mask_macs
-from pruning.mask import PruneMask
+from models.mask import PruneMask
 from pruning.selection import mask_from_counts, max_prunable, protected_count
 
 MODEL = "deit_test_patch8_32"
@@ -77,7 +77,7 @@ def test_random_mask_is_seeded_and_respects_counts_and_protection(arch_and_weigh
     arch, _ = arch_and_weights
     limit = max_prunable(arch)
     counts = {"heads": limit["heads"], "mlp": 33, "embed": 7}
-    a, b, c = random_mask(arch, counts, 0), random_mask(arch, counts, 0), random_mask(arch, counts, 1)
+    a, b, c = (random_mask_with_counts(arch, counts, seed) for seed in (0, 0, 1))
     assert a == b and a != c
     assert pruned_counts(a) == counts
     assert all(len(h) >= protected_count(arch.num_heads) for h in a.heads)

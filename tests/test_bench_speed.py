@@ -7,8 +7,8 @@ import re
 import pytest
 
 from models import arch_of
+from models.mask import PruneMask
 from pruning.flops import mask_macs
-from pruning.mask import PruneMask
 from utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

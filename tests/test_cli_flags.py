@@ -1,7 +1,7 @@
 """Each script's flags: the seed's commands parse, `--help` lists only what the script reads (plus
 one labelled group of the reference's no-op flags), on/off spellings, one-line range errors, the
 warning for a reference flag set to a value that would matter in the reference, and the one way
-library errors name flags (fields -> flags in `args.error_text`)."""
+library errors name flags (a field's flag first, in `args.error_text`)."""
 import ast
 import contextlib
 import io
@@ -13,12 +13,12 @@ from torch.utils.data import DataLoader, Dataset
 
 import main
 import main_deploy
-from args import REFERENCE_GROUP, error_text, flag_of, reference_warnings, script_entry, script_flags
-from utils import TRUST_FIELD, UserError, naming
+from args import REFERENCE_GROUP, error_text, reference_warnings, script_entry, script_flags
+from utils import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBRARY = ["datasets.py", "losses.py", "pruning", "utils", "engine", "models"]
-TOKEN = re.compile(r"(?<!\?P)<([a-z][a-z0-9_]*)>")  # not a regex group name (?P<name>)
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]")
 
 # the seed's commands (README and scripts/prune.sh, scripts/finetune.sh), paths replaced
 SEED_PRUNE = ["--finetune=/ckpt/deit_base.pth", "--batch-size=32", "--num_workers=16", "--data-path=/imagenet",
@@ -150,7 +150,7 @@ def test_warning_is_logged(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------
-# Library errors name fields; args.error_text turns them into flags
+# Library errors name fields; args.error_text puts the field's flag first
 # ---------------------------------------------------------------------------
 
 def _python_files(names):
@@ -162,53 +162,59 @@ def _python_files(names):
             yield from (os.path.join(folder, f) for f in sorted(files) if f.endswith(".py"))
 
 
-def _fields_named_in(paths) -> dict:
-    """field -> a file naming it: `field=` and `naming(...)` constants, `UserError(message, "field")`,
-    defaults of `field` parameters, `*_FIELD` constants and `<field>` tokens in strings (not docstrings)."""
-    found = {}
+def _names_in(paths) -> tuple:
+    """({field: a file naming it}, {flag: a file spelling it}): fields as `field=` and
+    `UserError.about(...)` constants, `UserError(message, "field")` and defaults of `field`
+    parameters; flags as `--flag` in strings (not docstrings) of a module without a command line of its own."""
+    fields, flags = {}, {}
     for path in paths:
         with open(path) as f:
-            tree = ast.parse(f.read())
+            text = f.read()
+        tree = ast.parse(text)
+        own_parser = "Parser(" in text  # e.g. pruning/flops.py: its messages spell its own flags
         docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
         named = []
         for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
-                named += TOKEN.findall(node.value)
+                for flag in [] if own_parser else FLAG.findall(node.value):
+                    flags.setdefault(flag, os.path.relpath(path, REPO))
             elif isinstance(node, ast.keyword) and node.arg == "field":
                 named.append(node.value)
-            elif isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("naming", "UserError"):
-                named.append(node.args[{"naming": 0, "UserError": 1}[node.func.id]] if
-                             len(node.args) > {"naming": 0, "UserError": 1}[node.func.id] else None)
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "about" and node.args:
+                named.append(node.args[0])
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", "") == "UserError" and len(node.args) > 1:
+                named.append(node.args[1])
             elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 params = node.args.args[len(node.args.args) - len(node.args.defaults):]
                 named += [d for a, d in zip(params, node.args.defaults) if a.arg == "field"]
-            elif isinstance(node, ast.Assign) and any(getattr(t, "id", "").endswith("_FIELD") for t in node.targets):
-                named.append(node.value)
         for item in named:
-            value = item.value if isinstance(item, ast.Constant) else item
-            if isinstance(value, str):
-                found.setdefault(value, os.path.relpath(path, REPO))
-    return found
+            if isinstance(item, ast.Constant) and isinstance(item.value, str):
+                fields.setdefault(item.value, os.path.relpath(path, REPO))
+    return fields, flags
 
 
 def _script_flags() -> set:
     return {s for module in (main, main_deploy) for a in module.get_args_parser()._actions for s in a.option_strings}
 
 
-def test_every_field_the_library_names_is_a_flag_of_a_script():
-    library = _fields_named_in(_python_files(LIBRARY))
-    scripts = _fields_named_in(_python_files(["main.py", "main_deploy.py"]))
-    assert {"data_path", "masked_model", "pruning_method", "finetune", TRUST_FIELD} <= set(library)  # the scan works
-    assert len(library) >= 20
+def test_every_field_and_flag_the_library_names_is_a_flag_of_a_script():
+    library, spelled = _names_in(_python_files(LIBRARY))
+    scripts, _ = _names_in(_python_files(["main.py", "main_deploy.py"]))
+    assert {"data_path", "pruning_method", "resume", "teacher_path"} <= set(library)  # the scan works
+    assert {"masked_model", "finetune", "model"} <= set(scripts)
+    assert len(library) >= 20 and {"--trust_checkpoint", "--data-set", "--teacher-model"} <= set(spelled)
     flags = _script_flags()
     for field, where in {**scripts, **library}.items():
-        assert flag_of(field) in flags, f"{where} names the field {field!r}, which is no flag of main.py or main_deploy.py"
+        assert script_flags().get(field) in flags, f"{where} names the field {field!r}, which is no flag of a script"
+    for flag, where in spelled.items():
+        assert flag in flags, f"{where} spells {flag}, which is no flag of main.py or main_deploy.py"
 
 
 def test_fields_map_to_the_flags_as_spelled():
-    assert flag_of("data_path") == "--data-path" and flag_of("masked_model") == "--masked_model"
-    assert flag_of("local_rank") == "--local-rank" and flag_of("pin_mem") == "--pin-mem"
-    assert flag_of("no_such_field") is None
+    flag = script_flags().get
+    assert flag("data_path") == "--data-path" and flag("masked_model") == "--masked_model"
+    assert flag("local_rank") == "--local-rank" and flag("pin_mem") == "--pin-mem"
+    assert flag("no_such_field") is None
     # every flag of either script has its field, with its first spelling
     for module in (main, main_deploy):
         for action in module.get_args_parser()._actions:
@@ -217,19 +223,19 @@ def test_fields_map_to_the_flags_as_spelled():
                 assert script_flags()[action.dest] in longs, action.dest
 
 
-def test_error_text_names_the_flag_and_replaces_known_tokens():
-    err = UserError("folder '/x' not found (<data_set> IMNET expects train/ and <val>)", field="data_path")
-    assert str(err) == "folder '/x' not found (<data_set> IMNET expects train/ and <val>)"
-    assert error_text(err) == "--data-path: folder '/x' not found (--data-set IMNET expects train/ and <val>)"
-    assert error_text(UserError("no field: see <trust_checkpoint>")) == "no field: see --trust_checkpoint"
+def test_error_text_puts_the_flag_of_the_field_first():
+    err = UserError("folder '/x' not found (--data-set IMNET expects train/ and val/)", field="data_path")
+    assert str(err) == "folder '/x' not found (--data-set IMNET expects train/ and val/)"
+    assert error_text(err) == "--data-path: folder '/x' not found (--data-set IMNET expects train/ and val/)"
+    assert error_text(UserError("no field: see --trust_checkpoint")) == "no field: see --trust_checkpoint"
 
 
-def test_naming_adds_a_field_only_to_an_error_without_one():
-    with pytest.raises(UserError) as err, naming("masked_model", " (with <model> m_deploy)"):
+def test_about_adds_a_field_only_to_an_error_without_one():
+    with pytest.raises(UserError) as err, UserError.about("masked_model"):
         raise UserError("checkpoint 'c.pth' does not fit the model")
     assert err.value.field == "masked_model"
-    assert error_text(err.value) == "--masked_model (with --model m_deploy): checkpoint 'c.pth' does not fit the model"
-    with pytest.raises(UserError) as err, naming("masked_model", " (with <model> m_deploy)"):
+    assert error_text(err.value) == "--masked_model: checkpoint 'c.pth' does not fit the model"
+    with pytest.raises(UserError) as err, UserError.about("masked_model"):
         raise UserError("weights file not found: 'w.pth'", field="finetune")
     assert error_text(err.value) == "--finetune: weights file not found: 'w.pth'"
 
@@ -237,7 +243,7 @@ def test_naming_adds_a_field_only_to_an_error_without_one():
 def test_script_entry_prints_the_flag_line(capsys):
     @script_entry
     def failing():
-        raise UserError("'m.json' is a mask JSON: pass the weights to slice with <finetune>", field="masked_model")
+        raise UserError("'m.json' is a mask JSON: pass the weights to slice with --finetune", field="masked_model")
 
     with pytest.raises(SystemExit) as exit_:
         failing()
@@ -255,8 +261,8 @@ class _UnreadableImages(Dataset):
 
 
 def test_the_field_survives_a_dataloader_worker():
-    """A worker's error reaches the main process as its traceback text: the field comes back too."""
+    """A worker's error reaches the main process re-created from its traceback text: message and field come back."""
     with pytest.raises(UserError) as err:
         next(iter(DataLoader(_UnreadableImages(), num_workers=1)))
-    assert "DataLoader worker" in str(err.value)  # re-created from the worker's text
+    assert str(err.value) == "cannot read image 'img0.png'" and err.value.field == "data_path"
     assert error_text(err.value) == "--data-path: cannot read image 'img0.png'"

@@ -1,5 +1,4 @@
 """Data sets, transforms, samplers and loaders: shapes, class counts, determinism, errors."""
-import json
 import os
 
 import numpy as np
@@ -17,7 +16,8 @@ from utils import UserError
 def _parse(argv):
     import main_deploy  # the parser with every data, augmentation and mixup flag
 
-    return main_deploy.get_args_parser().parse_args(["--device", "cpu", "--num_workers", "0", *argv])
+    return main_deploy.get_args_parser().parse_args(["--device", "cpu", "--num_workers", "0", "--input-size", "224",
+                                                     *argv])
 
 
 def make_args(*argv):
@@ -108,7 +108,7 @@ def test_empty_or_missing_folders_are_user_errors(tmp_path):
                                   (True, tmp_path / "noimg", "no images in .*noimg"),
                                   (False, tmp_path / "noval", "noval.*val"),
                                   (False, root, "differ"),
-                                  (True, "", "required for <data_set> IMNET")):
+                                  (True, "", "required for --data-set IMNET")):
         with pytest.raises(UserError, match=words) as err:
             build_dataset(is_train, make_args("--data-path", str(path)))
         assert err.value.field == "data_path"
@@ -118,28 +118,6 @@ def test_cifar_missing_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="CIFAR-100") as err:
         build_dataset(True, make_args("--data-set", "CIFAR", "--data-path", str(tmp_path)))
     assert err.value.field == "data_path"
-
-
-def test_inat_reads_json_and_numbers_labels_like_deit(tmp_path):
-    categories = [{"id": 0, "name": "a", "genus": "G1"}, {"id": 1, "name": "b", "genus": "G2"},
-                  {"id": 2, "name": "c", "genus": "G1"}]
-
-    def split(ids_and_cats, prefix):
-        return {"images": [{"id": i, "file_name": f"{prefix}/{i}.png"} for i, _ in ids_and_cats],
-                "annotations": [{"image_id": i, "category_id": c} for i, c in ids_and_cats]}
-
-    (tmp_path / "categories.json").write_text(json.dumps(categories))
-    (tmp_path / "train2018.json").write_text(json.dumps(split([(0, 2), (1, 0), (2, 1), (3, 2)], "tr")))
-    (tmp_path / "val2018.json").write_text(json.dumps(split([(10, 1), (11, 0)], "va")))
-    ns = make_args("--data-set", "INAT", "--data-path", str(tmp_path))
-    train, n = build_dataset(True, ns)
-    assert n == 3 and train.targets == [0, 1, 2, 0]  # first appearance order: c, a, b
-    val, _ = build_dataset(False, ns)
-    assert val.targets == [2, 1] and val.samples[0][0] == os.path.join(str(tmp_path), "va/10.png")
-    genus = make_args("--data-set", "INAT", "--data-path", str(tmp_path), "--inat-category", "genus")
-    assert build_dataset(True, genus)[1] == 2
-    with pytest.raises(UserError, match="train2019.json"):
-        build_dataset(True, make_args("--data-set", "INAT19", "--data-path", str(tmp_path)))
 
 
 # ---------------------------------------------------------------- transforms
@@ -152,6 +130,8 @@ def test_transforms_follow_deit():
     assert isinstance(eval_tf.transforms[0], T.Resize) and eval_tf.transforms[0].size == 256
     image = Image.fromarray(np.zeros((300, 400, 3), dtype=np.uint8))
     assert eval_tf(image).shape == (3, 224, 224)
+    small_eval = build_transform(False, make_args("--input-size", "32"))
+    assert small_eval.transforms[0].size == 32  # small inputs: resized to the input size, not 32 / crop_pct
     train_tf = build_transform(True, big)
     names = [type(t).__name__ for t in train_tf.transforms]
     assert names[0] == "RandomResizedCropAndInterpolation" and "RandAugment" in names and "RandomErasing" in names
@@ -191,6 +171,11 @@ def test_ra_sampler_deals_repeats_across_two_ranks():
     a, b = RASampler(range(n), 2, 0), RASampler(range(n), 2, 0)
     b.set_epoch(1)
     assert list(a) != list(b)
+    seeded = RASampler(range(n), 2, 0, seed=3)  # --seed shifts the shuffle: seed 3 + epoch 1 = epoch 4
+    seeded.set_epoch(1)
+    four = RASampler(range(n), 2, 0)
+    four.set_epoch(4)
+    assert list(seeded) == list(four)
 
 
 def test_ra_sampler_small_sets_and_padding():

@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler, TensorDataset
 
 import engine.loops
+from args import defaults, mixup_config
 from conftest import mask_case
 from datasets import MixupConfig, RASampler, ShardSampler, build_mixup
 from engine.loops import evaluate, is_sharded
@@ -33,8 +34,8 @@ NUM_CLASSES = 10
 STUDENTS = [name for name in TEST_CONFIGS if name != "deit_demo_patch8_32"]
 MASKS = ["unpruned", "emptied", "all_emptied"]
 DISTILLATION = ["none", "soft", "hard"]
-MIXUP_ON = MixupConfig()  # DeiT's: mixup 0.8, cutmix 1.0, smoothing 0.1
-MIXUP_OFF = MixupConfig(mixup=0.0, cutmix=0.0)
+MIXUP_ON = mixup_config(defaults())  # DeiT's: mixup 0.8, cutmix 1.0, smoothing 0.1
+MIXUP_OFF = mixup_config(defaults(mixup=0.0, cutmix=0.0))
 
 
 def _student(name: str, mask: str) -> nn.Module:

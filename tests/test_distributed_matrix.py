@@ -43,9 +43,8 @@ import main_deploy
 from args import data_config
 from conftest import assert_accuracy, assert_same, mask_case, randomize_
 from datasets import DigitsDataset, build_transform
-from models import DeployViT, arch_of, create_model
-from pruning.deploy import deploy_structure, load_masked_model
-from pruning.mask import PruneMask
+from models import DeployViT, arch_of, create_model, load_pruned
+from models.mask import PruneMask
 
 pytestmark = pytest.mark.e2e
 
@@ -315,7 +314,7 @@ def val_set():
 
 def _logits(student: str, mask: PruneMask, state: dict, x: torch.Tensor) -> torch.Tensor:
     """The single-process logits of `state` (eval mode: a distilled student averages its two heads)."""
-    net = DeployViT(arch_of(student, img_size=32, num_classes=NUM_CLASSES), **deploy_structure(mask))
+    net = DeployViT(arch_of(student, img_size=32, num_classes=NUM_CLASSES), **mask.structure())
     net.load_state_dict(state)
     with torch.no_grad():
         return net.eval()(x)
@@ -350,7 +349,7 @@ def test_two_ranks_agree_and_log_the_single_process_accuracy(combo, work, launch
     mask = PruneMask.from_dict(checkpoint["mask"])
     assert (mask.kept_counts() != mask.total_counts()) == pruned
     if pruned:
-        assert 0 in deploy_structure(mask)["heads"] and 0 in deploy_structure(mask)["hidden"]
+        assert 0 in mask.structure()["heads"] and 0 in mask.structure()["hidden"]
     records = _read_log(out)
     assert [r["epoch"] for r in records] == [0, 1]
     x, y = val_set
@@ -404,7 +403,7 @@ def test_eval_under_torchrun_counts_each_image_once(dist_eval, inputs, launch_b,
     arch = arch_of("deit_test_distilled_patch8_32", img_size=32, num_classes=NUM_CLASSES)
     x, y = val_set
     with torch.no_grad():
-        logits = load_masked_model(arch, inputs["deit_test_distilled_patch8_32"])[1].eval()(x)
+        logits = load_pruned(inputs["deit_test_distilled_patch8_32"], arch)(x)
     assert_accuracy(top1, logits, y, slack=0.005)
 
 

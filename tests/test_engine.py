@@ -5,8 +5,8 @@ import math
 import os
 import random
 import re
-import socket
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,11 +14,13 @@ import torch
 from torch.utils.data import Subset
 
 import args as flags
-from conftest import assert_accuracy
+from conftest import assert_accuracy, assert_same, free_port
 from datasets import build_dataset, build_loaders, build_mixup
-from engine import NonFiniteLossError, evaluate, make_loss_scaler, train_one_epoch
+import engine.training
+from engine import NonFiniteLossError, evaluate, fit, make_loss_scaler, train_one_epoch
 from losses import DistillationLoss, build_base_criterion
-from models import create_model
+from models import arch_of, build_deploy_model, create_model
+from models.mask import PruneMask
 from utils import (MetricLogger, SmoothedValue, TensorboardLogger, UserError, all_reduce_sum, append_json_line,
                    cleanup_distributed, init_distributed_mode, setup_logging)
 
@@ -184,6 +186,68 @@ def test_hard_distillation_of_a_distilled_student(digits):
     assert 0 <= result["acc1"] <= result["acc5"] <= 100
 
 
+# ---------------------------------------------------------------- fit: DDP, EMA, checkpoint, resume
+
+@pytest.fixture
+def gloo_world_of_one():
+    """A gloo process group of one rank in this process (so `fit` wraps the model in DDP), destroyed after."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_fit_under_ddp_with_ema_checkpoints_and_resumes_its_state(digits, tmp_path, monkeypatch, gloo_world_of_one):
+    ns = make_args("--model-ema-decay", "0.9", "--epochs", "1", "--warmup-epochs", "0", "--cooldown-epochs", "0",
+                   "--output_dir", str(tmp_path))
+    cfg, _ = flags.train_config(ns, 1)
+    train, val, num_classes = digits
+    loaders = build_loaders(flags.data_config(ns), Subset(train, range(32)), Subset(val, range(16)), distributed=True)
+    arch = arch_of("deit_test_patch8_32", num_classes=num_classes, img_size=32)
+    mask = PruneMask.full(arch, model="deit_test_patch8_32")
+    mixup = build_mixup(cfg.mixup, num_classes)
+
+    def student(state=None):
+        torch.manual_seed(0)
+        model = build_deploy_model(arch)
+        if state is not None:
+            model.load_state_dict(state)
+        return model
+
+    start = copy.deepcopy(student().state_dict())
+    fit(cfg, student(), mask, *loaders, mixup, CPU, distributed=True, log=_quiet)
+    saved = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert saved["epoch"] == 0 and os.path.isfile(tmp_path / "best_checkpoint.pth")
+    assert not any(torch.equal(saved["model_ema"][k], v) for k, v in saved["model"].items() if v.dim() > 1)
+    assert not any(torch.equal(saved["model_ema"][k], v) for k, v in start.items() if v.dim() > 1)  # EMA moved
+
+    seen = {}
+    real_train = engine.training.train_one_epoch
+
+    def spy(model, criterion, loader, optimizer, device, epoch, scaler, clip, model_ema, *args, **kwargs):
+        seen.update(ddp=isinstance(model, torch.nn.parallel.DistributedDataParallel), epoch=epoch,
+                    optimizer=copy.deepcopy(optimizer.state_dict()), ema=copy.deepcopy(model_ema.state_dict()),
+                    model=copy.deepcopy(model.module.state_dict()))
+        return real_train(model, criterion, loader, optimizer, device, epoch, scaler, clip, model_ema, *args, **kwargs)
+
+    monkeypatch.setattr(engine.training, "train_one_epoch", spy)
+    lines = []
+    resume = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    fit(replace(cfg, epochs=2), student(resume["model"]), mask, *loaders, mixup, CPU, distributed=True,
+        resume_checkpoint=resume, resume_path=str(tmp_path / "checkpoint.pth"), log=lines.append)
+    assert seen["ddp"] and seen["epoch"] == 1
+    assert f"resumed from {tmp_path / 'checkpoint.pth'}: next epoch 1, best top-1 so far " \
+           f"{saved['max_accuracy']:.2f}%" in lines
+    assert_same(seen["optimizer"], saved["optimizer"], "optimizer")
+    assert_same(seen["ema"], {f"module.{k}": v for k, v in saved["model_ema"].items()}, "EMA")
+    assert_same(seen["model"], saved["model"], "model")
+    again = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert again["epoch"] == 1  # the resumed epoch ran and was saved
+    steps = [v["step"] for v in again["optimizer"]["state"].values()]
+    assert all(float(s) == 2 * len(loaders[0]) for s in steps)
+
+
 def test_metric_logger_prints_eta_and_samples_per_second():
     lines = []
     logger = MetricLogger(print_fn=lines.append, device=CPU)
@@ -225,9 +289,12 @@ def test_shared_flags_have_deit_defaults_and_feed_timm():
 
     assert main.get_args_parser().parse_args([]).pruning_flops_percentage == 0.5
     ns = main_deploy.get_args_parser().parse_args([])
-    from args import input_size_of
+    from args import check_input_size
+    from models import arch_of
 
-    assert ns.input_size is None and input_size_of(ns) == 224  # the model's own size: DeiT-B's 224
+    assert ns.input_size is None
+    check_input_size(ns, arch_of(ns.model))
+    assert ns.input_size == 224  # the model's own size: DeiT-B's 224
     expected = dict(model="deit_base_patch16_224", drop=0.0, drop_path=0.1, model_ema=True,
                     model_ema_decay=0.99996, opt="adamw", opt_eps=1e-8, weight_decay=0.05, sched="cosine",
                     lr=5e-4, warmup_lr=1e-6, min_lr=1e-5, warmup_epochs=5, cooldown_epochs=10, epochs=300,
@@ -235,7 +302,7 @@ def test_shared_flags_have_deit_defaults_and_feed_timm():
                     repeated_aug=True, reprob=0.25, remode="pixel", recount=1, mixup=0.8, cutmix=1.0,
                     mixup_prob=1.0, mixup_switch_prob=0.5, mixup_mode="batch", teacher_model="regnety_160",
                     distillation_type="none", distillation_alpha=0.5, distillation_tau=1.0, batch_size=64,
-                    data_set="IMNET", inat_category="name", num_workers=10, pin_mem=True, seed=0,
+                    data_set="IMNET", num_workers=10, pin_mem=True, seed=0,
                     dist_url="env://", world_size=1, log="same", log_period=10, amp=True)
     assert {k: getattr(ns, k) for k in expected} == expected
     assert ns.device == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -327,12 +394,6 @@ def test_single_process_helpers_without_launcher(monkeypatch):
 
 # ---------------------------------------------------------------- two processes (gloo)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_rank_worker(rank, port, model_path, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -365,7 +426,7 @@ def test_two_gloo_ranks_agree_with_one_process(tmp_path, digits):
 
     model = create_model("deit_test_patch8_32", num_classes=10)
     torch.save(model.state_dict(), tmp_path / "model.pth")
-    mp.spawn(_two_rank_worker, args=(_free_port(), str(tmp_path / "model.pth"), str(tmp_path)), nprocs=2)
+    mp.spawn(_two_rank_worker, args=(free_port(), str(tmp_path / "model.pth"), str(tmp_path)), nprocs=2)
     records = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert [(r["rank"], r["world"], r["backend"], r["total"]) for r in records] == [(0, 2, "gloo", 3.0),
                                                                                      (1, 2, "gloo", 3.0)]

@@ -15,7 +15,7 @@ import torch
 from models import GatedViT, arch_of, create_model
 from models import build_deploy_model
 from pruning.export import check_writable, load_deploy_checkpoint, main
-from pruning.mask import PruneMask
+from models.mask import PruneMask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLAIN, DISTILLED = "deit_test_patch8_32", "deit_test_distilled_patch8_32"

@@ -10,16 +10,15 @@ import pytest
 
 from models import DeployViT, arch_of
 from models.registry import TEST_CONFIGS
-from pruning.deploy import deploy_structure
 from pruning.flops import analytic_macs, mask_macs, mask_param_parts, mask_params, ptflops_macs
-from pruning.mask import PruneMask
+from models.mask import PruneMask
 from conftest import MASK_CASES, mask_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def deploy_of(arch, mask) -> DeployViT:
-    return DeployViT(arch, **deploy_structure(mask)).eval()
+    return DeployViT(arch, **mask.structure()).eval()
 
 
 def assert_counts_agree(arch, mask) -> None:

@@ -3,6 +3,7 @@ discovery of the CUDA-only tests, the defaults that keep a CPU run off the commi
 and that one step's failure or hang neither stops the others nor goes unreported."""
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ import time
 import pytest
 
 from benchmarks import gpu_check
+from test_readme_commands import readme_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,10 +129,10 @@ def test_cpu_check_end_to_end(tmp_path):
     before = os.path.getmtime(gpu_table) if os.path.exists(gpu_table) else None
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    bash, script, *flags = shlex.split(readme_command("gpu_check"))  # the README's command, from another folder
     start = time.monotonic()
-    proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_check.sh"), "--device", "cpu",
-                           "--out", "check/table.md"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=480)
+    proc = subprocess.run([bash, os.path.join(REPO, script), *flags, "--device", "cpu", "--out", "check/table.md"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=480)
     took = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     text = (tmp_path / "check" / "table.md").read_text()

@@ -20,12 +20,13 @@ from datasets import build_dataset, build_loaders, build_mixup
 from engine import NonFiniteLossError, fit, measure_throughput, train_one_epoch
 from engine.throughput import _train_precision
 from losses import DistillationLoss, build_base_criterion
-from models import DeployViT, arch_of, build_deploy_model, create_model
+from models import DeployViT, arch_of, build_deploy_model, create_model, load_pruned
 from models.loading import adapt_state_dict
+from models.slicing import deploy_state_dict
 from models.vit_gated import GatedViT
-from pruning.deploy import load_masked_model
 from pruning.flops import ptflops_macs
-from pruning.mask import PruneMask, criteria_shapes
+from models.mask import PruneMask
+from pruning.mask import criteria_shapes
 from utils import MetricLogger, set_tf32
 
 CPU = torch.device("cpu")
@@ -212,7 +213,8 @@ def test_fit_evaluates_the_ema_only_with_model_ema_eval(digits, tmp_path, monkey
 
     monkeypatch.setattr(engine.training, "evaluate", spy)
     lines = []
-    fit(cfg, model, PruneMask.full(arch, model=MODEL), loader_train, loader_val, num_classes, CPU, log=lines.append)
+    fit(cfg, model, PruneMask.full(arch, model=MODEL), loader_train, loader_val, build_mixup(cfg.mixup, num_classes),
+        CPU, log=lines.append)
     (record,) = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     said = "EMA: not evaluated each epoch (--model-ema-eval to evaluate it)" in lines
     if ema_eval:
@@ -294,11 +296,12 @@ def test_main_deploy_counts_flops_on_rank_0_only(monkeypatch, main_process):
 def test_main_deploy_throughput_and_counts_skip_other_ranks(tmp_path, monkeypatch):
     monkeypatch.setattr(main_deploy, "is_main_process", lambda: False)
     built = _counting(monkeypatch, main_deploy, "build_deploy_model")
+    read = _counting(monkeypatch, main_deploy, "load_pruned")
     timed = _counting(monkeypatch, main_deploy, "measure_throughput")
     argv = ["--model", MODEL + "_deploy", "--input-size", "32", "--batch-size", "2", "--device", "cpu",
             "--throughput", "--output_dir", str(tmp_path / "o")]
     main_deploy.main(main_deploy.get_args_parser().parse_args(argv))
-    assert len(built) == 1 and timed == []  # the student only: no unpruned model, nothing timed
+    assert len(read) == 1 and built == [] and timed == []  # the student only: no unpruned model, nothing timed
 
 
 @pytest.mark.parametrize("main_process", [True, False])
@@ -332,7 +335,7 @@ def test_masked_model_keys_are_checked_on_the_meta_device(tmp_path, monkeypatch,
     timm_weights = {k: v for k, v in create_model(MODEL, num_classes=classes).state_dict().items()
                     if "gate" not in k}  # plain ViT weights: no gates
     torch.save(timm_weights, tmp_path / "w.pth")
-    import pruning.deploy
+    import models.pruned
 
     devices = []
 
@@ -341,14 +344,16 @@ def test_masked_model_keys_are_checked_on_the_meta_device(tmp_path, monkeypatch,
             super().__init__(a)
             devices.append(self.pos_embed.device.type)
 
-    monkeypatch.setattr(pruning.deploy, "GatedViT", Spy)
+    monkeypatch.setattr(models.pruned, "GatedViT", Spy)
     torch.manual_seed(3)
-    _, deploy = load_masked_model(arch, str(tmp_path / "mask.json"), str(tmp_path / "w.pth"))
-    # a classifier of another size needs the real model's initial weights: then (only) it is built for real
-    assert devices == (["meta"] if classes == 7 else ["meta", "cpu"])
-    torch.manual_seed(3)  # independent: adapted to a real reference, as before
-    reference = GatedViT(arch)
-    expected = build_deploy_model(arch, mask, weights=adapt_state_dict(copy.deepcopy(timm_weights), reference))
+    deploy = load_pruned(str(tmp_path / "mask.json"), arch, str(tmp_path / "w.pth"))
+    # no full-size model is built, not even for a classifier of another size
+    assert devices == ["meta"]
+    torch.manual_seed(3)  # independent: adapted to a real reference; a replaced classifier keeps its fresh values
+    expected = build_deploy_model(arch, mask)
+    fresh = {k: v.clone() for k, v in expected.state_dict().items() if k.startswith("head")}
+    sliced = deploy_state_dict(mask, adapt_state_dict(copy.deepcopy(timm_weights), GatedViT(arch)), arch)
+    expected.load_state_dict({**sliced, **(fresh if classes != 7 else {})})
     got = deploy.state_dict()
     assert set(got) == set(expected.state_dict())
     assert all(torch.equal(v, got[k]) for k, v in expected.state_dict().items())

@@ -147,7 +147,7 @@ def test_class_count_mismatch_is_a_user_error():
 
 
 @pytest.mark.parametrize("kwargs,field,match", [
-    (dict(distillation_type="hard", teacher=None), "distillation_type", "hard needs a teacher .<teacher_path>."),
+    (dict(distillation_type="hard", teacher=None), "distillation_type", "hard needs a teacher .--teacher-path."),
     (dict(distillation_type="soft", alpha=1.5), "distillation_alpha", r"must be in \[0, 1\], got 1.5"),
     (dict(distillation_type="soft", tau=0.0), "distillation_tau", "must be > 0, got 0.0"),
     (dict(distillation_type="kl"), "distillation_type", "must be one of .*got 'kl'"),
@@ -184,7 +184,7 @@ def test_build_teacher_loads_freezes_and_checks(tmp_path):
 
     for model, path_, classes, words in (
             ("deit_test_patch8_32", str(path), 10, "predicts 7 classes but the data set has 10"),
-            ("deit_demo_patch8_32", str(path), 7, "does not fit <teacher_model> deit_demo_patch8_32"),
+            ("deit_demo_patch8_32", str(path), 7, "does not fit --teacher-model deit_demo_patch8_32"),
             ("deit_test_patch8_32", str(tmp_path / "missing.pth"), 7, "not found"),
             ("deit_test_patch8_32", "", 7, "distillation needs the teacher's weights")):
         with pytest.raises(UserError, match=words) as err:

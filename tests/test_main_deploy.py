@@ -31,10 +31,9 @@ import main_deploy
 from args import DistributedConfig, data_config
 from conftest import assert_accuracy, assert_same, images, randomize_
 from datasets import DigitsDataset, build_transform
-from models import DeployViT, arch_of, create_model
-from pruning.deploy import deploy_structure, load_masked_model
+from models import DeployViT, arch_of, create_model, load_pruned
 from pruning.flops import mask_macs, mask_params
-from pruning.mask import PruneMask
+from models.mask import PruneMask
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = ["--data-set", "DIGITS", "--input-size", "32", "--device", "cpu"]
@@ -78,7 +77,7 @@ def _load(path) -> dict:
 def _deploy_model(checkpoint: dict, model_name: str = MODEL) -> DeployViT:
     """The network a main_deploy.py checkpoint describes, rebuilt from its mask and weights."""
     arch = arch_of(model_name, img_size=32, num_classes=NUM_CLASSES)
-    net = DeployViT(arch, **deploy_structure(PruneMask.from_dict(checkpoint["mask"])))
+    net = DeployViT(arch, **PruneMask.from_dict(checkpoint["mask"]).structure())
     net.load_state_dict(checkpoint["model"])
     return net.eval()
 
@@ -407,7 +406,7 @@ def test_eval_of_deploy_model_equals_gated_model_with_mask_aware_norm(explicit, 
     x, y = val_set
     arch = arch_of(MODEL, img_size=32, num_classes=NUM_CLASSES)
     with torch.no_grad():
-        logits = load_masked_model(arch, explicit)[1].eval()(x)
+        logits = load_pruned(explicit, arch)(x)
         reference = create_model("deit_test_patch8_32", num_classes=NUM_CLASSES, img_size=32)  # LayerNorm over all D
         reference.load_state_dict(_load(explicit)["model"])
         reference_logits = reference.eval()(x)

@@ -28,12 +28,11 @@ import torch
 from PIL import Image
 
 from conftest import assert_accuracy
-from models import arch_of, create_model
+from models import arch_of, create_model, load_pruned
 from models.vit_gated import GatedViT
-from pruning.deploy import load_masked_model
 from pruning.flops import mask_macs, ptflops_macs
 from pruning.pickles import load_pickles
-from pruning.mask import PruneMask
+from models.mask import PruneMask
 from pruning.search import prune
 from utils import atomic_torch_save
 
@@ -80,7 +79,8 @@ def gate_tensors(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]
 
 def deploy_counts(out_dir: str, arch=ARCH) -> Dict[str, float]:
     """Independent count from the saved checkpoint: ptflops and parameters of the deploy model vs the unpruned one."""
-    mask, deploy = load_masked_model(arch, os.path.join(out_dir, CHECKPOINT))
+    deploy = load_pruned(os.path.join(out_dir, CHECKPOINT), arch)
+    mask = deploy.mask
     full = create_model(MODEL + "_deploy", num_classes=arch.num_classes, img_size=arch.img_size)
     before, after = ptflops_macs(full.eval(), arch)["total"], ptflops_macs(deploy.eval(), arch)["total"]
     return {"mask": mask, "deploy": deploy, "macs_before": before, "macs_after": after,
@@ -369,7 +369,7 @@ def test_eval_mask_aware_gated_equals_deploy(runs):
     # independent: the validation digits by hand through the deploy model built from the checkpoint
     images, labels = digits_tensors("val")
     ckpt = os.path.join(src, CHECKPOINT)
-    _, deploy = load_masked_model(ARCH, ckpt)
+    deploy = load_pruned(ckpt, ARCH)
     with torch.no_grad():
         logits = deploy.eval()(images)
     # batches of 16 round off otherwise than one batch: top-1/top-5 up to near-ties, loss to its 4 decimals

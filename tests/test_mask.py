@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 
-from conftest import MASK_CASES, mask_case, random_mask, randomize_
+from conftest import MASK_CASES, mask_case, random_subset_mask, randomize_
 from models import GatedViT, arch_of, create_model
 from models.vit_arch import ViTArch
 from models.loading import load_pretrained
-from pruning.mask import MASK_FORMAT, MASK_VERSION, PruneMask
+from models.mask import MASK_FORMAT, MASK_VERSION, PruneMask
 from utils import UserError
 
 
@@ -59,7 +59,7 @@ def test_round_trip_checkpoint_json_gates(tmp_path, name, case):
 
 def test_checkpoint_with_explicit_mask_entry(tmp_path):
     arch = arch_of("deit_test_patch8_32")
-    mask = random_mask(arch, 5, embed=True)
+    mask = random_subset_mask(arch, 5, embed=True)
     path = tmp_path / "ckpt.pth"
     torch.save({"model": create_model("deit_test_patch8_32").state_dict(), "mask": mask.to_dict()}, path)
     assert PruneMask.load(str(path)) == mask  # the explicit entry wins over the (all-ones) gates
@@ -115,7 +115,7 @@ def test_reference_format_checkpoint_loads(tmp_path, name, wrap):
 # -- bad masks --------------------------------------------------------------------------
 
 def _json_mask(tmp_path, **changes) -> str:
-    d = random_mask(arch_of("deit_test_patch8_32"), 0, embed=True).to_dict()
+    d = random_subset_mask(arch_of("deit_test_patch8_32"), 0, embed=True).to_dict()
     d.update(changes)
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(d))
@@ -166,7 +166,7 @@ def test_not_json_and_missing_mask(tmp_path):
 
 
 def test_mask_of_another_model_does_not_fit():
-    mask = random_mask(arch_of("deit_test_patch8_32"), 0)
+    mask = random_subset_mask(arch_of("deit_test_patch8_32"), 0)
     for other in ("deit_demo_patch8_32", "deit_tiny_patch16_224"):
         with pytest.raises(UserError, match="mask is for.*but the model has"):
             mask.apply_to(create_model(other))

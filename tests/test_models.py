@@ -1,11 +1,11 @@
-"""Gated DeiT == timm's DeiT; deploy DeiT == gated DeiT under a mask; the registry."""
+"""The gated and deploy models beyond tests/test_vit_families.py (which compares them with timm and
+with each other in eval mode): train mode, the gates, emptied branches, the reference LayerNorm; the registry."""
 import pytest
 import torch
 
 from conftest import MASK_CASES, images, mask_case, randomize_, timm_twin
-from models import DeployViT, GatedViT, arch_of, create_model, is_prunable, list_models
-from models import build_deploy_model
-from models.slicing import deploy_state_dict, deploy_structure
+from models import DeployViT, GatedViT, arch_of, build_deploy_model, create_model, is_prunable, list_models
+from models.slicing import deploy_state_dict
 from utils import UserError
 
 ATOL = 1e-5
@@ -13,45 +13,14 @@ ATOL = 1e-5
 TINY = ["deit_test_patch8_32", "deit_test_distilled_patch8_32", "deit_demo_patch8_32"]
 
 
-def gated_and_timm(name: str, seed: int, mask_aware_norm: bool = False):
-    gated = randomize_(create_model(name, mask_aware_norm=mask_aware_norm), seed)
+def gated_and_timm(name: str, seed: int):
+    gated = randomize_(create_model(name), seed)
     twin = timm_twin(gated.arch)
     twin.load_state_dict({k: v for k, v in gated.state_dict().items() if "gate" not in k}, strict=True)
     return gated, twin
 
 
-# -- 1. gated (all gates 1) == timm --------------------------------------------------------
-
-def _compare_with_timm(name: str, mask_aware_norm: bool = False) -> None:
-    gated, twin = gated_and_timm(name, seed=1, mask_aware_norm=mask_aware_norm)
-    gated.eval(), twin.eval()
-    x = images(gated.arch)
-    with torch.no_grad():
-        torch.testing.assert_close(gated.forward_features(x), twin.forward_features(x), atol=ATOL, rtol=0)
-        out, ref = gated(x), twin(x)
-        assert out.shape == (x.shape[0], gated.arch.num_classes)
-        torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
-        if gated.arch.distilled:
-            feats = twin.forward_features(x)
-            ref_cls, ref_dist = twin.head(feats[:, 0]), twin.head_dist(feats[:, 1])
-            torch.testing.assert_close(out, (ref_cls + ref_dist) / 2, atol=ATOL, rtol=0)
-            ours = gated.forward_features(x)
-            torch.testing.assert_close(gated.head(ours[:, 0]), ref_cls, atol=ATOL, rtol=0)
-            torch.testing.assert_close(gated.head_dist(ours[:, 1]), ref_dist, atol=ATOL, rtol=0)
-    assert out.abs().max() > 0.1  # random weights give logits of a visible size
-
-
-@pytest.mark.parametrize("mask_aware_norm", [False, True], ids=["ref_norm", "mask_aware_norm"])
-@pytest.mark.parametrize("name", TINY)
-def test_gated_equals_timm(name, mask_aware_norm):
-    _compare_with_timm(name, mask_aware_norm)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
-def test_gated_equals_timm_full_size(name):
-    _compare_with_timm(name)
-
+# -- 1. gated (all gates 1) == timm in train mode (eval mode: tests/test_vit_families.py) ---------
 
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
 @pytest.mark.parametrize("name", ["deit_test_patch8_32", "deit_test_distilled_patch8_32"])
@@ -101,46 +70,14 @@ def gated_and_deploy(name: str, case: str, embed: bool, mask_aware_norm: bool, s
 
 @pytest.mark.parametrize("case", list(MASK_CASES))
 @pytest.mark.parametrize("name", TINY)
-def test_deploy_equals_gated_heads_and_neurons(name, case):
-    mask, gated, deploy = gated_and_deploy(name, case, embed=False, mask_aware_norm=False)
-    assert deploy.structure() == deploy_structure(mask)
-    x = images(gated.arch)
-    with torch.no_grad():
-        torch.testing.assert_close(deploy.forward_features(x), gated.forward_features(x), atol=ATOL, rtol=0)
-        torch.testing.assert_close(deploy(x), gated(x), atol=ATOL, rtol=0)
-
-
-@pytest.mark.parametrize("case", list(MASK_CASES))
-@pytest.mark.parametrize("name", TINY)
-def test_deploy_equals_gated_with_embed_pruning_and_mask_aware_norm(name, case):
-    mask, gated, deploy = gated_and_deploy(name, case, embed=True, mask_aware_norm=True)
+def test_reference_norm_is_another_network_when_channels_are_pruned(name, case):
+    """deploy == gated with the mask-aware LayerNorm (tests/test_vit_families.py); the reference's
+    LayerNorm (statistics over all D channels) gives another network."""
+    mask, gated, deploy = gated_and_deploy(name, case, embed=True, mask_aware_norm=False)
     assert len(mask.embed) < mask.embed_dim
     x = images(gated.arch)
-    e = torch.tensor(mask.embed)
     with torch.no_grad():
-        feats = gated.forward_features(x)
-        # pruned channels carry exactly zero; kept ones equal the deploy model's
-        assert torch.all(feats[..., [c for c in range(mask.embed_dim) if c not in mask.embed]] == 0)
-        torch.testing.assert_close(deploy.forward_features(x), feats[..., e], atol=ATOL, rtol=0)
-        torch.testing.assert_close(deploy(x), gated(x), atol=ATOL, rtol=0)
-
-        # the reference's LayerNorm (statistics over all D channels) gives another network
-        gated.mask_aware_norm = False
         assert (deploy(x) - gated(x)).abs().max() > 1e-3
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("embed, mask_aware_norm", [(False, False), (True, True)], ids=["blocks", "embed"])
-def test_deploy_equals_gated_full_size(embed, mask_aware_norm):
-    # 12 blocks of width 192: weights of scale 0.1 keep fp32 round-off (summation order differs
-    # between the sliced and the zero-gated matmuls) below the tolerance
-    mask, gated, deploy = gated_and_deploy("deit_tiny_distilled_patch16_224", "emptied", embed, mask_aware_norm,
-                                           scale=0.1)
-    x = images(gated.arch, n=2)
-    with torch.no_grad():
-        out = deploy(x)
-        torch.testing.assert_close(out, gated(x), atol=ATOL, rtol=0)
-    assert out.abs().max() > 0.1
 
 
 def test_deploy_train_mode_distilled_pair():
@@ -164,7 +101,7 @@ def test_emptied_branch_has_no_layers_and_slicing_is_pure():
         assert torch.equal(v, before[k]), k
     assert not any(k.startswith("blocks.0.") for k in sd)  # block 0 emptied entirely
     assert not any("gate" in k for k in sd)
-    deploy = DeployViT(arch, **deploy_structure(mask))
+    deploy = DeployViT(arch, **mask.structure())
     assert deploy.blocks[0].attn is None and deploy.blocks[0].mlp is None
     assert deploy.blocks[1].mlp is None and deploy.blocks[-1].attn is None
     assert all(p.numel() > 0 for p in deploy.parameters())

@@ -151,7 +151,7 @@ def test_main_bad_round_to_before_any_data(tmp_path):
 
 def test_main_round_to_from_pickles(tmp_path):
     """main.py --round_to 8 from criteria pickles: the saved mask has aligned widths."""
-    from pruning.mask import PruneMask
+    from models.mask import PruneMask
 
     arch = arch_of(TINY)
     pickles = tmp_path / "pickles"

@@ -9,9 +9,8 @@ import torch
 from models import arch_of
 from models.registry import TEST_CONFIGS
 from models.vit_deploy import DeployViT
-from pruning.deploy import deploy_structure
 from pruning.flops import mask_macs, ptflops_macs
-from pruning.mask import PruneMask
+from models.mask import PruneMask
 from pruning.evolution import evolution_search, objective, reference_flops_fraction, solve_mlp_ratio
 from pruning.search import SearchOptions, check_target_reachable, prune
 from pruning.selection import counts_from_ratios, max_prunable, normalize_by_layer, protected_count, select_units
@@ -206,7 +205,7 @@ def test_deploy_model_count_agrees(name):
     arch = arch_of(name)
     mask, report = prune(random_criteria(arch), interaction_matrix("random"), arch, SearchOptions(0.3))
     before = ptflops_macs(DeployViT(arch).eval(), arch)["total"]
-    after = ptflops_macs(DeployViT(arch, **deploy_structure(mask)).eval(), arch)["total"]
+    after = ptflops_macs(DeployViT(arch, **mask.structure()).eval(), arch)["total"]
     assert 1 - after / before == pytest.approx(report["achieved_reduction"], abs=1e-9)
 
 
@@ -340,12 +339,12 @@ def test_single_component_prunes_only_that_component(name, layers, target):
 
 def test_unreachable_targets_raise_before_any_work():
     arch = arch_of("deit_small_patch16_224")
-    with pytest.raises(UserError, match="unreachable with <pruning_layers> 0") as err:
+    with pytest.raises(UserError, match="unreachable with --pruning_layers 0") as err:
         check_target_reachable(arch, 0.5, layers=0, protect=True)
     assert err.value.field == "pruning_flops_percentage"
-    with pytest.raises(UserError, match="<pruning_layers> 0"):  # raised before the criteria are looked at
+    with pytest.raises(UserError, match="--pruning_layers 0"):  # raised before the criteria are looked at
         prune(None, None, arch, SearchOptions(0.5, layers=0))
-    with pytest.raises(UserError, match="<pruning_layers> 2") as err:  # embedding steps of 1/64 miss 0.2 by > 0.5%
+    with pytest.raises(UserError, match="--pruning_layers 2") as err:  # embedding steps of 1/64 miss 0.2 by > 0.5%
         check_target_reachable(arch_of("deit_test_patch8_32"), 0.2, layers=2)
     assert err.value.field == "pruning_flops_percentage"
     assert check_target_reachable(arch, 0.5, layers=3) > 0.95

@@ -19,10 +19,9 @@ from args import train_config
 from engine import ema_horizon_note
 from models import DeployViT, arch_of, create_model
 from pruning import importance
-from pruning.deploy import deploy_structure
 from pruning.importance import PruningScorer
 from pruning.interactions import block_draw, interaction_normalisers
-from pruning.mask import PruneMask
+from models.mask import PruneMask
 from utils import MetricLogger
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -196,7 +195,7 @@ def write_runs(out, data_args: dict, arch):
     mask.heads[0] = [1, 2, 3]
     mask.mlp[1] = list(range(0, arch.mlp_hidden, 2))  # embed channels kept: gated == deploy model exactly
     models = {"unpruned": randomized(DeployViT(arch), 11), "pruned": randomized(create_model(NAME, num_classes=3), 12),
-              "finetuned": randomized(DeployViT(arch, **deploy_structure(mask)), 13)}
+              "finetuned": randomized(DeployViT(arch, **mask.structure()), 13)}
     mask.apply_to(models["pruned"])
     files = {"unpruned": ("1_pretrain", "best_checkpoint.pth", PruneMask.full(arch, model=NAME), "_deploy"),
              "pruned": ("2_prune", "checkpoint_pruned_00.pth", mask, ""),
@@ -230,7 +229,7 @@ def run_summary(out):
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
-DATA_ARGS = dict(data_set="IMNET", input_size=32, inat_category="name", crop_pct=None,
+DATA_ARGS = dict(data_set="IMNET", input_size=32, crop_pct=None,
                  not_imagenet_default_mean_and_std=False)
 
 

@@ -24,7 +24,7 @@ import main as prune_main
 import main_deploy
 import utils
 from pruning import flops
-from pruning.mask import PruneMask
+from models.mask import PruneMask
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = ["--data-set", "DIGITS", "--input-size", "32", "--device", "cpu", "--num_workers", "0"]
@@ -193,7 +193,7 @@ def test_run_from_pickles_copies_them_so_its_folder_can_be_reused(pruned, tmp_pa
 KILLED_WRITER = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
-from utils import _atomic_write
+from utils import atomic_write
 
 
 def inner(tmp):
@@ -207,10 +207,10 @@ def outer(tmp):
     with open(tmp, "wb") as f:
         f.write(b"y" * 1000)
         f.flush()
-    _atomic_write(os.path.join({out!r}, "mask.json"), inner)
+    atomic_write(os.path.join({out!r}, "mask.json"), inner)
 
 
-_atomic_write(os.path.join({out!r}, "checkpoint_pruned_00.pth"), outer)
+atomic_write(os.path.join({out!r}, "checkpoint_pruned_00.pth"), outer)
 """
 
 
@@ -304,11 +304,11 @@ def test_truncated_validation_image(tmp_path, num_workers, capfd):
 
 def test_worker_wrapped_user_error_comes_back_as_its_own_line():
     traceback = ("Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-                 "  File \"x.py\", line 1, in f\nutils.errors.UserError: bad image <data_set>")
+                 "  File \"x.py\", line 1, in f\nutils.errors.UserError: bad image, see --data-set")
     flags = {"data_path": "--data-path", "data_set": "--data-set"}
-    assert utils.error_line(utils.UserError(traceback), flags) == "bad image --data-set"
+    assert utils.error_line(utils.UserError(traceback), flags) == "bad image, see --data-set"
     with_field = utils.UserError(f"{traceback}\n{utils.errors.FIELD_NOTE}data_path")  # the note of a field
-    assert utils.error_line(with_field, flags) == "--data-path: bad image --data-set"
+    assert utils.error_line(with_field, flags) == "--data-path: bad image, see --data-set"
     assert utils.error_line(utils.UserError("plain")) == "plain"
 
 

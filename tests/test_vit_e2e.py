@@ -32,12 +32,11 @@ import main_deploy
 from args import data_config
 from conftest import assert_accuracy, topk_accuracy_bounds
 from datasets import DigitsDataset, build_transform
-from models import arch_of, create_model
+from models import arch_of, create_model, load_pruned
 from models.registry import build_timm_test_model
 from models.vit_gated import GatedViT
-from pruning.deploy import load_masked_model
 from pruning.flops import ptflops_macs
-from pruning.mask import PruneMask
+from models.mask import PruneMask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ["vit_test_patch8_32", "deit3_test_patch8_32", "vit_test_reg4_gap_patch8_32"]
@@ -184,7 +183,7 @@ def _printed_reductions(run: dict) -> List[float]:
 @pytest.mark.e2e
 @pytest.mark.parametrize("name", FAMILIES)
 def test_flops_reduction_within_half_a_percent_of_the_target(name, runs):
-    _, deploy = load_masked_model(None, os.path.join(runs[name]["out"], CHECKPOINT))
+    deploy = load_pruned(os.path.join(runs[name]["out"], CHECKPOINT))
     reduction = _ptflops_reduction(name, deploy)
     assert abs(reduction - TARGET) <= 0.005, reduction
     pruned, deployed = _printed_reductions(runs[name])
@@ -195,7 +194,7 @@ def test_flops_reduction_within_half_a_percent_of_the_target(name, runs):
 @pytest.mark.e2e
 @pytest.mark.parametrize("name", FAMILIES)
 def test_main_prints_the_ptflops_reduction_of_the_deploy_model(name, runs):
-    _, deploy = load_masked_model(None, os.path.join(runs[name]["out"], CHECKPOINT))
+    deploy = load_pruned(os.path.join(runs[name]["out"], CHECKPOINT))
     assert _printed_reductions(runs[name])[0] == pytest.approx(_ptflops_reduction(name, deploy), abs=1e-6)
 
 
@@ -204,7 +203,7 @@ def test_main_prints_the_ptflops_reduction_of_the_deploy_model(name, runs):
 def test_deploy_accuracy_equals_mask_aware_gated_accuracy(name, runs, val_set):
     images, labels = val_set
     checkpoint = os.path.join(runs[name]["out"], CHECKPOINT)
-    mask, deploy = load_masked_model(None, checkpoint)
+    deploy = load_pruned(checkpoint)
     gated = GatedViT(deploy.arch, mask_aware_norm=True)
     gated.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"])
     with torch.no_grad():

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
-from conftest import MASK_CASES, images, mask_case, random_mask, randomize_
+from conftest import MASK_CASES, images, mask_case, random_subset_mask, randomize_
 from models import arch_of, build_deploy_model, create_model
 from models.loading import adapt_state_dict, load_pretrained
 from models.registry import TEST_CONFIGS, build_timm_test_model
@@ -77,7 +77,16 @@ def test_gated_equals_timm_tiny(name, mask_aware_norm):
     gated = gated_from(reference, name, mask_aware_norm)
     x = images(gated.arch)
     with torch.no_grad():
-        assert_logits_equal(gated(x), reference(x))
+        torch.testing.assert_close(gated.forward_features(x), reference.forward_features(x), atol=ATOL, rtol=0)
+        out = gated(x)
+        assert out.shape == (x.shape[0], gated.arch.num_classes)
+        assert_logits_equal(out, reference(x))
+        if gated.arch.distilled:  # each head alone, and eval mode's mean of the two
+            feats, ours = reference.forward_features(x), gated.forward_features(x)
+            ref_cls, ref_dist = reference.head(feats[:, 0]), reference.head_dist(feats[:, 1])
+            torch.testing.assert_close(out, (ref_cls + ref_dist) / 2, atol=ATOL, rtol=0)
+            torch.testing.assert_close(gated.head(ours[:, 0]), ref_cls, atol=ATOL, rtol=0)
+            torch.testing.assert_close(gated.head_dist(ours[:, 1]), ref_dist, atol=ATOL, rtol=0)
 
 
 # -- 2. deploy == gated --------------------------------------------------------------------
@@ -96,7 +105,7 @@ def family_mask(arch, case: str, embed: bool):
     if case in MASK_CASES:
         return mask_case(arch, case, embed=embed)
     seed, emptied, kept = EXTRA_CASES[case]
-    mask = random_mask(arch, seed, embed=embed, empty=[emptied])
+    mask = random_subset_mask(arch, seed, embed=embed, empty=[emptied])
     block, part = kept
     units = mask.heads if part == "heads" else mask.mlp
     units[block] = units[block] or [0]
@@ -120,20 +129,22 @@ def gated_and_deploy(name: str, case: str, embed: bool, seed: int = 3, scale: fl
 @pytest.mark.parametrize("name", TINY)
 def test_deploy_equals_gated_tiny(name, case, embed):
     mask, gated, deploy = gated_and_deploy(name, case, embed)
+    assert deploy.structure() == mask.structure()
     x = images(gated.arch)
+    e = torch.tensor(mask.embed)
     with torch.no_grad():
         assert_logits_equal(deploy(x), gated(x))
-        if embed:
-            e = torch.tensor(mask.embed)
-            torch.testing.assert_close(deploy.forward_features(x), gated.forward_features(x)[..., e],
-                                       atol=ATOL, rtol=0)
+        feats = gated.forward_features(x)
+        torch.testing.assert_close(deploy.forward_features(x), feats[..., e], atol=ATOL, rtol=0)
+    # pruned channels carry exactly zero
+    assert torch.all(feats[..., [c for c in range(mask.embed_dim) if c not in mask.embed]] == 0)
 
 
 def test_layer_scale_fold_with_zero_gamma_channels():
     """Block 0's MLP emptied after its kept attention: the MLP's constant gamma2 * fc2.bias is folded
     into attn.proj.bias / gamma1. A channel where gamma1 is 0 is fine when the constant is 0 there
     too; where it is not, slicing refuses instead of changing the network."""
-    from pruning.mask import PruneMask
+    from models.mask import PruneMask
 
     reference = timm_reference("deit3_test_patch8_32", seed=5)
     gated = gated_from(reference, "deit3_test_patch8_32")
@@ -325,16 +336,17 @@ def test_input_size_defaults_to_the_models_own():
     """Without --input-size a 384 model is not silently resized to 224 (its pos_embed resampled)."""
     import main
 
-    from args import check_common, input_size_of
+    from args import check_input_size
 
     for name, size in (("vit_base_patch16_384", 384), ("deit_base_patch16_224", 224),
                        ("vit_base_patch16_reg4_gap_256", 256)):
         ns = main.get_args_parser().parse_args(["--model", name])
-        assert ns.input_size is None and input_size_of(ns) == size
-        check_common(ns)
+        assert ns.input_size is None
+        check_input_size(ns, arch_of(name))
         assert ns.input_size == size  # the logged configuration holds the size that runs
     ns = main.get_args_parser().parse_args(["--model", "vit_base_patch16_384", "--input-size", "224"])
-    assert input_size_of(ns) == 224
+    check_input_size(ns, arch_of("vit_base_patch16_384"))
+    assert ns.input_size == 224
 
 
 def test_mlp_width_read_back_exactly_and_distilled_options_refused():

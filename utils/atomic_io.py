@@ -20,13 +20,13 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
-# Temporary files of `_atomic_write`: ".tmp_{name}.{pid}.{random}.partial" beside the target,
+# Temporary files of `atomic_write`: ".tmp_{name}.{pid}.{random}.partial" beside the target,
 # so that a later run can recognise (and remove) those left behind by a killed writer.
 TEMP_PREFIX, TEMP_SUFFIX = ".tmp_", ".partial"
 _TEMP_NAME = re.compile(rf"^{re.escape(TEMP_PREFIX)}(?P<target>.+)\.(?P<pid>\d+)\.[a-z0-9_]+{re.escape(TEMP_SUFFIX)}$")
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Write to a temporary file beside `path`, then rename it over `path`."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -61,7 +61,7 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temp_files(directory: str) -> List[Tuple[str, int]]:
     """Delete the temporary files that killed atomic writers left in `directory`.
 
-    Only names of `_atomic_write`'s pattern whose writer process is gone (or is this
+    Only names of `atomic_write`'s pattern whose writer process is gone (or is this
     process, which writes nothing yet when a run starts) are removed; anything else,
     and the files of a writer still running, stay. Call it on one rank only.
 
@@ -91,13 +91,13 @@ def refuse_to_clobber(output_dir: str, name: str, resuming: bool, overwrite: boo
     """Refuse a run that would overwrite an earlier run's `name` in `output_dir` (unless resuming or `overwrite`).
 
     Args:
-        how: the script's way of continuing instead, e.g. "resume it with <auto_resume>, " (`<field>` tokens).
+        how: the script's way of continuing instead, e.g. "resume it with --auto_resume, ".
     """
     if not output_dir or resuming or overwrite:
         return
     if os.path.exists(os.path.join(output_dir, name)):
         raise UserError(f"{output_dir!r} already holds {name} of an earlier run: {how}choose another "
-                        f"<output_dir>, or pass <overwrite> to replace it", field="output_dir")
+                        f"--output_dir, or pass --overwrite to replace it", field="output_dir")
 
 
 def prepare_output_dir(output_dir: str, log: Callable[[str], None]) -> None:
@@ -116,7 +116,7 @@ def atomic_write_text(text: str, path: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def atomic_write_pickle(obj: Any, path: str) -> None:
@@ -124,7 +124,7 @@ def atomic_write_pickle(obj: Any, path: str) -> None:
         with open(tmp, "wb") as f:
             pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def atomic_write_json(obj: Any, path: str) -> None:
@@ -133,4 +133,4 @@ def atomic_write_json(obj: Any, path: str) -> None:
 
 def atomic_copy(src: str, dst: str) -> None:
     """Copy the file `src` to `dst` atomically (the bytes only, not the permissions)."""
-    _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from utils.atomic_io import _atomic_write
+from utils.atomic_io import atomic_write
 from utils.errors import UserError
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -17,7 +17,7 @@ SAFETENSORS_FORMAT = "savit-pruned"  # metadata "format" of the .safetensors fil
 
 def atomic_torch_save(obj: Any, path: str) -> None:
     """`torch.save` that never leaves a half-written file at `path`."""
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def plain_args(args) -> dict:
@@ -45,23 +45,15 @@ def plain_args(args) -> dict:
     return plain(dict(vars(args)) if not isinstance(args, dict) else args)
 
 
-def normalization_of(args) -> dict:
-    """The mean and std the run's images are normalised with (datasets.py's choice, from
-    --not_imagenet_default_mean_and_std), as lists of floats."""
-    from datasets import mean_std  # here, not above: utils imports nothing heavy at module level
-
-    record = args if isinstance(args, dict) else vars(args)
-    mean, std = mean_std(bool(record.get("not_imagenet_default_mean_and_std", False)))
-    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
-
-
-def pruned_description(model: nn.Module, mask, args) -> dict:
+def pruned_description(model: nn.Module, mask) -> dict:
     """What rebuilds the pruned network without flags (`models.load_pruned`): the unpruned
-    architecture (class count and image size included), the kept width, heads and MLP neurons
-    per block, and the input normalisation."""
-    from models.slicing import deploy_structure  # here: `models` imports `utils`
-
-    return {"arch": model.arch.to_dict(), "structure": deploy_structure(mask), "normalization": normalization_of(args)}
+    architecture (`model.arch`: class count and image size included), the kept width, heads and
+    MLP neurons per block (`mask.structure()`), and the input normalisation (`model.normalization`,
+    set by the caller)."""
+    norm = model.normalization
+    if norm is not None:
+        norm = {"mean": [float(v) for v in norm["mean"]], "std": [float(v) for v in norm["std"]]}
+    return {"arch": model.arch.to_dict(), "structure": mask.structure(), "normalization": norm}
 
 
 def model_checkpoint(model: nn.Module, mask, args) -> dict:
@@ -71,21 +63,21 @@ def model_checkpoint(model: nn.Module, mask, args) -> dict:
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "model": model.state_dict(),
         "mask": mask.to_dict(),
-        **pruned_description(model, mask, args),
+        **pruned_description(model, mask),
         "args": plain_args(args),
     }
 
 
-def save_pruned_safetensors(model: nn.Module, mask, args, path: str) -> None:
+def save_pruned_safetensors(model: nn.Module, mask, path: str) -> None:
     """Write the model's weights to `path` (.safetensors) atomically. The metadata -- JSON strings
     of the format version, architecture, structure and normalisation -- is what `models.load_pruned`
     rebuilds the network from."""
     import safetensors.torch
 
     metadata = {"format": SAFETENSORS_FORMAT, "format_version": json.dumps(CHECKPOINT_FORMAT_VERSION)}
-    metadata.update({k: json.dumps(v) for k, v in pruned_description(model, mask, args).items()})
+    metadata.update({k: json.dumps(v) for k, v in pruned_description(model, mask).items()})
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
 
 
 def checkpoint_state(model: nn.Module, mask, optimizer, lr_scheduler, loss_scaler, model_ema, epoch: int,
@@ -130,9 +122,9 @@ def load_resume_weights(checkpoint: dict, path: str, model: nn.Module, mask) -> 
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise UserError(f"{path!r} is not a training checkpoint (no 'model' entry)", field="resume")
     if isinstance(checkpoint.get("mask"), dict) and type(mask).from_dict(checkpoint["mask"], path) != mask:
-        raise UserError(f"{path!r} was written for another pruned model (its mask differs from <masked_model>'s)",
+        raise UserError(f"{path!r} was written for another pruned model (its mask differs from --masked_model's)",
                         field="resume")
-    check_keys(checkpoint["model"], model, path, target="<model>", field="resume")
+    check_keys(checkpoint["model"], model, path, target="--model", field="resume")
     model.load_state_dict(checkpoint["model"])
 
 
@@ -170,7 +162,7 @@ def restore_training_state(checkpoint: dict, optimizer, lr_scheduler, loss_scale
         if model_ema is not None and checkpoint.get("model_ema") is not None:
             model_ema.module.load_state_dict(checkpoint["model_ema"])
     except (KeyError, ValueError, RuntimeError, TypeError) as err:
-        raise UserError(f"{path!r}: its training state does not fit this run (same <opt>, <sched> and model "
+        raise UserError(f"{path!r}: its training state does not fit this run (same --opt, --sched and model "
                         f"flags needed): {type(err).__name__}: {' '.join(str(err).split())[:300]}",
                         field="resume") from None
     lr_scheduler.step(epoch + 1)

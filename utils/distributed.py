@@ -145,7 +145,7 @@ def init_distributed_mode(device: str, dist_url: str = "env://", local_rank: Opt
     local, no_gpu = launch.local_rank, None
     if torch.device(device).type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"{device!r}: CUDA is not available on this machine (use <device> cpu)", field="device")
+            raise UserError(f"{device!r}: CUDA is not available on this machine (use --device cpu)", field="device")
         if local >= torch.cuda.device_count():  # raised once the guard can tell the other ranks
             no_gpu = UserError(f"local rank {local} has no GPU: only {torch.cuda.device_count()} visible")
             no_gpu.rank_specific = True

@@ -1,9 +1,8 @@
 """User errors and the entry-point wrapper that prints them as one line with exit code 2.
 
 A `UserError` may name the configuration `field` it is about (an argparse dest such as
-"data_path") and mention other fields in its message as `<field>` tokens; the library never
-spells a command-line flag. `error_line` renders the one line, given the flags of a script
-(`option_flags`): "--data-path: folder 'x' not found", tokens replaced by their flags.
+"data_path"); the entry script prints that field's flag before the message:
+"--data-path: folder 'x' not found". Other flags a message mentions are spelled in it.
 """
 import argparse
 import contextlib
@@ -14,15 +13,10 @@ import re
 import sys
 import time
 import traceback
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
-# a note traceback prints under the message: the field survives a DataLoader worker, whose
-# error reaches the main process as the worker's traceback text
+# a note printed under a traceback: a DataLoader worker's error reaches the main process as its text
 FIELD_NOTE = "user error field: "
-_TOKEN = re.compile(r"<([a-z][a-z0-9_]*)>")
-
-
-RANK0_PRINT_GRACE_S = 2.0  # silent ranks wait this long before exiting
 
 # called as hook(line, exit code, exception) when an entry point fails; a distributed run
 # registers utils.distributed.report_failure here, which tells the other ranks to stop
@@ -33,10 +27,9 @@ class UserError(Exception):
     """A problem with the user's input (flag, file, data): printed as one line, exit code 2.
 
     Args:
-        message: what is wrong and what was expected; other fields as `<field>` tokens.
+        message: what is wrong and what was expected.
         field: the configuration field (argparse dest) the error is about, or None.
 
-    `detail`: context added after the field's flag (e.g. " (with <model> X)"), set by `naming`.
     `rank_specific`: set on an error that only some ranks of a distributed run meet (all
     ranks print it then, not only rank 0).
     """
@@ -44,31 +37,25 @@ class UserError(Exception):
     rank_specific = False
 
     def __init__(self, message: str = "", field: Optional[str] = None):
+        lines = message.strip().splitlines()
+        if len(lines) > 1:  # re-created from a DataLoader worker's traceback: its last lines are ours
+            if lines[-1].startswith(FIELD_NOTE):
+                field = field or lines.pop()[len(FIELD_NOTE):].strip()
+            message = re.sub(r"^(?:[\w.]*\.)?UserError: ", "", lines[-1].strip())
         super().__init__(message)
         self.field = field
-        self.detail = ""
+        if field:
+            self.add_note(FIELD_NOTE + field)
 
-    @property
-    def field(self) -> Optional[str]:
-        return self._field
-
-    @field.setter
-    def field(self, value: Optional[str]) -> None:
-        self._field = value
-        notes = [n for n in getattr(self, "__notes__", []) if not n.startswith(FIELD_NOTE)]
-        self.__notes__ = notes + ([FIELD_NOTE + value] if value else [])
-
-
-@contextlib.contextmanager
-def naming(field: str, detail: str = "") -> Iterator[None]:
-    """A `UserError` raised inside that names no field yet is about `field` (`detail`: context
-    after the flag, may hold `<field>` tokens). An error that names its field keeps it."""
-    try:
-        yield
-    except UserError as err:
-        if err.field is None:
-            err.field, err.detail = field, detail
-        raise
+    @staticmethod
+    @contextlib.contextmanager
+    def about(field: str) -> Iterator[None]:
+        """A `UserError` raised inside that names no field is about `field`."""
+        try:
+            yield
+        except UserError as err:
+            err.field = err.field or field
+            raise
 
 
 def option_flags(parser: argparse.ArgumentParser) -> Dict[str, str]:
@@ -81,35 +68,10 @@ def option_flags(parser: argparse.ArgumentParser) -> Dict[str, str]:
     return flags
 
 
-def _unwrap(text: str):
-    """(message, field carried in the text) of an error's text.
-
-    A DataLoader worker's error reaches the main process re-created from a multi-line text
-    ("Caught UserError in DataLoader worker process 0. Original Traceback ...
-    utils.errors.UserError: <message>", then the field note): the message is its last line
-    but the note.
-    """
-    text = text.strip()
-    if "\n" not in text:
-        return text, None
-    lines = text.splitlines()
-    field = lines.pop()[len(FIELD_NOTE):].strip() if lines[-1].startswith(FIELD_NOTE) and len(lines) > 1 else None
-    return re.sub(r"^(?:[\w.]*\.)?UserError: ", "", lines[-1].strip()), field
-
-
 def error_line(err: BaseException, flags: Optional[Mapping[str, str]] = None) -> str:
-    """The one line that reports `err`: "{flag of its field}{detail}: {message}", each `<field>`
-    token replaced by its flag (`flags`: dest -> flag; unknown fields stay as they are)."""
-    flags = flags or {}
-
-    def flags_in(text: str) -> str:
-        return _TOKEN.sub(lambda m: flags.get(m.group(1), m.group(0)), text)
-
-    message, carried = _unwrap(str(err))
-    field = getattr(err, "field", None) or carried
-    if not field:
-        return flags_in(message)
-    return f"{flags.get(field, f'<{field}>')}{flags_in(getattr(err, 'detail', '') or '')}: {flags_in(message)}"
+    """The one line that reports `err`: "{flag of its field}: {message}" (`flags`: dest -> flag)."""
+    field = getattr(err, "field", None)
+    return f"{(flags or {}).get(field, field)}: {err}" if field else str(err)
 
 
 def _launcher_rank() -> int:
@@ -118,9 +80,6 @@ def _launcher_rank() -> int:
         return int(os.environ.get("RANK", "0") or 0)
     except ValueError:
         return 0
-
-
-Flags = Union[Mapping[str, str], Callable[[], Mapping[str, str]], None]
 
 
 def _summary(err: BaseException) -> str:
@@ -134,13 +93,13 @@ def _tell_other_ranks(line: str, code: int, err: BaseException) -> None:
         hook(line, code, err)
 
 
-def cli_entry(main_fn: Optional[Callable[..., Any]] = None, *, flags: Flags = None):
+def cli_entry(main_fn: Optional[Callable[..., Any]] = None, *,
+              flags: Optional[Callable[[], Mapping[str, str]]] = None):
     """Wrap an entry point so that `UserError` becomes one clean line on stderr and exit 2.
 
-    `flags`: the script's dest -> flag mapping (or a function giving it, called only when an
-    error is printed) that names fields and `<field>` tokens (see `error_line`).
-    Under torchrun every rank usually meets the same error: only rank 0 prints it
-    (other ranks exit 2 silently), unless the error is marked `rank_specific`.
+    `flags`: a function giving the script's dest -> flag mapping (see `error_line`).
+    Under torchrun every rank usually meets the same error: only rank 0 prints it (other
+    ranks exit 2 silently), unless the error is marked `rank_specific`.
     In a distributed run any failure (a `UserError`, any other exception but SystemExit, Ctrl-C) is also
     handed to `FAILURE_HOOKS`, which stop the other ranks, and the process leaves at once
     (exit 2 for a `UserError`, 130 for Ctrl-C, else 1) after printing its traceback.
@@ -154,16 +113,15 @@ def cli_entry(main_fn: Optional[Callable[..., Any]] = None, *, flags: Flags = No
         try:
             return main_fn(*args, **kwargs)
         except UserError as err:
-            line = error_line(err, flags() if callable(flags) else flags)
+            line = error_line(err, flags() if flags else None)
             rank = _launcher_rank()
             _tell_other_ranks(line, 2, err)  # first: returns only if this process is to report it
             if rank == 0:
                 print(f"error: {line}", file=sys.stderr, flush=True)
-            elif getattr(err, "rank_specific", False):
+            elif err.rank_specific:
                 print(f"error (rank {rank}): {line}", file=sys.stderr, flush=True)
-            if rank != 0 and not getattr(err, "rank_specific", False):
-                # a launcher stops all ranks when the first one exits: let rank 0 print its line first
-                time.sleep(RANK0_PRINT_GRACE_S)
+            else:
+                time.sleep(2.0)  # the launcher stops every rank when one exits: rank 0 prints first
             sys.exit(2)
         except BaseException as err:
             # a SystemExit is meant (submitit exits so after a preemption signal to every task)

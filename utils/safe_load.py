@@ -12,11 +12,12 @@ from safetensors.torch import load_file
 
 from utils.errors import UserError
 
-TRUST_FIELD = "trust_checkpoint"  # the opt-in, named as a `<field>` token in the refusal
-
 
 def _pickle_globals(path: str) -> list:
-    """The globals a pickle file names (read with pickletools: nothing in it is run)."""
+    """The globals a pickle file names (read with pickletools: nothing in it is run).
+
+    For raw pickles: torch's `get_unsafe_globals_in_checkpoint` reads zip checkpoints only, and its
+    scanner stops at protocol-4 opcodes (FRAME, STACK_GLOBAL)."""
     found, recent, memo = [], [], {}  # recent: values pushed lately (str or None)
     with open(path, "rb") as f:
         for op, arg, _ in pickletools.genops(f):
@@ -40,7 +41,7 @@ def _unsafe_globals(path: str) -> list:
         if zipfile.is_zipfile(path):
             return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
         names = _pickle_globals(path)
-    except Exception:  # not a pickle at all: nothing to name
+    except Exception:  # not a pickle, or torch < 2.5 (no get_unsafe_globals_in_checkpoint): nothing to name
         return []
     try:
         from torch._weights_only_unpickler import _get_allowed_globals
@@ -71,7 +72,7 @@ def load_torch_file(path: str, what: str = "checkpoint", trust: bool = False, fi
         unsafe = [] if trust else _unsafe_globals(path)
         if unsafe:
             raise UserError(f"{what} file {path!r} is refused: it needs the global {', '.join(unsafe[:3])}, and "
-                            f"unpickling it could run code from the file; pass <{TRUST_FIELD}> to load it anyway "
+                            f"unpickling it could run code from the file; pass --trust_checkpoint to load it anyway "
                             f"if you trust its source", field) from None
         reason = " ".join(str(err).split())[:200]
         raise UserError(f"{what} file {path!r} is not a readable torch file (UnpicklingError: {reason})",
