@@ -28,7 +28,7 @@ from models import GatedViT, PruneMask, ViTArch, arch_of, build_deploy_model, is
 from models.loading import load_pretrained
 from pruning.feed import feed_batches
 from pruning.flops import format_table, mask_macs, mask_params, ptflops_macs
-from pruning.importance import PruningScorer, all_reduce_state
+from pruning.scoring import PruningScorer, all_reduce_state
 from pruning.pickles import HESSIAN_FILE, criteria_filename, load_pickles, save_pickles
 from pruning.search import check_target_reachable, prune
 from pruning.selection import normalize_by_layer

@@ -112,7 +112,7 @@ def build_student(cfg: DeployRun, arch, resume_checkpoint):
     if cfg.masked_model or resume_checkpoint is None or not isinstance(resume_checkpoint.get("mask"), dict):
         with UserError.about("masked_model" if cfg.masked_model else "finetune"):
             model = load_pruned(cfg.masked_model or None, arch, run.finetune or None, trust=run.trust_checkpoint,
-                                classes_from_checkpoint=cfg.throughput)
+                                classes_from_checkpoint=cfg.throughput, target=f"--model {name}")
         mask = model.mask
         if mask is None:
             raise UserError(f"{cfg.masked_model!r} records the pruned structure but not the mask: pass main.py's "
@@ -120,7 +120,10 @@ def build_student(cfg: DeployRun, arch, resume_checkpoint):
     else:  # the weights come with the rest of the training state (load_resume_weights)
         with UserError.about("resume"):
             mask = PruneMask.from_dict(resume_checkpoint["mask"], source=run.resume)
+        try:
             model = build_deploy_model(arch, mask)
+        except UserError as err:  # the file may be fine, just not for this --model
+            raise UserError(f"{run.resume!r} does not fit --model {name}: {err}", field="resume") from None
     mask.model = mask.model or gated_name_of(name)
     model.normalization = dict(zip(("mean", "std"), mean_std(cfg.data.inception_mean_std)))
     return mask, model

@@ -5,7 +5,7 @@ each timed per batch on the block draws of batch indices 0 .. `--draws` - 1 (ave
   plain      -- forward + backward with the weights' gradients (a training step's cost);
   reverse    -- forward, one `autograd.grad(create_graph=True)` over the gates, then three
                 reverse-over-reverse products, one per row of C, each over its three columns;
-  symmetric  -- the pass as `pruning.importance` runs it: as `reverse`, but the heads and MLP rows'
+  symmetric  -- the pass as `pruning.scoring` runs it: as `reverse`, but the heads and MLP rows'
                 embedding column is read off the embedding row's product (H is symmetric), so their
                 products stop at the lowest block they read;
   batched    -- the three products as ONE reverse call over the stacked rows (`is_grads_batched`, vmap);
@@ -32,7 +32,7 @@ from torch.func import functional_call, grad, jvp, vmap  # noqa: E402
 
 from benchmarks.common import synced_clock as clock  # noqa: E402
 from models import create_model  # noqa: E402
-from pruning.importance import gates_only_grad  # noqa: E402
+from pruning.scoring import gates_only_grad  # noqa: E402
 from pruning.interactions import block_draw  # noqa: E402
 from utils import Parser, cli_entry  # noqa: E402
 

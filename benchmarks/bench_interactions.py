@@ -46,7 +46,7 @@ from losses import build_base_criterion  # noqa: E402
 from models import create_model  # noqa: E402
 from models.loading import load_pretrained  # noqa: E402
 from pruning.feed import feed_batches, num_feed_batches  # noqa: E402
-from pruning.importance import PruningScorer, gates_only_grad  # noqa: E402
+from pruning.scoring import PruningScorer, gates_only_grad  # noqa: E402
 from pruning.interactions import block_draw, hvp_sums  # noqa: E402
 from pruning.mask import COMPONENTS  # noqa: E402
 from pruning.search import SearchOptions, prune  # noqa: E402

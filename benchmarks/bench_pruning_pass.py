@@ -4,7 +4,7 @@ Variants, each in a fresh subprocess (so that its peak RSS is its own):
   (a) plain   -- forward + backward with the weights' gradients (a training step's cost);
   (b) ref     -- reference-style: `loss.backward(create_graph=True)` over ALL parameters,
                  then nine separate `autograd.grad` calls, one per (i, j) entry of C;
-  (ours)      -- `pruning.importance.PruningScorer`: gates-only gradients, 1 backward +
+  (ours)      -- `pruning.scoring.PruningScorer`: gates-only gradients, 1 backward +
                  3 Hessian-vector products;
   (ours mb)   -- the same with `--micro-batch` (each batch in chunks; same results), when given.
 (b) and ours use the same block draws; their criteria (method 2) and C are compared.
@@ -34,7 +34,7 @@ import torch.nn as nn  # noqa: E402
 
 from benchmarks.common import timed  # noqa: E402
 from models import create_model  # noqa: E402
-from pruning.importance import PruningScorer  # noqa: E402
+from pruning.scoring import PruningScorer  # noqa: E402
 from pruning.interactions import block_draw, interaction_normalisers  # noqa: E402
 from pruning.mask import COMPONENTS, criteria_shapes  # noqa: E402
 from utils import Parser  # noqa: E402

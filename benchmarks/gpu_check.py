@@ -255,7 +255,7 @@ def worker_pruning_pass(args, cfg) -> dict:
                     f"{peak_gb / ref_gb:.2f}x the memory)")
     details = [f"- model `{cfg['model']}` at {cfg['img']}, batch {batch}, random images and labels, "
                f"{len(got['times'])} timed batches after {warmup} warm-up (median)",
-               "- `benchmarks/bench_pruning_pass.py` variant 'ours' (`pruning.importance.PruningScorer`): method 2 "
+               "- `benchmarks/bench_pruning_pass.py` variant 'ours' (`pruning.scoring.PruningScorer`): method 2 "
                "with the interaction matrix C, gates-only gradients, criteria in fp32 (autocast off), no loss scaler",
                f"- {summary}",
                f"- criteria and C finite: {finite}"]

@@ -216,8 +216,10 @@ def load_pruned(path: Optional[str], arch: Optional[ViTArch] = None, weights: Op
     if arch is None:
         raise UserError(f"{path!r} is a mask JSON: the model's architecture must be given")
     mask = PruneMask.full(arch) if path is None else PruneMask.load(path)
+    if path is not None:  # before the weights are read: a misfit is the mask's
+        _fits(mask, arch, path, target)
     if weights:
-        state = state_dict_of(load_torch_file(weights, "weights", trust=bool(trust)), weights)
+        state = state_dict_of(load_torch_file(weights, "weights", trust=bool(trust), field="finetune"), weights)
         gates = PruneMask.from_gate_state_dict(state, source=weights) if path is None and GATE_KEY in state else None
         if gates is not None and gates.kept_counts() != gates.total_counts():
             raise UserError(f"{weights!r} holds a pruned gated model: pass it as the pruned model (--masked_model)")

@@ -19,7 +19,7 @@ Tensor = torch.Tensor
 def magnitude_criteria(state_dict: Mapping[str, Tensor], arch: ViTArch) -> Dict[str, Tensor]:
     """L1 norm of the weight-matrix entries each unit owns: those the deploy model loses with the unit.
 
-    In the criteria format of `pruning.importance`, so it can go through `pruning.search.prune`.
+    In the criteria format of `pruning.scoring`, so it can go through `pruning.search.prune`.
     Only weight MATRICES (Linear and conv weights) count; biases, LayerNorm affine parameters,
     tokens and `pos_embed` are per-channel vectors, not connections between units. A head owns its
     3 * head_dim rows of `qkv.weight` and head_dim columns of `proj.weight`; neuron j row j of `fc1`

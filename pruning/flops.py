@@ -198,7 +198,7 @@ def _main(argv=None) -> None:
         arch = arch_for_mask(name, mask, img_size=args.input_size, num_classes=args.nb_classes)
         if mask is not None:
             mask.check_fits(arch)
-    except UserError as err:  # name the flag (a field of the error by this parser's flag)
+    except UserError as err:  # name the flag; a field the error names is shown as this parser's flag
         raise UserError(f"--mask: {error_line(err, option_flags(parser))}") from None
     print(f"model {name}  tokens {arch.num_tokens}  classes {arch.num_classes}  mask {args.mask or '(none: unpruned)'}")
     for line in format_table(arch, mask):

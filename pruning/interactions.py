@@ -1,7 +1,7 @@
 """The estimator of the 3x3 interaction matrix C (docs/METHOD.md section 3).
 
 Per batch: the block draws, then one Hessian-vector product per row of C, each term divided by
-its normaliser N[i, j] = n_i * n_j; the pass (`pruning.importance`) divides C by the batch count.
+its normaliser N[i, j] = n_i * n_j; the pass (`pruning.scoring`) divides C by the batch count.
 `--hessian_estimator rb` and `--hessian_blocks K` lower the variance at the same expectation
 (`add_interactions`).
 """

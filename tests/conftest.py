@@ -1,9 +1,11 @@
 """Shared set-up and helpers of the test suite (import them as `from conftest import ...`).
 
 Markers (pytest.ini): `e2e` marks multi-process, subprocess and demo runs and the slowest
-in-process checks; the fast subset is `python -m pytest -q -m "not e2e" tests`. `slow` marks
-full-size DeiT configurations.
+in-process checks; `slow` marks tests that build full-size models. The fast subset is
+`python -m pytest -q -m "not e2e and not slow" tests`.
 """
+import gc
+import glob
 import os
 import socket
 import sys
@@ -152,3 +154,81 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- tiny runs of main.py and main_deploy.py in this process -------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS_CPU = ["--data-set", "DIGITS", "--input-size", "32", "--device", "cpu", "--num_workers", "0"]
+NO_AUGMENT = ["--aa=", "--reprob", "0", "--mixup", "0", "--cutmix", "0", "--log_period", "100"]
+TINY_DEPLOY = ["--model", "deit_test_patch8_32_deploy", *DIGITS_CPU, *NO_AUGMENT, "--batch-size", "100",
+               "--warmup-epochs", "0"]
+TINY_PRUNE = ["--model", "deit_test_patch8_32", *DIGITS_CPU, *NO_AUGMENT, "--batch-size", "16",
+              "--pruning_feed_percent", "0.06", "--need_hessian", "--finetune_op", "2",
+              "--pruning_flops_percentage", "0.5"]
+
+
+def call_entry(entry: str, argv, capsys) -> tuple:
+    """(exit status, stderr) of `main.main` (entry 'main') or `main_deploy.main` ('deploy') called in
+    this process: the same `cli_entry` path as the command line."""
+    import main
+    import main_deploy
+
+    module = main if entry == "main" else main_deploy
+    code = 0
+    try:
+        module.main(module.get_args_parser().parse_args([str(a) for a in argv]))
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def one_error_line(err: str) -> str:
+    """`err` is one `error: ...` line and no traceback; that line."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def text_logs(folder) -> str:
+    """The text of every *.log file in `folder`, in name order."""
+    return "".join(open(n).read() for n in sorted(glob.glob(os.path.join(str(folder), "*.log"))))
+
+
+def launcher_free_env() -> dict:
+    """os.environ without torchrun's variables, one thread: for a subprocess run."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@pytest.fixture
+def quick_worker_exit(monkeypatch):
+    """A DataLoader worker left by a failed test stops in 0.1 s, not 5 s.
+
+    The error re-raised from a worker holds the loader's iterator in a reference cycle, so
+    the garbage collector frees it, with its queue to the worker: the stop message never
+    leaves, and torch terminates the worker after its join timeout (5 s, shortened here).
+    """
+    import torch.utils.data._utils as loader_utils
+
+    monkeypatch.setattr(loader_utils, "MP_STATUS_CHECK_INTERVAL", 0.1)
+    yield
+    gc.collect()
+
+
+class TimedItems:
+    """`n` items (`item`, or a zero tensor); fetching one advances the fake clock `clock[0]` by `step` s."""
+
+    def __init__(self, clock: list, n: int, step: float, item=None):
+        self.clock, self.n, self.step, self.item = clock, n, step, item
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        for _ in range(self.n):
+            self.clock[0] += self.step
+            yield self.item if self.item is not None else torch.zeros(2, 1)

@@ -260,7 +260,7 @@ class _UnreadableImages(Dataset):
         raise UserError(f"cannot read image 'img{index}.png'", field="data_path")
 
 
-def test_the_field_survives_a_dataloader_worker():
+def test_the_field_survives_a_dataloader_worker(quick_worker_exit):
     """A worker's error reaches the main process re-created from its traceback text: message and field come back."""
     with pytest.raises(UserError) as err:
         next(iter(DataLoader(_UnreadableImages(), num_workers=1)))

@@ -55,15 +55,15 @@ def fault(where):
 
 if script == "main.py":
     import main as entry
-    import pruning.importance as importance
-    real_score = importance.PruningScorer.score_batch
+    import pruning.scoring as scoring
+    real_score = scoring.PruningScorer.score_batch
 
     def score_batch(self, images, targets, batch_index):
         if batch_index == int(os.environ["FAULT_BATCH"]):
             fault("at batch " + str(batch_index))
         return real_score(self, images, targets, batch_index)
 
-    importance.PruningScorer.score_batch = score_batch
+    scoring.PruningScorer.score_batch = score_batch
 else:
     import main_deploy as entry
     import losses
@@ -299,6 +299,8 @@ def test_guard_leaves_when_the_store_is_gone_unless_finishing():
         if finishing:
             guard.finishing()
         del server  # rank 0 (the store's host) is gone
-        time.sleep(1.0)
+        deadline = time.time() + 1.0
+        while not exits and time.time() < deadline:  # finishing: a whole second without leaving
+            time.sleep(0.02)
         assert exits == expected
         guard.stop()

@@ -1,4 +1,6 @@
-"""engine.py loops on a tiny DeiT with DIGITS, plus the shared flags and utils' logging/distributed helpers."""
+"""engine/ on a tiny DeiT with DIGITS: the loops, `fit` (DDP at world size 1, EMA, checkpoint, resume),
+the lr schedule after warm-up and the EMA horizon note; plus the shared flags and utils' logging
+(progress lines on a timer) and distributed helpers."""
 import copy
 import json
 import math
@@ -11,13 +13,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from timm.scheduler import create_scheduler
 from torch.utils.data import Subset
 
 import args as flags
-from conftest import assert_accuracy, assert_same, free_port
+import main_deploy
+from conftest import TimedItems, assert_accuracy, assert_same, free_port
 from datasets import build_dataset, build_loaders, build_mixup
 import engine.training
-from engine import NonFiniteLossError, evaluate, fit, make_loss_scaler, train_one_epoch
+from engine import NonFiniteLossError, ema_horizon_note, evaluate, fit, make_loss_scaler, train_one_epoch
 from losses import DistillationLoss, build_base_criterion
 from models import arch_of, build_deploy_model, create_model
 from models.mask import PruneMask
@@ -28,9 +32,7 @@ CPU = torch.device("cpu")
 
 
 def make_args(*argv):
-    import main_deploy  # the parser with every shared flag
-
-    parser = main_deploy.get_args_parser()
+    parser = main_deploy.get_args_parser()  # the parser with every shared flag
     return parser.parse_args(["--device", "cpu", "--num_workers", "0", "--data-set", "DIGITS",
                               "--input-size", "32", "--batch-size", "16", *argv])
 
@@ -268,6 +270,27 @@ def test_metric_logger_prints_eta_and_samples_per_second():
     assert lines[-1].startswith("Epoch: [0] Total time:")
 
 
+def test_metric_logger_prints_on_a_timer(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    for step, expected in ((0.0, [1, 10]), (11.0, [1, 4, 7, 10]), (31.0, list(range(1, 11)))):
+        lines = []
+        logger = MetricLogger(print_fn=lines.append, device="cpu")
+        for _ in logger.log_every(TimedItems(clock, 10, step), 1000, "Epoch: [0]"):
+            pass
+        done = [int(m) for line in lines[:-1] for m in re.findall(r"\[\s*(\d+)/10\]", line)]
+        assert done == expected, (step, lines)
+        assert "Total time" in lines[-1]
+
+
+def test_metric_logger_tiny_interval_prints_every_iteration():
+    lines = []
+    logger = MetricLogger(print_fn=lines.append, device="cpu")
+    for _ in logger.log_every([torch.zeros(1)] * 4, 100, print_seconds=0.0):
+        pass
+    assert len(lines) == 5 and "samples/s" in lines[1]
+
+
 def test_smoothed_value_statistics():
     meter = SmoothedValue(window_size=3)
     values, weights = [4.0, 1.0, 7.0, 2.0, 5.0], [1, 2, 1, 3, 1]
@@ -278,14 +301,62 @@ def test_smoothed_value_statistics():
     assert meter.global_avg == pytest.approx(np.average(values, weights=weights))
 
 
+# ---------------------------------------------------------------- lr schedule, EMA horizon
+
+def lr_sequence(batch_size: int, epochs: int = 30, **options):
+    """(config, lr of each epoch, notes) of main_deploy.py's schedule at this batch size and options."""
+    argv = ["--model", "deit_test_patch8_32_deploy", "--batch-size", str(batch_size), "--epochs", str(epochs)]
+    for k, v in options.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    args, lines = flags.train_config(main_deploy.get_args_parser().parse_args(argv), world_size=1)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    scheduler, num_epochs = create_scheduler(args, optimizer)
+    lrs = []
+    for epoch in range(num_epochs):
+        scheduler.step(epoch)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    return args, lrs, lines
+
+
+def test_small_batch_lr_never_rises_after_warmup():
+    args, lrs, lines = lr_sequence(8)  # 5e-4 * 8 / 512 = 7.8e-6 < --min-lr 1e-5
+    assert args.lr == pytest.approx(5e-4 * 8 / 512)
+    after = lrs[args.warmup_epochs:]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(after, after[1:])), after
+    assert max(lrs) <= args.lr * (1 + 1e-12)
+    assert len(lines) == 1 and "--min-lr lowered from 1e-05 to 7.81e-06" in lines[0]
+
+
+def test_warmup_lr_above_the_scaled_lr_is_lowered_too():
+    args, lrs, lines = lr_sequence(8, warmup_lr=5e-5)
+    assert args.warmup_lr == args.min_lr == args.lr
+    assert max(lrs) <= args.lr * (1 + 1e-12) and len(lines) == 2 and "--warmup-lr lowered from 5e-05" in lines[1]
+
+
+def test_large_batch_schedule_untouched():
+    args, lrs, lines = lr_sequence(512)
+    assert lines == [] and args.min_lr == 1e-5 and args.warmup_lr == 1e-6
+    assert lrs[0] == pytest.approx(1e-6) and lrs[-1] == pytest.approx(1e-5)
+
+
+def test_ema_note_when_the_run_is_shorter_than_the_horizon():
+    note = ema_horizon_note(0.99996, 800)
+    assert note.count("\n") == 0 and "~25000" in note and "800" in note
+    assert f"{0.99996 ** 800:.0%}" in note and "--model-ema-decay 0.9875" in note and "--no-model-ema" in note
+    assert ema_horizon_note(0.99, 800) == ""  # horizon 100 steps
+    assert ema_horizon_note(0.99996, 30000) == ""
+    short = ema_horizon_note(0.999, 5)
+    assert "--no-model-ema" in short and "--model-ema-decay" not in short
+    suggested = float(re.search(r"--model-ema-decay ([\d.]+)", note).group(1))
+    assert 1 / (1 - suggested) <= 800 and suggested ** 800 < 1e-3  # the suggestion forgets its start
+
+
 # ---------------------------------------------------------------- flags
 
 def test_shared_flags_have_deit_defaults_and_feed_timm():
     from timm.optim import create_optimizer_v2, optimizer_kwargs
-    from timm.scheduler import create_scheduler
 
     import main
-    import main_deploy
 
     assert main.get_args_parser().parse_args([]).pruning_flops_percentage == 0.5
     ns = main_deploy.get_args_parser().parse_args([])

@@ -1,4 +1,5 @@
-"""FLOPs (MACs) and params: analytic count vs ptflops on the deploy model, the paper's numbers, the CLI."""
+"""FLOPs (MACs) and params: analytic count vs ptflops on the deploy model, the paper's numbers, the CLI
+(`python -m pruning.flops`) and its one-line flag errors."""
 import os
 import re
 import subprocess
@@ -10,9 +11,11 @@ import pytest
 
 from models import DeployViT, arch_of
 from models.registry import TEST_CONFIGS
+from pruning import flops
 from pruning.flops import analytic_macs, mask_macs, mask_param_parts, mask_params, ptflops_macs
 from models.mask import PruneMask
-from conftest import MASK_CASES, mask_case
+from conftest import MASK_CASES, mask_case, one_error_line
+from utils import cli_entry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,6 +47,7 @@ def test_analytic_matches_ptflops_tiny(name, case, embed):
     assert_counts_agree(arch, mask_case(arch, case, embed=embed))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["random0", "emptied"])
 def test_analytic_matches_ptflops_deit_small(case):
     arch = arch_of("deit_small_patch16_224")
@@ -60,6 +64,7 @@ FULL_SIZE_FAMILIES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, case", FULL_SIZE_FAMILIES)
 def test_analytic_matches_ptflops_full_size_families(name, case):
     arch = arch_of(name)
@@ -85,6 +90,7 @@ def test_unpruned_family_counts_follow_the_options():
     assert mask_params(replace(base, reg_tokens=4, no_embed_class=True)) - params == 4 * d - d  # no class row
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, gmacs, mparams", [
     ("deit_tiny_patch16_224", 1.25, 5.7),
     ("deit_small_patch16_224", 4.60, 22.1),
@@ -117,11 +123,32 @@ def test_split_and_emptied_branches_cost_nothing():
     assert mask_macs(arch, mask) == analytic_macs(arch, 40, [3] * 6, [100] * 6)
 
 
-# -- the command (subprocesses: e2e) ------------------------------------------------------------------------
+# -- the command: bad flags in this process, the rest as subprocesses (e2e) ---------------------------------
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pruning.flops", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--input-size", "0"], ["--input-size", "got 0"]),
+    (["--model", "deit_test_patch8_32", "--input-size", "31"], ["--input-size", "patch size 8", "got 31"]),
+    (["--nb-classes", "0"], ["--nb-classes", "got 0"]),
+    (["--mask", "/nowhere/mask.json"], ["--mask", "/nowhere/mask.json", "not found"]),
+])
+def test_flops_cli_flags(argv, words, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_entry(flops._main)(argv)
+    line = one_error_line(capsys.readouterr().err)
+    assert exit_.value.code == 2 and all(w in line for w in words), line
+
+
+@pytest.mark.e2e
+def test_flops_cli_input_size_zero_on_the_command_line():
+    proc = run_cli("--input-size", "0")
+    assert proc.returncode == 2
+    assert one_error_line(proc.stderr).startswith("error: --input-size")
+    assert proc.stdout == ""
 
 
 @pytest.mark.e2e

@@ -1,4 +1,4 @@
-"""First-order criteria and the 3x3 interaction matrix (pruning/importance.py) against
+"""First-order criteria and the 3x3 interaction matrix (pruning/scoring.py) against
 independent computations: `torch.func.grad` of the loss w.r.t. the gates, per-token gate
 leaves with plain autograd, and the full gate Hessian of `torch.autograd.functional.hessian`.
 """
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from models import arch_of, create_model
-from pruning import importance
-from pruning.importance import PruningScorer, all_reduce_state, sum_states
+from pruning import scoring
+from pruning.scoring import PruningScorer, all_reduce_state, sum_states
 from pruning.interactions import BlockDraw, block_draw
 from pruning.mask import criteria_shapes
 from pruning.pickles import criteria_filename, load_pickles, save_pickles
@@ -203,7 +203,7 @@ def test_interactions_equal_sums_of_the_full_gate_hessian(monkeypatch, name):
     model = make_model(name=name, **NARROW)
     arch = model.arch
     depth, D = arch.depth, arch.embed_dim
-    monkeypatch.setattr(importance, "block_draw", lambda seed, index, d: FIXED_DRAWS[index])
+    monkeypatch.setattr(scoring, "block_draw", lambda seed, index, d: FIXED_DRAWS[index])
     batches = make_batches(arch, [3, 2], seed=4, dtype=torch.float64)
     hessian_embed = 6.0
     scorer = PruningScorer(model, soft_cross_entropy, method=2, need_hessian=True, hessian_embed=hessian_embed)

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from models import create_model
-from pruning import importance
-from pruning.importance import PruningScorer
+from pruning import scoring
+from pruning.scoring import PruningScorer
 from pruning.interactions import BlockDraw, block_draw
 from conftest import randomize_
 from utils import UserError
@@ -41,7 +41,7 @@ def make_batch(arch, size: int = 3, seed: int = 4):
 
 def scored_C(model, batch, monkeypatch, draws, **kwargs):
     """C of the real pass on one batch, its draws forced: `draws[k]` for the batch's k-th draw."""
-    monkeypatch.setattr(importance, "block_draw", lambda seed, index, depth, draw=0: draws[draw])
+    monkeypatch.setattr(scoring, "block_draw", lambda seed, index, depth, draw=0: draws[draw])
     scorer = PruningScorer(model, soft_cross_entropy, method=2, need_hessian=True, hessian_embed=HESSIAN_EMBED,
                            hessian_blocks=len(draws), **kwargs)
     scorer.score_batch(*batch, 0)
@@ -124,7 +124,7 @@ def test_rb_equals_reference_on_one_block(monkeypatch):
     # and through the real draws of the pass, several batches
     results = []
     for estimator in ("reference", "rb"):
-        monkeypatch.setattr(importance, "block_draw", block_draw)
+        monkeypatch.setattr(scoring, "block_draw", block_draw)
         scorer = PruningScorer(model, soft_cross_entropy, need_hessian=True, seed=5, estimator=estimator)
         for k in range(3):
             scorer.score_batch(*make_batch(model.arch, seed=k), k)
@@ -155,7 +155,7 @@ def test_the_extra_draws_are_keyed_by_seed_batch_and_draw(monkeypatch):
     assert {e[0].l for e in extra} == set(range(depth))
     # the scorer asks for draws 0..K-1 of the batch's GLOBAL index
     asked = []
-    monkeypatch.setattr(importance, "block_draw",
+    monkeypatch.setattr(scoring, "block_draw",
                         lambda seed, index, d, draw=0: asked.append((seed, index, draw)) or block_draw(seed, index, d))
     model = make_model()
     scorer = PruningScorer(model, soft_cross_entropy, need_hessian=True, seed=11, hessian_blocks=3)

@@ -151,6 +151,7 @@ def test_torch_hub_local(files):
         torch.hub.load(ROOT, "savit_pruned", checkpoint=path, source="local", pretrained=True)
 
 
+@pytest.mark.e2e  # a fresh interpreter: what a loaded model imports at run time (static rules: test_layers.py)
 def test_models_do_not_import_pruning(files):
     """Loading a gated checkpoint slices it with models.slicing: no module of `pruning` is imported."""
     code = ("import sys; from models import load_pruned; load_pruned(sys.argv[1]); "

@@ -86,7 +86,7 @@ def test_classifier_of_another_size_is_dropped(tmp_path, name, caplog):
     ("deit_test_patch8_32", 48),
     ("deit_test_patch8_32", 16),
     ("deit_test_distilled_patch8_32", 64),
-    ("deit_tiny_patch16_224", 288),
+    pytest.param("deit_tiny_patch16_224", 288, marks=pytest.mark.slow),
 ])
 def test_pos_embed_resampled_to_new_grid(tmp_path, name, new_size):
     official = official_checkpoint(name)

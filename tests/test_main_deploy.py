@@ -1,4 +1,4 @@
-"""End-to-end tests of main_deploy.py (issue 4): the smaller DeiT built from a mask, fine-tuned,
+"""End-to-end tests of main_deploy.py: the smaller DeiT built from a mask, fine-tuned,
 distilled, distributed, resumed, evaluated and timed, on tiny DeiTs and DIGITS on the CPU.
 
 Module fixtures: a gated checkpoint with an explicit mask (pruned heads, neurons and channels

@@ -239,7 +239,7 @@ def test_pickle_from_reproduces_mask_without_data_pass(runs):
     out, proc = runs["from_pickles"]
     assert "pruning pass" not in proc.stdout and "no data pass" in proc.stdout
     assert open(os.path.join(src, "mask.json")).read() == open(os.path.join(out, "mask.json")).read()
-    # the pickles are read and copied as they are (issue 8), so this folder can serve as --pruning_pickle_from
+    # the pickles are read and copied as they are, so this folder can serve as --pruning_pickle_from
     copied = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "*.pickle")))
     assert copied == sorted(os.path.basename(p) for p in glob.glob(os.path.join(src, "*.pickle")))
     for name in copied:

@@ -165,6 +165,7 @@ def test_layer_scale_fold_with_zero_gamma_channels():
 
 # -- 1. + 2. full size: gated == timm, and deploy == gated -----------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FULL_SIZE)
 def test_full_size_family_matches_timm_and_deploy(name):
     # weights of scale 0.02 (timm's init) keep fp32 round-off of 12+ wide blocks below the tolerance
