@@ -1,9 +1,10 @@
 """scripts/demo_summary.py: the summary of a demo run evaluates the three checkpoints on the data
 set their runs recorded (top-1 against an independent evaluation), and refuses runs that record no
-data set or disagree about it, in one line. Random-weight tiny DeiTs; the script runs as a subprocess."""
+data set or disagree about it, in one line. Random-weight tiny DeiTs; the script's `main` runs in this
+process (the README test runs it as a command, inside scripts/demo.sh)."""
+import importlib.util
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -64,42 +65,51 @@ def independent_top1(model, folder) -> float:
     return 100.0 * hits / total
 
 
-def run_summary(out):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "demo_summary.py"), "--output_dir", str(out),
-                           "--batch-sizes", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+def run_summary(out, monkeypatch, capsys):
+    """(exit status, stdout, stderr) of `scripts/demo_summary.py --output_dir out --batch-sizes 1`."""
+    path = os.path.join(ROOT, "scripts", "demo_summary.py")
+    spec = importlib.util.spec_from_file_location("demo_summary", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(sys, "argv", [path, "--output_dir", str(out), "--batch-sizes", "1"])
+    try:
+        script.main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 DATA_ARGS = dict(data_set="IMNET", input_size=32, crop_pct=None,
                  not_imagenet_default_mean_and_std=False)
 
 
-@pytest.mark.e2e  # a subprocess or ONNX export: seconds, not milliseconds
-def test_demo_summary_evaluates_on_the_recorded_image_folder(tmp_path):
+@pytest.mark.e2e  # three evaluations and throughput runs: seconds
+def test_demo_summary_evaluates_on_the_recorded_image_folder(tmp_path, monkeypatch, capsys):
     data = tmp_path / "data"
     write_image_folder(data)
     arch = arch_of(NAME, num_classes=3)
     models = write_runs(tmp_path / "out", {**DATA_ARGS, "data_path": str(data)}, arch)
-    proc = run_summary(tmp_path / "out")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    row = next(line for line in proc.stdout.splitlines() if line.startswith("| top-1"))
+    code, out, err = run_summary(tmp_path / "out", monkeypatch, capsys)
+    assert code == 0, out[-2000:] + err[-2000:]
+    row = next(line for line in out.splitlines() if line.startswith("| top-1"))
     assert f"IMNET {data} val, 12 images" in row
     printed = [float(v) for v in re.findall(r"([\d.]+)%", row)]
     expected = [independent_top1(models[k], data) for k in ("unpruned", "pruned", "finetuned")]
     assert printed == pytest.approx(expected, abs=0.006)
 
 
-@pytest.mark.e2e  # a subprocess or ONNX export: seconds, not milliseconds
-def test_demo_summary_refuses_runs_without_or_with_disagreeing_records(tmp_path):
+def test_demo_summary_refuses_runs_without_or_with_disagreeing_records(tmp_path, monkeypatch, capsys):
     arch = arch_of(NAME, num_classes=3)
     write_runs(tmp_path / "a", {"data_set": None}, arch)  # nothing recorded
-    proc = run_summary(tmp_path / "a")
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert len(proc.stderr.strip().splitlines()) == 1 and "records the data set" in proc.stderr
+    code, out, err = run_summary(tmp_path / "a", monkeypatch, capsys)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "records the data set" in err
     write_runs(tmp_path / "b", {**DATA_ARGS, "data_path": str(tmp_path)}, arch)
     checkpoint = torch.load(tmp_path / "b" / "2_prune" / "checkpoint_pruned_00.pth", weights_only=False)
     checkpoint["args"]["data_set"] = "DIGITS"
     torch.save(checkpoint, tmp_path / "b" / "2_prune" / "checkpoint_pruned_00.pth")
-    proc = run_summary(tmp_path / "b")
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-    assert "different data" in proc.stderr and "DIGITS" in proc.stderr
+    code, _, err = run_summary(tmp_path / "b", monkeypatch, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "different data" in err and "DIGITS" in err

@@ -5,12 +5,14 @@ Axes of the fine-tuning matrix (`COMBOS`; every value appears, most pairs do): s
 DeiT, distilled DeiT, two non-DeiT families: DeiT III and registers + average pooling), pruned
 (`--masked_model` of a mask that empties whole branches) or unpruned, distillation none / soft /
 hard, EMA on / off, `--dist-eval` on / off, mixup + cutmix on / off, repeated augmentation on / off.
-Each run is two epochs and is checked against independent computations:
+Each run is two short epochs on an ImageFolder tree of DIGITS images (300 training images: 4 steps
+of 2 x 32 an epoch; 99 validation images, an odd count) and is checked against independent
+computations:
 
 * both ranks hold bit-identical weights (and EMA) after each epoch (a spy saves each rank's);
 * `log.txt`'s test_acc1 (and test_ema_acc1) is the single-process accuracy of those weights on
-  the 297 validation digits (up to near-ties), and every logged evaluation counts 297 images,
-  with or without `--dist-eval` (not world size x 297);
+  the 99 validation images (up to near-ties), and every logged evaluation counts 99 images,
+  with or without `--dist-eval` (not world size x 99);
 * `--auto_resume` in a second launch from the folder as it was right after epoch 0 gives the
   same final checkpoint (weights, EMA, optimiser, scheduler) and the same log.txt as the run
   without the stop; for the distilled student the first launch really ends right after epoch
@@ -42,7 +44,7 @@ import main as prune_main
 import main_deploy
 from args import data_config
 from conftest import assert_accuracy, assert_same, mask_case, randomize_
-from datasets import DigitsDataset, build_transform
+from datasets import DigitsDataset, build_dataset
 from models import DeployViT, arch_of, create_model, load_pruned
 from models.mask import PruneMask
 
@@ -50,10 +52,10 @@ pytestmark = pytest.mark.e2e
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 10
-VAL_IMAGES = 297
+TRAIN_IMAGES, VAL_IMAGES = 300, 99  # the first DIGITS images of each split, as an ImageFolder tree
 TEACHER = "deit_test_patch8_32_deploy"
 DATA = ["--data-set", "DIGITS", "--input-size", "32", "--device", "cpu"]
-FINETUNE = [*DATA, "--batch-size", "32", "--num_workers", "0", "--epochs", "2", "--warmup-epochs", "0",
+FINETUNE = ["--batch-size", "32", "--num_workers", "0", "--epochs", "2", "--warmup-epochs", "0",
             "--cooldown-epochs", "0", "--aa", "", "--reprob", "0", "--log_period", "100", "--seed", "0"]
 HAS_EMA_EVAL = "--model-ema-eval" in main_deploy.get_args_parser()._option_string_actions
 
@@ -213,7 +215,14 @@ def work(tmp_path_factory):
 @pytest.fixture(scope="module")
 def inputs(work) -> dict:
     torch.manual_seed(0)
-    paths = {"teacher": str(work / "teacher.pth"), "pretrained": str(work / "deit_test.pth")}
+    paths = {"teacher": str(work / "teacher.pth"), "pretrained": str(work / "deit_test.pth"),
+             "images": str(work / "digits")}
+    for split, train, n in (("train", True, TRAIN_IMAGES), ("val", False, VAL_IMAGES)):
+        digits = DigitsDataset(train, 32)
+        for i in range(n):
+            image, label = digits[i]
+            os.makedirs(os.path.join(paths["images"], split, str(label)), exist_ok=True)
+            image.save(os.path.join(paths["images"], split, str(label), f"{i}.png"))
     torch.save(create_model(TEACHER, num_classes=NUM_CLASSES).state_dict(), paths["teacher"])
     plain = create_model("deit_test_patch8_32", num_classes=NUM_CLASSES, img_size=32).state_dict()
     torch.save({"model": {k: v for k, v in plain.items() if "gate" not in k}}, paths["pretrained"])
@@ -230,9 +239,14 @@ def inputs(work) -> dict:
     return paths
 
 
+def _folder(inputs: dict) -> list:
+    """The data flags of the ImageFolder tree of DIGITS images."""
+    return ["--data-set", "IMNET", "--data-path", inputs["images"], "--input-size", "32", "--device", "cpu"]
+
+
 def _flags(combo: str, inputs: dict, out) -> list:
     student, pruned, distillation, ema, dist_eval, mixup, repeated = COMBOS[combo]
-    argv = ["--model", student + "_deploy", *FINETUNE, "--output_dir", str(out)]
+    argv = ["--model", student + "_deploy", *_folder(inputs), *FINETUNE, "--output_dir", str(out)]
     if pruned:
         argv += ["--masked_model", inputs[student]]
     if distillation != "none":
@@ -293,8 +307,8 @@ def launch_b(work, inputs, launch_a) -> dict:
              "argv": _flags(combo, inputs, work / f"{combo}_resumed") + ["--auto_resume"]} for combo in COMBOS]
     for dist_eval in (False, True):
         plan.append({"name": f"eval_dist{int(dist_eval)}", "script": "deploy",
-                     "argv": ["--model", "deit_test_distilled_patch8_32_deploy", *DATA, "--batch-size", "32",
-                              "--num_workers", "0", "--eval", "--output_dir", "",
+                     "argv": ["--model", "deit_test_distilled_patch8_32_deploy", *_folder(inputs),
+                              "--batch-size", "32", "--num_workers", "0", "--eval", "--output_dir", "",
                               "--masked_model", inputs["deit_test_distilled_patch8_32"]]
                      + (["--dist-eval"] if dist_eval else [])})
     start = time.time()
@@ -304,10 +318,10 @@ def launch_b(work, inputs, launch_a) -> dict:
 
 
 @pytest.fixture(scope="module")
-def val_set():
-    """DIGITS validation images with main_deploy.py's evaluation transform, as one tensor."""
-    ns = data_config(main_deploy.get_args_parser().parse_args(DATA))
-    ds = DigitsDataset(False, 32, build_transform(False, ns))
+def val_set(inputs):
+    """The validation images with main_deploy.py's evaluation transform, as one tensor."""
+    ns = data_config(main_deploy.get_args_parser().parse_args(_folder(inputs)))
+    ds, _ = build_dataset(False, ns)
     assert len(ds) == VAL_IMAGES
     return torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor(ds.targets)
 
@@ -373,7 +387,7 @@ def test_two_ranks_agree_and_log_the_single_process_accuracy(combo, work, launch
         assert any(not torch.equal(checkpoint["model"][k], checkpoint["model_ema"][k]) for k in checkpoint["model"])
     else:
         assert checkpoint["model_ema"] is None
-    # every evaluation counts the 297 images once, sharded (--dist-eval) or not
+    # every evaluation counts the validation images once, sharded (--dist-eval) or not
     counts = re.findall(r"\* Acc@1 [\d.]+ Acc@5 [\d.]+ loss [\d.]+ \((\d+) images\)", _text_logs(out))
     assert counts == [str(VAL_IMAGES)] * (2 * (2 if ema and HAS_EMA_EVAL else 1)), counts
 

@@ -497,7 +497,9 @@ def test_two_gloo_ranks_agree_with_one_process(tmp_path, digits):
 
     model = create_model("deit_test_patch8_32", num_classes=10)
     torch.save(model.state_dict(), tmp_path / "model.pth")
-    mp.spawn(_two_rank_worker, args=(free_port(), str(tmp_path / "model.pth"), str(tmp_path)), nprocs=2)
+    # forked (CPU, gloo): the ranks start in a second, without importing this module again
+    mp.start_processes(_two_rank_worker, args=(free_port(), str(tmp_path / "model.pth"), str(tmp_path)), nprocs=2,
+                       start_method="fork")
     records = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert [(r["rank"], r["world"], r["backend"], r["total"]) for r in records] == [(0, 2, "gloo", 3.0),
                                                                                      (1, 2, "gloo", 3.0)]

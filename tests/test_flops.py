@@ -123,11 +123,22 @@ def test_split_and_emptied_branches_cost_nothing():
     assert mask_macs(arch, mask) == analytic_macs(arch, 40, [3] * 6, [100] * 6)
 
 
-# -- the command: bad flags in this process, the rest as subprocesses (e2e) ---------------------------------
+# -- the command: one subprocess (the command line's exit status), the rest in this process -------------------
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pruning.flops", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
+
+
+def run_main(capsys, *argv: str):
+    """(exit status, stdout, stderr) of the command's entry (`cli_entry(_main)`, as `__main__` calls it)."""
+    try:
+        cli_entry(flops._main)(list(argv))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -137,10 +148,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (["--mask", "/nowhere/mask.json"], ["--mask", "/nowhere/mask.json", "not found"]),
 ])
 def test_flops_cli_flags(argv, words, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        cli_entry(flops._main)(argv)
-    line = one_error_line(capsys.readouterr().err)
-    assert exit_.value.code == 2 and all(w in line for w in words), line
+    code, _, err = run_main(capsys, *argv)
+    line = one_error_line(err)
+    assert code == 2 and all(w in line for w in words), line
 
 
 @pytest.mark.e2e
@@ -151,15 +161,14 @@ def test_flops_cli_input_size_zero_on_the_command_line():
     assert proc.stdout == ""
 
 
-@pytest.mark.e2e
-def test_flops_command_prints_before_and_after(tmp_path):
+@pytest.mark.slow
+def test_flops_command_prints_before_and_after(tmp_path, capsys):
     arch = arch_of("deit_small_patch16_224")
     mask = mask_case(arch, "random1", embed=True)
     path = tmp_path / "mask.json"
     mask.save_json(str(path))
-    proc = run_cli("--model", "deit_small_patch16_224", "--mask", str(path), "--ptflops")
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+    code, out, err = run_main(capsys, "--model", "deit_small_patch16_224", "--mask", str(path), "--ptflops")
+    assert code == 0, err
     assert re.search(r"before\s+after", out)
     before, after = mask_macs(arch)["total"] / 1e9, mask_macs(arch, mask)["total"] / 1e9
     assert re.search(rf"total GMACs\s+{before:.3f}\s+{after:.3f}", out), out
@@ -169,19 +178,17 @@ def test_flops_command_prints_before_and_after(tmp_path):
     assert counted and abs(float(counted.group(1)) - after) <= 0.0015, out
 
 
-@pytest.mark.e2e
-def test_flops_command_unknown_model_is_one_clean_line():
-    proc = run_cli("--model", "nope")
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+def test_flops_command_unknown_model_is_one_clean_line(capsys):
+    code, _, err = run_main(capsys, "--model", "nope")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
     assert "'nope'" in lines[0] and "deit_small_patch16_224" in lines[0]
 
 
-@pytest.mark.e2e
-def test_flops_command_mask_of_another_model(tmp_path):
+def test_flops_command_mask_of_another_model(tmp_path, capsys):
     path = tmp_path / "mask.json"
     mask_case(arch_of("deit_test_patch8_32"), "random0").save_json(str(path))
-    proc = run_cli("--model", "deit_demo_patch8_32", "--mask", str(path))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert str(path) in proc.stderr and "mask is for" in proc.stderr
+    code, _, err = run_main(capsys, "--model", "deit_demo_patch8_32", "--mask", str(path))
+    assert code == 2 and "Traceback" not in err
+    assert str(path) in err and "mask is for" in err

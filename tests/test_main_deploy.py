@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -269,17 +270,17 @@ def test_torch_distributed_launch_use_env_runs_the_seed_command(work, teacher, p
 # 2, 3, 8. Resume after a kill mid-epoch == uninterrupted run; empty --resume; outputs
 # ---------------------------------------------------------------------------
 
-def _resume_flags(pruned, out, num_workers):
+def _resume_flags(pruned, out, num_workers, epochs):
     # the full DeiT recipe (RandAugment, mixup/cutmix, random erasing, repeated augmentation, drop path),
     # warm-up then cosine, and an EMA that moves
-    return ["main_deploy.py", "--model", MODEL, *DATA, "--batch-size", "32", "--num_workers", str(num_workers),
-            "--epochs", "3", "--warmup-epochs", "1", "--model-ema-decay", "0.9", "--masked_model", pruned,
+    return ["--model", MODEL, *DATA, "--batch-size", "32", "--num_workers", str(num_workers),
+            "--epochs", str(epochs), "--warmup-epochs", "1", "--model-ema-decay", "0.9", "--masked_model", pruned,
             "--log_period", "1", "--save_freq", "1", "--output_dir", str(out)]
 
 
 def _run_killed_in_epoch(argv, epoch: int) -> str:
-    """Start a run and SIGKILL it (with its loader workers) at its first progress line of `epoch`."""
-    proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+    """Start `main_deploy.py argv` and SIGKILL it (with its loader workers) at its first progress line of `epoch`."""
+    proc = subprocess.Popen([sys.executable, "main_deploy.py", *argv], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen = []
     try:
@@ -298,24 +299,29 @@ def _run_killed_in_epoch(argv, epoch: int) -> str:
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("num_workers", [0, 1])
-def test_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_run(work, pruned, num_workers):
+def test_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_run(work, pruned, num_workers, capsys):
+    """The killed run is a process of its own; the uninterrupted run (meanwhile) and the resumed one call
+    main_deploy.main in this process. Three epochs with --num_workers 0 (their outputs are checked too), two
+    with a loader worker (killed in its last epoch: the same resume path, with the worker's seeding)."""
+    epochs = 3 if num_workers == 0 else 2
     full, cut = work / f"full_w{num_workers}", work / f"cut_w{num_workers}"
-    # uninterrupted, with the seed scripts' "--resume=" (no checkpoint yet): a fresh run
-    proc = _run(_resume_flags(pruned, full, num_workers) + ["--resume="])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "training for 3 epochs (from epoch 0)" in proc.stdout and "resumed" not in proc.stdout
+    with ThreadPoolExecutor(1) as pool:
+        killed = pool.submit(_run_killed_in_epoch, _resume_flags(pruned, cut, num_workers, epochs), 1)
+        # uninterrupted, with the seed scripts' "--resume=" (no checkpoint yet): a fresh run
+        _deploy(_resume_flags(pruned, full, num_workers, epochs) + ["--resume="])
+        seen = killed.result()
+    text = capsys.readouterr().out
+    assert f"training for {epochs} epochs (from epoch 0)" in text and "resumed" not in text
 
-    seen = _run_killed_in_epoch(_resume_flags(pruned, cut, num_workers), epoch=1)
     assert "Epoch: [1]" in seen and "Epoch: [1] Total time" not in seen
     assert _load(cut / "checkpoint.pth")["epoch"] == 0 and len(_read_log(cut)) == 1  # killed during epoch 1
-    proc = _run(_resume_flags(pruned, cut, num_workers) + ["--resume", str(cut / "checkpoint.pth")])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "next epoch 1" in proc.stdout
+    _deploy(_resume_flags(pruned, cut, num_workers, epochs) + ["--resume", str(cut / "checkpoint.pth")])
+    assert "next epoch 1" in capsys.readouterr().out
 
     a, b = _load(full / "checkpoint.pth"), _load(cut / "checkpoint.pth")
     for key in ("model", "model_ema", "optimizer", "lr_scheduler", "scaler", "epoch", "max_accuracy", "mask"):
         assert_same(a[key], b[key], key)
-    assert a["epoch"] == 2
+    assert a["epoch"] == epochs - 1
     with open(full / "log.txt") as fa, open(cut / "log.txt") as fb:
         assert fa.read() == fb.read()  # same losses, learning rates and accuracies, epoch by epoch
     if num_workers == 0:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import free_port
+from conftest import call_entry, free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = ["--data-set", "DIGITS", "--input-size", "32", "--device", "cpu", "--num_workers", "0"]
@@ -64,12 +64,13 @@ def _load_pickle(path):
 
 
 @pytest.mark.e2e
-def test_main_py_on_two_nodes_scores_as_one_process(tmp_path):
+def test_main_py_on_two_nodes_scores_as_one_process(tmp_path, monkeypatch, capsys):
     flags = ["--model", "deit_test_patch8_32", *DATA, "--batch-size", "16", "--pruning_feed_percent", "0.1",
              "--need_hessian", "--pruning_flops_percentage", "0.5"]
-    one = subprocess.run([sys.executable, "main.py", *flags, "--output_dir", str(tmp_path / "one")], cwd=REPO,
-                         env=_env(), capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
+    for name in LAUNCH_VARS:
+        monkeypatch.delenv(name, raising=False)
+    code, err = call_entry("main", [*flags, "--output_dir", tmp_path / "one"], capsys)  # the one process: here
+    assert code == 0, err[-3000:]
     outputs = _two_nodes(["main.py", *flags, "--output_dir", str(tmp_path / "two")])
     assert any("on this process" in out for out in outputs)
     for name in ["hessian.pickle"] + [f"criteria_m2l{layer}_final.pickle" for layer in range(3)]:

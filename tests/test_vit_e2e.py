@@ -1,6 +1,7 @@
 """End to end on timm ViTs other than DeiT: timm weights in a `.safetensors` file -> `main.py`
-(SAViT, 50% FLOPs) -> `main_deploy.py --eval` of the physically smaller model, as a user runs
-them (subprocesses, two at a time, one thread each), on the DIGITS data at 32x32.
+(SAViT, 50% FLOPs) -> `main_deploy.py --eval` of the physically smaller model, on the DIGITS data
+at 32x32: the first family as a user runs them (subprocesses, one thread each), the others
+meanwhile through the same entry points (and `cli_entry`) called in this process.
 
 Families: plain ViT (AugReg layout), DeiT III (no_embed_class + LayerScale) and a register ViT
 without class token (avg pool + fc_norm). Each starts from timm's own tiny model trained here
@@ -66,6 +67,17 @@ def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
+def _in_process(entry, argv: List[str]) -> subprocess.CompletedProcess:
+    """An entry point's `main` in this process (the same `cli_entry` as the command line)."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            entry.main(entry.get_args_parser().parse_args(argv))
+        except SystemExit as exit_:
+            code = exit_.code
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
 def _digits(train: bool):
     """A DIGITS split with the evaluation transform of both entry points, as (images, labels)."""
     cfg = data_config(main_deploy.get_args_parser().parse_args(DATA))
@@ -109,24 +121,37 @@ def timm_models(tmp_path_factory) -> Dict[str, tuple]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, timm_models) -> Dict[str, dict]:
-    """name -> output folder of main.py and the finished processes: `prune` (main.py from the .safetensors
+    """name -> output folder of main.py and the finished runs: `prune` (main.py from the .safetensors
     file), `gated_eval` (main.py --eval --mask_aware_norm of its checkpoint) and `deploy_eval`
-    (main_deploy.py --eval --masked_model of the same checkpoint)."""
+    (main_deploy.py --eval --masked_model of the same checkpoint). The first family runs them on the
+    command line (subprocesses); the others, meanwhile, call the same entry points in this process
+    (their `cli_entry` path is the command line's; only the family differs)."""
     outs = {name: tmp_path_factory.mktemp("prune_" + name) for name in FAMILIES}
-    with ThreadPoolExecutor(2) as pool:
-        prunes = {name: pool.submit(_run, "main.py", ["--model", name, *PRUNE, "--finetune", timm_models[name][0],
-                                                      "--output_dir", str(outs[name])]) for name in FAMILIES}
-        results = {name: {"out": str(outs[name]), "prune": _ok(job.result())} for name, job in prunes.items()}
-        evals = {}
-        for name in FAMILIES:
-            checkpoint = os.path.join(outs[name], CHECKPOINT)
-            evals[name, "gated_eval"] = pool.submit(
-                _run, "main.py", ["--model", name, *DATA, "--eval", "--mask_aware_norm", "--finetune", checkpoint])
-            evals[name, "deploy_eval"] = pool.submit(
-                _run, "main_deploy.py", ["--model", name + "_deploy", *DATA, "--eval", "--masked_model", checkpoint])
-        for (name, kind), job in evals.items():
-            results[name][kind] = _ok(job.result())
-    return results
+
+    def planned(name):
+        """(kind, entry point, argv) of the three runs of `name`, in order."""
+        checkpoint = os.path.join(outs[name], CHECKPOINT)
+        return [("prune", prune_main, ["--model", name, *PRUNE, "--finetune", timm_models[name][0],
+                                       "--output_dir", str(outs[name])]),
+                ("gated_eval", prune_main, ["--model", name, *DATA, "--eval", "--output_dir", "", "--mask_aware_norm",
+                                            "--finetune", checkpoint]),
+                ("deploy_eval", main_deploy, ["--model", name + "_deploy", *DATA, "--eval", "--output_dir", "",
+                                              "--masked_model", checkpoint])]
+
+    def on_the_command_line(name):
+        (kind, entry, argv), *evals = planned(name)
+        result = {kind: _ok(_run(entry.__name__ + ".py", argv))}
+        with ThreadPoolExecutor(2) as pool:  # the two evaluations at once
+            jobs = {kind: pool.submit(_run, entry.__name__ + ".py", argv) for kind, entry, argv in evals}
+            return {**result, **{kind: _ok(job.result()) for kind, job in jobs.items()}}
+
+    results = {}
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(on_the_command_line, FAMILIES[0])
+        for name in FAMILIES[1:]:
+            results[name] = {kind: _ok(_in_process(entry, argv)) for kind, entry, argv in planned(name)}
+        results[FAMILIES[0]] = first.result()
+    return {name: {"out": str(outs[name]), **results[name]} for name in FAMILIES}
 
 
 def _printed_accuracy(stdout: str, which: str) -> List[float]:
@@ -238,17 +263,6 @@ UNSUPPORTED = [
     ("vit_base_patch16_clip_quickgelu_224", "QuickGELU"),
     ("vit_base_patch16_siglip_224", "global_pool 'map'"),
 ]
-
-
-def _in_process(entry, argv: List[str]) -> subprocess.CompletedProcess:
-    """An entry point's `main` in this process (the same `cli_entry` as the command line)."""
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            entry.main(entry.get_args_parser().parse_args(argv))
-        except SystemExit as exit_:
-            code = exit_.code
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def _check_refused(proc: subprocess.CompletedProcess, name: str, what: str, tmp) -> None:
