@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import main as prune_main
-import main_deploy
 import utils
 from conftest import (NO_AUGMENT, REPO, TINY_DEPLOY, TINY_PRUNE, call_entry, launcher_free_env, one_error_line,
                       text_logs)
@@ -49,14 +47,10 @@ IMAGES = ["--data-set", "IMNET", "--input-size", "32", "--device", "cpu", *NO_AU
 def test_corrupt_training_image_while_pruning(tmp_path, num_workers, capfd, quick_worker_exit):
     bad = _image_tree(tmp_path / "data", "train", "corrupt")
     out = tmp_path / "out"
-    code = 0
-    try:
-        prune_main.main(prune_main.get_args_parser().parse_args(
-            ["--model", "deit_test_patch8_32", *IMAGES, "--data-path", str(tmp_path / "data"), "--finetune_op", "2",
-             "--pruning_feed_percent", "1", "--num_workers", str(num_workers), "--output_dir", str(out)]))
-    except SystemExit as exit_:
-        code = exit_.code
-    line = one_error_line(capfd.readouterr().err)
+    code, err = call_entry("main", ["--model", "deit_test_patch8_32", *IMAGES, "--data-path", tmp_path / "data",
+                                    "--finetune_op", "2", "--pruning_feed_percent", "1",
+                                    "--num_workers", num_workers, "--output_dir", out], capfd)
+    line = one_error_line(err)
     assert code == 2
     assert line.startswith(f"error: --data-path: cannot read image {bad!r}"), line  # with or without workers
     assert "training set while pruning" in line, line
@@ -67,14 +61,9 @@ def test_corrupt_training_image_while_pruning(tmp_path, num_workers, capfd, quic
 def test_truncated_validation_image(tmp_path, num_workers, capfd, quick_worker_exit):
     bad = _image_tree(tmp_path / "data", "val", "truncated")
     out = tmp_path / "out"
-    code = 0
-    try:
-        main_deploy.main(main_deploy.get_args_parser().parse_args(
-            ["--model", "deit_test_patch8_32_deploy", *IMAGES, "--data-path", str(tmp_path / "data"), "--eval",
-             "--num_workers", str(num_workers), "--output_dir", str(out)]))
-    except SystemExit as exit_:
-        code = exit_.code
-    line = one_error_line(capfd.readouterr().err)
+    code, err = call_entry("deploy", ["--model", "deit_test_patch8_32_deploy", *IMAGES, "--data-path", tmp_path / "data",
+                                      "--eval", "--num_workers", num_workers, "--output_dir", out], capfd)
+    line = one_error_line(err)
     assert code == 2
     assert line.startswith(f"error: --data-path: cannot read image {bad!r}"), line  # with or without workers
     assert "validation set" in line and "truncated" in line, line
