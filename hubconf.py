@@ -1,4 +1,4 @@
-"""torch.hub entry points: a pruned SAViT ViT from its self-describing file.
+"""torch.hub entry points: a pruned SAViT ViT or Swin from its self-describing file.
 
     model = torch.hub.load("path/to/this/repo", "savit_pruned", checkpoint="ft/best_checkpoint.pth",
                            source="local")
@@ -7,7 +7,7 @@ dependencies = ["torch", "timm", "safetensors"]
 
 
 def savit_pruned(checkpoint: str, **kwargs):
-    """The physically pruned ViT (eval mode, CPU) of main.py's checkpoint_pruned_00.pth or main_deploy.py's
+    """The physically pruned ViT or Swin (eval mode, CPU) of main.py's checkpoint_pruned_00.pth or main_deploy.py's
     checkpoint.pth / best_checkpoint.pth / best_checkpoint.safetensors (`models.load_pruned`)."""
     from models import load_pruned
     from utils import UserError

@@ -24,7 +24,7 @@ from args import (WORLD_SIZE, DistributedConfig, ModelConfig, PruneConfig, Refer
 from datasets import DataConfig, MixupConfig, build_dataset, build_loaders, build_mixup, mean_std
 from engine import evaluate
 from losses import build_base_criterion
-from models import GatedViT, PruneMask, ViTArch, arch_of, build_deploy_model, is_deploy_name
+from models import PruneMask, ViTArch, arch_of, build_deploy_model, build_gated_model, is_deploy_name
 from models.loading import load_pretrained
 from pruning.feed import feed_batches
 from pruning.flops import format_table, mask_macs, mask_params, ptflops_macs
@@ -103,9 +103,10 @@ def settings(ns: argparse.Namespace, dist: DistributedConfig) -> PruneRun:
                     mixup=mixup_config(ns), prune=prune_config(ns), dist=dist, record={**vars(ns), **effective})
 
 
-def build_gated_model(cfg: PruneRun, arch: ViTArch, num_classes: int):
-    model = GatedViT(arch.with_options(num_classes=num_classes, drop_rate=cfg.model.drop,
-                                       drop_path_rate=cfg.model.drop_path), mask_aware_norm=cfg.prune.mask_aware_norm)
+def gated_model(cfg: PruneRun, arch: ViTArch, num_classes: int):
+    model = build_gated_model(arch.with_options(num_classes=num_classes, drop_rate=cfg.model.drop,
+                                                drop_path_rate=cfg.model.drop_path),
+                              mask_aware_norm=cfg.prune.mask_aware_norm)
     if cfg.run.finetune:
         with UserError.about("finetune"):
             load_pretrained(model, cfg.run.finetune, trust=cfg.run.trust_checkpoint)
@@ -177,7 +178,7 @@ def run_pruning(cfg: PruneRun, model, dataset_train, num_classes, device, log, p
     else:
         criteria, interactions = score(cfg, model, dataset_train, num_classes, log)
     if prune_cfg.normalize_by_layer:
-        criteria = normalize_by_layer(criteria, prune_cfg.normalize_type)
+        criteria = normalize_by_layer(criteria, prune_cfg.normalize_type, arch)
     mask, report = prune(criteria, interactions, arch, prune_cfg.search, model_name=cfg.model.name)
     if interactions is not None:
         log("interaction matrix C (heads, mlp, embed):\n" + "\n".join(
@@ -228,7 +229,7 @@ def main(ns: argparse.Namespace) -> None:
         dataset_train, num_classes = build_dataset(True, cfg.data, what="training set while pruning")
     if run.eval or num_classes is None:  # from pickles the classifier size still comes from the data
         dataset_val, num_classes = build_dataset(False, cfg.data)
-    model = build_gated_model(cfg, arch, num_classes).to(device)
+    model = gated_model(cfg, arch, num_classes).to(device)
 
     if prune_now:  # last check, before anything is written (--eval writes no checkpoint)
         refuse_to_clobber(run.output_dir, CHECKPOINT_NAME, resuming=False, overwrite=run.overwrite)

@@ -52,8 +52,8 @@ import torch  # noqa: E402
 
 from benchmarks.ablation_report import (ESTIMATORS, METHODS, answer, interactions_table, paired_table,  # noqa: E402
                                         per_seed_table, summary_table, target_verdict)
-from benchmarks.common import (DEMO_MODEL, Runner, command_line, data_flags, environment, epochs_logged,  # noqa: E402
-                               pretrain, write_report)
+from benchmarks.common import (DEMO_MODEL, Runner, check_minimums, command_line, data_flags,  # noqa: E402
+                               environment, epochs_logged, pretrain, write_report)
 from args import data_config, defaults  # noqa: E402
 from datasets import build_dataset, build_loaders  # noqa: E402
 from engine import evaluate  # noqa: E402
@@ -98,15 +98,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_args(args) -> None:
-    if args.finetune_epochs < 1 or args.pretrain_epochs < 1:
-        raise UserError("--finetune_epochs and --pretrain_epochs must be >= 1")
+    check_minimums(args, {"--finetune_epochs": 1, "--pretrain_epochs": 1, "--jobs": 1})
     for t in args.targets:
         if not 0 < t < 1:
             raise UserError(f"--targets: each must be in (0, 1), got {t}")
     if not 0 < args.feed_percent <= 1:
         raise UserError(f"--feed_percent must be in (0, 1], got {args.feed_percent}")
-    if args.jobs < 1:
-        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     if len(set(args.seeds)) != len(args.seeds) or len(set(args.targets)) != len(args.targets):
         raise UserError("--seeds and --targets must not repeat a value")
     args.data_set = args.data_set or ("IMNET" if args.data_path else "DIGITS")

@@ -85,27 +85,25 @@ def comparisons(results: Dict[str, List[dict]], savit: str, key: str) -> Dict[st
             for m in METHODS if m in results and m != savit}
 
 
+def savit_stages(results: Dict[str, List[dict]]) -> List[Tuple[str, str, str]]:
+    """(SAViT row, accuracy key, stage) for each SAViT row in `results` and each stage."""
+    return [(savit, key, stage) for savit in SAVIT_METHODS if savit in results for key, stage in STAGES]
+
+
 def target_verdict(results: Dict[str, List[dict]]) -> List[str]:
     """One plain line per SAViT estimator and stage: whom it beats, whom it loses to, beyond the noise."""
     lines = []
-    for savit in SAVIT_METHODS:
-        if savit not in results:
-            continue
-        for key, stage in STAGES:
-            pairs = comparisons(results, savit, key)
-            baselines = [m for m in BASELINES if m in pairs]
-            ahead = [m for m in baselines if pairs[m].verdict == "ahead"]
-            behind = [m for m in baselines if pairs[m].verdict == "behind"]
-            within = [m for m in baselines if pairs[m].verdict == "within"]
-            means = {m: mean_std([r[key] for r in results[m]])[0] for m in results}
-            rank = 1 + sum(means[m] > means[savit] for m in means if m != savit)
-
-            def named(ms):
-                return ", ".join(f"{m} ({pairs[m].mean:+.2f})" for m in ms) or "none"
-            win = "**wins**" if wins(results, savit, key) else "does not win"
-            lines.append(f"- {LABELS[savit]}, {stage}: {win} (best mean: rank {rank} of {len(means)}). "
-                         f"Ahead beyond the noise of: {named(ahead)}; behind beyond the noise: {named(behind)}; "
-                         f"within the noise: {named(within)}.")
+    for savit, key, stage in savit_stages(results):
+        pairs = comparisons(results, savit, key)
+        baselines = [m for m in BASELINES if m in pairs]
+        named = {v: ", ".join(f"{m} ({pairs[m].mean:+.2f})" for m in baselines if pairs[m].verdict == v) or "none"
+                 for v in ("ahead", "behind", "within")}
+        means = {m: mean_std([r[key] for r in results[m]])[0] for m in results}
+        rank = 1 + sum(means[m] > means[savit] for m in means if m != savit)
+        win = "**wins**" if wins(results, savit, key) else "does not win"
+        lines.append(f"- {LABELS[savit]}, {stage}: {win} (best mean: rank {rank} of {len(means)}). "
+                     f"Ahead beyond the noise of: {named['ahead']}; behind beyond the noise: {named['behind']}; "
+                     f"within the noise: {named['within']}.")
     return lines
 
 
@@ -139,13 +137,9 @@ def summary_table(results: Dict[str, List[dict]], unpruned: float, total_units: 
 def paired_table(results: Dict[str, List[dict]]) -> List[str]:
     lines = ["| A minus B | stage | mean ± std (points) | 95% interval | A ahead (seeds) | verdict |",
              "|---|---|---|---|---|---|"]
-    for savit in SAVIT_METHODS:
-        if savit not in results:
-            continue
-        for key, stage in STAGES:
-            for m, pair in comparisons(results, savit, key).items():
-                if m in SAVIT_METHODS and savit != "savit_rb":
-                    continue  # rb minus reference is listed once
+    for savit, key, stage in savit_stages(results):
+        for m, pair in comparisons(results, savit, key).items():
+            if m not in SAVIT_METHODS or savit == "savit_rb":  # rb minus reference is listed once
                 lines.append(f"| {LABELS[savit]} minus {LABELS[m]} | {stage} | " + " | ".join(pair.cells()) + " |")
     return lines
 

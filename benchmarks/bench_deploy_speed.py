@@ -1,37 +1,25 @@
 """Throughput of the pruned deploy DeiT next to the unpruned one, side by side in one run.
 
-For every model in `--models` and every mask (`--masks` glob; default `{model}_*.json` in
-`--masks-dir`, made by `benchmarks/make_masks.py`, the hardware-aligned `*_r{N}.json` included),
-the unpruned `{model}_deploy` and the pruned `{model}_deploy` (random weights: speed does not
-depend on them) are timed in each runtime of `--runtimes`:
+For every model in `--models` and mask (`--masks` glob; default `{model}_*.json` in `--masks-dir`, made
+by `benchmarks/make_masks.py`, the hardware-aligned `*_r{N}.json` included), the unpruned and the pruned
+`{model}_deploy` (random weights: speed does not depend on them) are timed in each of `--runtimes`:
 
-- torch: inference at each of `--batch-sizes` (in `torch.inference_mode`), and a training step
-  (forward + backward + SGD, `engine.measure_throughput`) at `--train-batch-size`;
-- onnxruntime (CPU only): both models exported to a temporary .onnx by the project's exporter
-  (`pruning.export.export`, opset 18, dynamic batch) and timed with `InferenceSession.run` on the
-  CPUExecutionProvider, `intra_op_num_threads` = `--threads`.
+- torch: inference at each of `--batch-sizes` (`torch.inference_mode`; on CUDA fp32 and, with `--amp`,
+  bfloat16 autocast, timed by CUDA events), and a training step (`engine.measure_throughput`) at
+  `--train-batch-size`;
+- onnxruntime (CPU only): both models exported by `pruning.export.export` (opset 18, dynamic batch),
+  timed with `InferenceSession.run`, `intra_op_num_threads` = `--threads`.
 
-The two models alternate (A B, then B A, ...) for `--rounds` rounds so that a shared, noisy
-machine slows both alike; the table shows the median images/s of each, the median (min-max)
-over rounds of the paired speedup pruned/unpruned, and speedup / FLOPs ratio (FLOPs ratio =
-analytic MACs before / after: 1.0 when time follows FLOPs exactly). A final summary gives that
-last number per mask for every runtime and batch.
+The two models alternate (A B, then B A, ...) for `--rounds` rounds so that a noisy machine slows both
+alike: the table shows the median img/s of each, the median (min-max) of the paired speedup, and speedup
+/ FLOPs ratio (analytic MACs before / after: 1.0 when time follows FLOPs exactly). On CPU a wall-clock
+row measured while this process got less than 90% of its `--threads` cores is "not published".
 
-On CPU (wall clock) a row measured while this process got less than 90% of its `--threads`
-cores is not published: other processes competed, so its numbers are not the model's. It is
-listed as "not published: CPU share X%" and counted.
-
-On CUDA (`--device cuda`) the default batches are 256 and 1, inference runs in fp32 and, with
-`--amp`, also under bfloat16 autocast, and is timed with CUDA events after the warm-up.
-
-On CPU, glibc's malloc hands every tensor over 32 MB fresh pages that the kernel zeroes on
-first touch (gigabytes per batch-32 DeiT-B forward), or not, depending on what was freed
-before: a 10-15% swing that can favour either model. `--malloc no-mmap` (the default) keeps
-large blocks on the heap, as tcmalloc/jemalloc would, so both models run alike.
+On CPU, glibc's malloc maps every tensor over 32 MB afresh (the kernel zeroes its pages: gigabytes per
+batch-32 DeiT-B forward), or not, depending on what was freed before: a 10-15% swing that can favour
+either model. `--malloc no-mmap` (the default) keeps large blocks on the heap, as tcmalloc/jemalloc would.
 
     python benchmarks/bench_deploy_speed.py --out logs/speed_table.md
-    python benchmarks/bench_deploy_speed.py --models deit_base_patch16_224 --batch-sizes 1,32 --threads 2 \\
-        --out logs/speed_table_aligned.md
     python benchmarks/bench_deploy_speed.py --device cuda --amp --out logs/speed_table_cuda.md
 """
 import argparse
@@ -52,7 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import call_seconds, command_line, environment, paired, write_report  # noqa: E402
+from benchmarks.common import (REPO, call_seconds, check_minimums, command_line, environment, int_list,  # noqa: E402
+                               markdown_table, paired, parse_device, write_report)
 from engine import measure_throughput  # noqa: E402
 from models import arch_of, build_deploy_model, is_prunable  # noqa: E402
 from models.mask import PruneMask  # noqa: E402
@@ -60,7 +49,6 @@ from pruning.export import DEFAULT_OPSET, export  # noqa: E402
 from pruning.flops import mask_macs, mask_params  # noqa: E402
 from utils import Parser, UserError, cli_entry  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODELS = "deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224"
 SHORT = {"deit_tiny_patch16_224": "DeiT-T", "deit_small_patch16_224": "DeiT-S", "deit_base_patch16_224": "DeiT-B"}
 RUNTIMES = ("torch", "onnxruntime")
@@ -70,16 +58,6 @@ PRUNING_PASS_COMMAND = "python benchmarks/bench_pruning_pass.py --model deit_sma
 # the issue's bar: at batch 32, speedup >= 0.9 x FLOPs ratio for the 50% DeiT-B mask (on CPU)
 TARGET_EFFICIENCY = 0.9
 MIN_CPU_SHARE = 0.9  # below this share of its cores the process was competing with others: not published
-
-
-def _int_list(text: str, flag: str) -> List[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag}: expected comma-separated positive integers, got {text!r}")
-    if not values or min(values) < 1:
-        raise UserError(f"{flag}: expected comma-separated positive integers, got {text!r}")
-    return values
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -115,13 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the committed output of benchmarks/bench_pruning_pass.py, quoted if it exists")
     p.add_argument("--out", default="", help="also write the table as markdown to this file (atomically)")
     args = p.parse_args(argv)
-    try:
-        kind = torch.device(args.device).type
-    except RuntimeError:
-        raise UserError(f"--device: expected cpu or cuda[:N], got {args.device!r}")
-    if kind not in DEFAULT_BATCHES:
-        raise UserError(f"--device: expected cpu or cuda[:N], got {args.device!r}")
-    args.batch_sizes = _int_list(args.batch_sizes or DEFAULT_BATCHES[kind], "--batch-sizes")
+    kind = parse_device(args.device, available=False).type  # CUDA is checked by `main`: parsing runs anywhere
+    args.batch_sizes = int_list(args.batch_sizes or DEFAULT_BATCHES[kind], "--batch-sizes")
     runtimes = args.runtimes if args.runtimes is not None else ("torch,onnxruntime" if kind == "cpu" else "torch")
     args.runtimes = [r.strip() for r in runtimes.split(",") if r.strip()]
     if not args.runtimes or any(r not in RUNTIMES for r in args.runtimes):
@@ -130,10 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError("--runtimes onnxruntime: the ONNX Runtime rows run on CPU only; use --device cpu")
     if args.amp and kind != "cuda":
         raise UserError("--amp: bfloat16 autocast is timed on CUDA only (--device cuda)")
-    for flag, value, low in (("--rounds", args.rounds, 1), ("--iters", args.iters, 1), ("--warmup", args.warmup, 0),
-                             ("--threads", args.threads, 1), ("--train-batch-size", args.train_batch_size, 0)):
-        if value < low:
-            raise UserError(f"{flag} must be >= {low}, got {value}")
+    check_minimums(args, {"--rounds": 1, "--iters": 1, "--warmup": 0, "--threads": 1, "--train-batch-size": 0})
     if args.clock == "cpu" and (args.threads != 1 or kind != "cpu"):
         raise UserError("--clock cpu needs --device cpu and --threads 1 (CPU time of several threads counts "
                         "their idle spinning too)")
@@ -155,14 +125,9 @@ def malloc_without_mmap() -> bool:
 
 
 def find_masks(masks_dir: str, model: str, pattern: str = "") -> List[Tuple[str, PruneMask]]:
-    """The masks of `model`, sorted by name, each checked against the model: the files of glob
-    `pattern` whose name starts with `{model}_`, or (no pattern) `{model}_*.json` in `masks_dir`.
-
-    Args:
-        masks_dir: folder to look in (`--masks-dir`).
-        model: gated DeiT name, e.g. 'deit_base_patch16_224'.
-        pattern: glob (`--masks`), or '' for `masks_dir`.
-    """
+    """The masks of `model` (e.g. 'deit_base_patch16_224'), sorted by name, each checked against it: the
+    files of glob `pattern` (`--masks`) whose name starts with `{model}_`, or (no pattern) `{model}_*.json`
+    in `masks_dir` (`--masks-dir`)."""
     if pattern:
         paths = sorted(p for p in glob.glob(pattern) if os.path.basename(p).startswith(model + "_"))
         if not paths:
@@ -412,18 +377,14 @@ def summary_lines(rows: List[dict], cuda: bool) -> List[str]:
     label = {c: f"{SHORT_RUNTIME[c[0]]} b{c[2]}" + (f" {c[1]}" if cuda else "") for c in columns}
     cells = {(r["model"], r["mask"], r["runtime"], r["precision"], r["batch"]): r
              for r in rows if r["mode"].startswith("infer")}
-    lines = ["| model | mask | round_to | FLOPs ratio | " + " | ".join(label[c] for c in columns) + " |",
-             "|---|---|---|---|" + "---|" * len(columns)]
+    table = []
     for model, name in masks:
         first = next(r for r in rows if (r["model"], r["mask"]) == (model, name))
-        out = []
-        for c in columns:
-            r = cells.get((model, name) + c)
-            out.append("-" if r is None else f"{r['efficiency']:.2f}" if r["published"]
-                       else f"not published (CPU share {r['cpu_share']:.0%})")
-        lines.append(f"| {short(model)} | `{name}` | {first['round_to']} | {first['flops_ratio']:.2f}x | "
-                     + " | ".join(out) + " |")
-    return lines
+        found = [cells.get((model, name) + c) for c in columns]
+        table.append([short(model), f"`{name}`", first["round_to"], f"{first['flops_ratio']:.2f}x"] + [
+            "-" if r is None else f"{r['efficiency']:.2f}" if r["published"]
+            else f"not published (CPU share {r['cpu_share']:.0%})" for r in found])
+    return markdown_table(["model", "mask", "round_to", "FLOPs ratio"] + [label[c] for c in columns], table)
 
 
 def render(args: argparse.Namespace, rows: List[dict], warnings: List[str], command: str, started: str,
@@ -468,21 +429,19 @@ def render(args: argparse.Namespace, rows: List[dict], warnings: List[str], comm
     lines.append("")
     if warnings:
         lines += ["**Warnings:**", ""] + [f"- {w}" for w in warnings] + [""]
-    lines += ["| model | mask | round_to | pruned units | GMACs before -> after | FLOPs ratio "
-              "| params (M) before -> after | runtime | mode | img/s unpruned | img/s pruned | speedup (min-max) "
-              "| speedup / FLOPs ratio |" + (" CPU share |" if cpu else ""),
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cpu else "")]
+    table = []
     for r in rows:
-        head = (f"| {short(r['model'])} | `{r['mask']}` | {r['round_to']} | {r['structure']} "
-                f"| {r['macs_before'] / 1e9:.2f} -> {r['macs_after'] / 1e9:.2f} | {r['flops_ratio']:.2f}x "
-                f"| {r['params_before'] / 1e6:.1f} -> {r['params_after'] / 1e6:.1f} | {SHORT_RUNTIME[r['runtime']]} "
-                f"| {r['mode']} ")
-        if r["published"]:
-            body = (f"| {statistics.median(r['unpruned']):.2f} | {statistics.median(r['pruned']):.2f} "
-                    f"| {fmt_range(r['ratio'])}x | {r['efficiency']:.2f} |")
-        else:
-            body = f"| not published: CPU share {r['cpu_share']:.0%} | | | |"
-        lines.append(head + body + (f" {r['cpu_share']:.0%} |" if cpu else ""))
+        cells = [short(r["model"]), f"`{r['mask']}`", r["round_to"], r["structure"],
+                 f"{r['macs_before'] / 1e9:.2f} -> {r['macs_after'] / 1e9:.2f}", f"{r['flops_ratio']:.2f}x",
+                 f"{r['params_before'] / 1e6:.1f} -> {r['params_after'] / 1e6:.1f}", SHORT_RUNTIME[r["runtime"]],
+                 r["mode"]]
+        cells += ([f"{statistics.median(r['unpruned']):.2f}", f"{statistics.median(r['pruned']):.2f}",
+                   f"{fmt_range(r['ratio'])}x", f"{r['efficiency']:.2f}"] if r["published"] else
+                  [f"not published: CPU share {r['cpu_share']:.0%}", "", "", ""])
+        table.append(cells + ([f"{r['cpu_share']:.0%}"] if cpu else []))
+    lines += markdown_table(["model", "mask", "round_to", "pruned units", "GMACs before -> after", "FLOPs ratio",
+                             "params (M) before -> after", "runtime", "mode", "img/s unpruned", "img/s pruned",
+                             "speedup (min-max)", "speedup / FLOPs ratio"] + (["CPU share"] if cpu else []), table)
     lines += ["", "## Summary: speedup / FLOPs ratio", ""] + summary_lines(rows, not cpu)
     target_rows = [r for r in rows if r["model"] == "deit_base_patch16_224" and r["runtime"] == "torch"
                    and r["mode"] == "infer b32" and r["published"]
@@ -501,9 +460,7 @@ def render(args: argparse.Namespace, rows: List[dict], warnings: List[str], comm
 @cli_entry
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available on this machine")
+    device = parse_device(args.device)
     torch.set_num_threads(args.threads)
     if device.type == "cpu" and args.malloc == "no-mmap" and not malloc_without_mmap():
         print("note: --malloc no-mmap needs glibc's mallopt; using the C library's default", flush=True)

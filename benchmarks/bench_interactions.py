@@ -38,8 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import (DEMO_MODEL, Runner, command_line, environment, markdown_table, pretrain,  # noqa: E402
-                               timed, write_report)
+from benchmarks.common import (DEMO_MODEL, Runner, check_minimums, command_line, environment,  # noqa: E402
+                               markdown_table, pretrain, timed, write_report)
 from args import data_config, defaults, mixup_config  # noqa: E402
 from datasets import build_dataset, build_mixup  # noqa: E402
 from losses import build_base_criterion  # noqa: E402
@@ -249,8 +249,7 @@ def write_markdown(args, path: str, results: dict, timing: dict, check_diff: dic
 
 @cli_entry
 def main(args) -> None:
-    if args.seeds < 2:
-        raise UserError(f"--seeds must be >= 2 (a std over seeds), got {args.seeds}")
+    check_minimums(args, {"--seeds": 2})  # a std over seeds
     if not all(0 < f <= 1 for f in args.feeds + args.seed_feeds):
         raise UserError(f"--feeds and --seed_feeds must be in (0, 1], got {args.feeds} and {args.seed_feeds}")
     torch.set_num_threads(1)

@@ -19,12 +19,9 @@ Quick check on the tiny model:
     python benchmarks/bench_pruning_pass.py --model deit_test_patch8_32 --input-size 32 --batches 3
 """
 import argparse
-import json
 import os
 import resource
-import subprocess
 import sys
-import tempfile
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,12 +29,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from benchmarks.common import timed  # noqa: E402
+from benchmarks.common import run_worker, timed  # noqa: E402
 from models import create_model  # noqa: E402
 from pruning.scoring import PruningScorer  # noqa: E402
 from pruning.interactions import block_draw, interaction_normalisers  # noqa: E402
 from pruning.mask import COMPONENTS, criteria_shapes  # noqa: E402
-from utils import Parser  # noqa: E402
+from utils import Parser, UserError, atomic_write_json, cli_entry  # noqa: E402
 
 VARIANTS = ("plain", "ref", "ours", "ours_mb")
 LABELS = {"plain": "(a) plain forward+backward", "ref": "(b) reference-style pass", "ours": "ours",
@@ -164,12 +161,11 @@ def measure(args) -> dict:
 
 
 def run_variant(variant: str, argv) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
-        subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--worker", variant, "--result", out],
-                       check=True)
-        with open(out) as f:
-            return json.load(f)
+    """`measure` of `variant` in a fresh process (its peak RSS is its own)."""
+    rc, lines, result = run_worker(__file__, [*argv, "--worker", variant], echo=print)
+    if result is None:
+        raise UserError(f"variant {variant!r} failed (exit status {rc}):\n" + "\n".join(lines[-20:]))
+    return result
 
 
 def max_rel_diff(a, b) -> float:
@@ -178,12 +174,12 @@ def max_rel_diff(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
+@cli_entry
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.worker:
-        with open(args.result, "w") as f:
-            json.dump(measure(args), f)
+        atomic_write_json(measure(args), args.result)
         return
     variants = [v for v in args.variants.split(",") if v]
     if args.micro_batch and "ours_mb" not in variants:

@@ -1,13 +1,13 @@
-"""One row per supported ViT family and model: does the gated model reproduce timm, and do the
-two MAC counts agree? Prints a markdown table.
+"""One row per supported ViT or Swin family and model: does the gated model reproduce timm, and do
+the two MAC counts agree? Prints a markdown table.
 
-For each family, its tiny test configuration(s) (models.registry.TEST_CONFIGS) and one
-full-size timm name: timm's own model with seeded random weights (LayerScale gammas in
+For each family, its tiny test configuration(s) (models.registry.TEST_CONFIGS, SWIN_TEST_CONFIGS) and
+full-size timm names: timm's own model with seeded random weights (LayerScale gammas in
 [0.5, 1.5], so no block vanishes), loaded into the gated model (all gates 1); the largest
 |logit difference| over 2 random images in eval mode; the analytic MACs of one image
 (`pruning.flops.analytic_macs`) and ptflops' count of the unpruned deploy model.
 
-    OMP_NUM_THREADS=2 python benchmarks/family_table.py    # about 75 s on 2 cores; logs/family_table.md
+    OMP_NUM_THREADS=2 python benchmarks/family_table.py    # about 2 minutes on 2 cores; logs/family_table.md
 """
 import os
 import sys
@@ -19,9 +19,9 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import environment, markdown_row, markdown_table  # noqa: E402
-from models import arch_of, build_deploy_model, create_model  # noqa: E402
+from models import PruneMask, arch_of, build_deploy_model, create_model  # noqa: E402
 from models.loading import adapt_state_dict  # noqa: E402
-from models.registry import TEST_CONFIGS, build_timm_test_model  # noqa: E402
+from models.registry import SWIN_TEST_CONFIGS, TEST_CONFIGS, build_timm_test_model  # noqa: E402
 from pruning.baselines import random_mask_with_counts  # noqa: E402
 from pruning.flops import mask_macs, ptflops_macs  # noqa: E402
 
@@ -39,12 +39,16 @@ FAMILIES = [
     ("registers, avg pool + fc_norm", ["vit_test_reg4_gap_patch8_32"], ["vit_base_patch16_reg4_gap_256"]),
     ("avg pool, no fc_norm", ["vit_test_gap_patch8_32"], ["vit_medium_patch16_gap_256"]),
     ("pre-norm (CLIP), qk_norm (tiny)", ["vit_test_prenorm_qknorm_patch8_32"], ["vit_base_patch16_clip_224"]),
+    ("Swin (V1)", ["swin_test_patch2_window4_32"],
+     ["swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224", "swin_base_patch4_window7_224",
+      "swin_base_patch4_window12_384"]),
 ]
+TINY = {**TEST_CONFIGS, **SWIN_TEST_CONFIGS}
 
 
 def randomized_timm_model(name: str, seed: int, scale: float) -> torch.nn.Module:
     """timm's model of `name`, every parameter seeded noise (norm weights around 1, gammas in [0.5, 1.5])."""
-    if name in TEST_CONFIGS:
+    if name in TINY:
         model = build_timm_test_model(name)
     else:
         with torch.device("meta"):  # timm's own init is skipped: every value is overwritten
@@ -65,7 +69,7 @@ def randomized_timm_model(name: str, seed: int, scale: float) -> torch.nn.Module
 
 
 def row(family: str, name: str) -> list:
-    scale = 0.1 if name in TEST_CONFIGS else 0.02  # timm's init scale at full size
+    scale = 0.1 if name in TINY else 0.02  # timm's init scale at full size
     reference = randomized_timm_model(name, seed=0, scale=scale)
     gated = create_model(name).eval()
     gated.load_state_dict(adapt_state_dict(reference.state_dict(), gated), strict=True)
@@ -85,8 +89,8 @@ def row(family: str, name: str) -> list:
 
 def half_mask(arch):
     """A seeded random mask: half the heads and MLP neurons, a quarter of the embedding channels."""
-    counts = {"heads": arch.depth * arch.num_heads // 2, "mlp": arch.depth * arch.mlp_hidden // 2,
-              "embed": arch.embed_dim // 4}
+    total = PruneMask.full(arch).total_counts()
+    counts = {"heads": total["heads"] // 2, "mlp": total["mlp"] // 2, "embed": total["embed"] // 4}
     return random_mask_with_counts(arch, counts, seed=0)
 
 

@@ -1,29 +1,16 @@
 """Masks for the speed table: DeiT-T/S/B at the paper's FLOPs targets, from main.py on random weights.
 
-No pretrained DeiT exists offline, so each mask comes from the real pruning path -- `main.py`
-with `--need_hessian`, method 2, all components -- run on a randomly initialised model and a
-batch of the DIGITS data set upscaled to 224. Such a mask has the right FLOPs but an arbitrary
-mix of components (random weights give a random interaction matrix C, so the search may cut
-only MLP neurons, or only embedding channels). Because the mix decides how fast the smaller
-network runs, a second mask per model keeps the paper's own per-component counts
-(docs/METHOD.md section 8, from the reference's ImageNet logs), with the units chosen by the
-same run's criteria (one global threshold per component, protection on).
+No pretrained DeiT exists offline: each mask comes from `main.py --need_hessian` (method 2, all
+components) on a random model and a batch of DIGITS at 224. Its FLOPs are right but its mix of
+components is arbitrary (random weights, random C), and the mix decides the speed, so a second mask
+keeps the paper's per-component counts (docs/METHOD.md section 8) with the units chosen by the same
+run's criteria. Hardware-aligned masks (`--round-to`, default 8,32,64) come from the SAME run's
+pickles: main.py's search again with `SearchOptions(round_to=N)` (N = 1 reproduces main.py's mask.json,
+checked), and the paper-counts mask aligned by the search's rounding step (`pruning.search._align`),
+calibrated to its own FLOPs reduction (+-0.5%).
 
-Hardware-aligned masks (`--round-to`, default 8,32,64): for each N, every block's kept MLP
-width and the kept embedding width are multiples of N (`main.py --round_to N`). They come from
-the SAME run's pickles, so only the alignment differs: main.py's mask is searched again by
-`pruning.search.prune` with `SearchOptions(round_to=N)` (what `main.py --pruning_pickle_from OUT
---round_to N` does; checked: N = 1 gives main.py's own mask.json bit for bit), and the
-paper-counts mask is aligned by the search's own rounding step (`pruning.search._align`: the
-embedding count to the nearest multiple, each block's MLP count to whole groups of N by
-criterion, calibrated on the exact MACs to the paper-counts mask's own FLOPs reduction, +-0.5%).
-
-Writes, under `--out-dir` (default logs/masks/):
-    {model}_{target}.json                  -- main.py's mask.json
-    {model}_{target}_paper-counts.json     -- the paper's counts, this run's criteria
-    {model}_{target}_r{N}.json             -- main.py's search with --round_to N
-    {model}_{target}_paper-counts_r{N}.json -- the paper's counts aligned to N
-    README.md                              -- the commands and the counts of every mask
+Writes, under `--out-dir` (default logs/masks/): {model}_{target}.json (main.py's mask),
+{model}_{target}_paper-counts.json, the `_r{N}.json` of each, and README.md (commands and counts).
 
     python benchmarks/make_masks.py                      # all three, about 3 minutes on 2 cores
     python benchmarks/make_masks.py --models deit_tiny_patch16_224
@@ -39,16 +26,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from benchmarks.common import REPO, int_list  # noqa: E402
 from models import arch_of  # noqa: E402
 from models.vit_arch import ViTArch  # noqa: E402
 from pruning.flops import mask_macs  # noqa: E402
 from models.mask import PruneMask  # noqa: E402
 from pruning.pickles import load_pickles  # noqa: E402
 from pruning.search import ACCEPT_TOLERANCE, OrderedCuts, SearchOptions, _align, check_round_to, prune  # noqa: E402
-from pruning.selection import component_orders, criteria_blocks, mask_from_orders, select_units  # noqa: E402
+from pruning.selection import component_orders, criteria_flat, mask_from_orders, select_units  # noqa: E402
 from utils import Parser, UserError, atomic_write_text, cli_entry  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The paper's targets (fraction of FLOPs removed) and the reference's pruned counts on ImageNet
 # (heads, MLP neurons, embedding channels), docs/METHOD.md section 8.
@@ -89,14 +75,8 @@ def main_py_command(model: str, target: float, output_dir: str, batch_size: int,
 
 def paper_counts_mask(criteria: Dict[str, "np.ndarray"], arch: ViTArch, counts: Dict[str, int],
                       model: str) -> PruneMask:
-    """Prune exactly `counts` units per component, lowest criteria first (one threshold per component).
-
-    Args:
-        criteria: {'heads': [depth, H], 'mlp': [depth, M], 'embed': [D]} (larger = more important).
-        arch: the unpruned architecture.
-        counts: units to prune per component.
-        model: stored in the mask.
-    """
+    """Prune exactly `counts` units per component, lowest `criteria` first (one threshold per component;
+    criteria as {'heads': [depth, H], 'mlp': [depth, M], 'embed': [D]}, larger = more important)."""
     kept = {}
     for c in ("heads", "mlp", "embed"):
         pruned = select_units(criteria[c], counts[c], protect=True, min_keep=1 if c == "embed" else 0)
@@ -130,11 +110,11 @@ def aligned_paper_mask(criteria: Dict[str, "np.ndarray"], arch: ViTArch, counts:
     more than 0.5% (absolute) off that reduction.
     """
     check_round_to(arch, n)
-    blocks = criteria_blocks(criteria, arch)
-    orders = component_orders(blocks, protect=True)
+    crit = criteria_flat(criteria, arch)
+    orders = component_orders(crit, arch, protect=True)
     target = reduction(mask_from_orders(arch, orders, counts, model), arch)
     cuts = OrderedCuts(arch, orders, target, SearchOptions(flops_percentage=target).flops_threshold)
-    k = _align(cuts, blocks, dict(counts), SearchOptions(flops_percentage=target, round_to=n))
+    k = _align(cuts, crit, dict(counts), SearchOptions(flops_percentage=target, round_to=n))
     mask = mask_from_orders(arch, orders, k, model)
     mask.validate()
     got = reduction(mask, arch)
@@ -169,12 +149,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--round-to", default="8,32,64",
                    help="comma-separated N of the aligned masks (main.py --round_to N); '' for none (default: 8,32,64)")
     args = p.parse_args(argv)
-    try:
-        args.round_to = [int(v) for v in args.round_to.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--round-to: expected comma-separated integers > 1, got {args.round_to!r}")
-    if any(n < 2 for n in args.round_to):
-        raise UserError(f"--round-to: expected comma-separated integers > 1, got {args.round_to}")
+    args.round_to = int_list(args.round_to, "--round-to", least=2, empty=True)
     return args
 
 

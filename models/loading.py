@@ -1,12 +1,12 @@
-"""Loading ViT weights from files: timm state dicts and `.safetensors` files, official DeiT and
-DeiT III checkpoints, this project's checkpoints and the reference's."""
+"""Loading ViT and Swin weights from files: timm state dicts and `.safetensors` files, official
+DeiT, DeiT III and Swin checkpoints, this project's checkpoints and the reference's."""
 import logging
 import re
 from typing import Dict
 
 import torch
 import torch.nn as nn
-from timm.layers import resample_abs_pos_embed
+from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
 
 from utils import UserError, check_keys, load_torch_file, state_dict_of
 
@@ -53,11 +53,54 @@ def _resample_pos_embed(sd: Dict[str, torch.Tensor], model: nn.Module, path: str
                 tuple(sd["pos_embed"].shape))
 
 
+def _swin_names(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """timm's Swin keys: the buffers that official checkpoints save (`relative_position_index`,
+    `attn_mask`) dropped; the official layout (patch merging at the END of stage N, `head.weight`)
+    renamed to timm's (merging at the start of stage N + 1, `head.fc.weight`), as timm's own filter does."""
+    official = "layers.0.downsample.reduction.weight" in sd
+    out = {}
+    for key, value in sd.items():
+        if key.endswith(("relative_position_index", "attn_mask")):
+            continue
+        if official:
+            key = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", key)
+            key = re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", key)
+        out[key] = value
+    return out
+
+
+def _resize_bias_tables(sd: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Relative position bias tables of another window size, resampled as timm does (bicubic)."""
+    for key, value in list(sd.items()):
+        if key.endswith("relative_position_bias_table") and key in own and value.shape != own[key].shape:
+            window = model.get_submodule(key.rsplit(".", 1)[0]).window
+            sd[key] = resize_rel_pos_bias_table(value, new_window_size=(window, window),
+                                                new_bias_shape=tuple(own[key].shape))
+            logger.info("resized %s %s -> %s", key, tuple(value.shape), tuple(sd[key].shape))
+
+
+def _drop_other_classifier(sd: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor], head: str) -> None:
+    """A classifier of another shape is replaced by the model's own initial one (logged)."""
+    w = sd.get(head + ".weight")
+    if w is not None and head + ".weight" in own and w.shape != own[head + ".weight"].shape:
+        logger.info("dropping classifier %s of shape %s (model has %s)", head, tuple(w.shape),
+                    tuple(own[head + ".weight"].shape))
+        sd[head + ".weight"] = own[head + ".weight"]
+        sd[head + ".bias"] = own[head + ".bias"]
+
+
 def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, path: str = "") -> Dict[str, torch.Tensor]:
-    """Fit a ViT state dict to `model`: timm's key names, `pos_embed` resampled to its patch grid,
-    a classifier of another shape dropped (logged), absent gates filled with the model's own (all ones)."""
+    """Fit a ViT or Swin state dict to `model`: timm's key names, `pos_embed` resampled to its patch
+    grid (Swin: relative position bias tables to its windows), a classifier of another shape dropped
+    (logged), absent gates filled with the model's own (all ones)."""
     sd = timm_names(state_dict)
     own = model.state_dict()
+    if model.arch.family == "swin":
+        sd = _swin_names(sd)
+        _resize_bias_tables(sd, own, model)
+        _drop_other_classifier(sd, own, "head.fc")
+        sd.update({k: v for k, v in own.items() if _is_gate_key(k) and k not in sd})
+        return sd
     theirs, ours = _prefix_tokens(sd), _prefix_tokens(own)
     if "pos_embed" in sd and theirs != ours:
         def describe(tokens):
@@ -68,17 +111,8 @@ def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, path
     if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
         _resample_pos_embed(sd, model, path)
     for head in ("head", "head_dist"):
-        w = sd.get(head + ".weight")
-        if w is not None and head + ".weight" in own and w.shape != own[head + ".weight"].shape:
-            logger.info("dropping classifier %s of shape %s (model has %s)", head, tuple(w.shape),
-                        tuple(own[head + ".weight"].shape))
-            sd.pop(head + ".weight")
-            sd.pop(head + ".bias", None)
-            sd[head + ".weight"] = own[head + ".weight"]
-            sd[head + ".bias"] = own[head + ".bias"]
-    for key, value in own.items():
-        if _is_gate_key(key) and key not in sd:
-            sd[key] = value
+        _drop_other_classifier(sd, own, head)
+    sd.update({k: v for k, v in own.items() if _is_gate_key(k) and k not in sd})
     return sd
 
 

@@ -1,4 +1,4 @@
-"""`load_pruned`: the one way from a file to a physically pruned ViT (a `DeployViT`).
+"""`load_pruned`: the one way from a file to a physically pruned ViT or Swin (a `DeployViT` or `DeploySwin`).
 
 It reads main.py's `checkpoint_pruned_00.pth` and the reference's gated checkpoints (gated
 weights with 0/1 gates: sliced here), main_deploy.py's `checkpoint.pth` / `best_checkpoint.pth`
@@ -12,20 +12,23 @@ import json
 import os
 import pickle
 from dataclasses import replace
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-from models.build import build_deploy_model
+from models.build import build_deploy_model, build_gated_model
 from models.loading import _is_gate_key, adapt_state_dict, timm_names
-from models.mask import PruneMask
-from models.slicing import deploy_state_dict
+from models.mask import EMBED_GATE_KEY, SWIN_EMBED_GATE_KEY, PruneMask
+from models.slicing import deploy_state_dict, deploy_swin_state_dict
+from models.swin_arch import SwinArch
+from models.swin_features import SwinFeatures
 from models.vit_arch import ViTArch
 from models.vit_deploy import DeployViT
-from models.vit_gated import GatedViT
+
+Arch = Union[ViTArch, SwinArch]
 from utils import CHECKPOINT_FORMAT_VERSION, SAFETENSORS_FORMAT, UserError, check_keys, load_torch_file, state_dict_of
 
-GATE_KEY = "res_gate.weight"  # present in gated weights only (the shared embedding gate)
+GATE_KEYS = (EMBED_GATE_KEY, SWIN_EMBED_GATE_KEY.format(0))  # in gated weights only (the embedding gates)
 EXPECTED = "main.py's checkpoint_pruned_00.pth or main_deploy.py's checkpoint.pth / best_checkpoint.(pth|safetensors)"
 
 
@@ -75,22 +78,28 @@ def _read_safetensors(path: str, plain_ok: bool) -> dict:
     return checkpoint
 
 
-def _recorded_arch(checkpoint: dict, path: str) -> Optional[ViTArch]:
+def is_gated(state: dict) -> bool:
+    return any(key in state for key in GATE_KEYS)
+
+
+def _recorded_arch(checkpoint: dict, path: str) -> Optional[Arch]:
     d = checkpoint.get("arch")
     if not isinstance(d, dict):
         return None
     try:
-        return ViTArch.from_dict(d, f"checkpoint {path!r}")
+        return (SwinArch if d.get("family") == "swin" else ViTArch).from_dict(d, f"checkpoint {path!r}")
     except TypeError as err:
         raise UserError(f"checkpoint {path!r}: malformed 'arch' entry ({err})") from None
 
 
-def _fitted_arch(arch: ViTArch, recorded: Optional[ViTArch], state: dict, path: str, classes_from_checkpoint: bool,
-                 size_from_checkpoint: bool) -> ViTArch:
+def _fitted_arch(arch: Arch, recorded: Optional[Arch], state: dict, path: str, classes_from_checkpoint: bool,
+                 size_from_checkpoint: bool) -> Arch:
     """`arch` with the file's input size (when asked) and class count (checked, or taken when asked)."""
+    if recorded is not None and recorded.family != arch.family:
+        raise UserError(f"{path!r} holds a {recorded.family} model but a {arch.family} model is requested")
     if recorded is not None and size_from_checkpoint:
         arch = replace(arch, img_size=recorded.img_size)
-    head = state.get("head.weight")
+    head = state.get("head.fc.weight" if arch.family == "swin" else "head.weight")
     classes = head.shape[0] if head is not None else (recorded.num_classes if recorded is not None else None)
     if classes is None or classes == arch.num_classes:
         return arch
@@ -100,31 +109,32 @@ def _fitted_arch(arch: ViTArch, recorded: Optional[ViTArch], state: dict, path: 
                     f"(num_classes / the data set's class count)")
 
 
-def _fits(mask: PruneMask, arch: ViTArch, source: str, target: str) -> None:
+def _fits(mask: PruneMask, arch: Arch, source: str, target: str) -> None:
     try:
         mask.check_fits(arch)
     except UserError as err:
         raise UserError(f"{source!r} does not fit {target}: {err}") from None
 
 
-def _sliced(state: dict, arch: ViTArch, mask: PruneMask, source: str, target: str) -> DeployViT:
+def _sliced(state: dict, arch: Arch, mask: PruneMask, source: str, target: str) -> DeployViT:
     """The deploy model of unpruned-shape weights (gated, or plain timm/DeiT) cut by `mask`: the
     weights are adapted (`adapt_state_dict`) and checked against the gated model's keys and shapes."""
     _fits(mask, arch, source, target)
     with torch.random.fork_rng(devices=[]), torch.device("meta"):  # key names and shapes only
-        reference = GatedViT(arch)
+        reference = build_gated_model(arch)
     sd = adapt_state_dict(state, reference, source)
     check_keys(sd, reference, source, target=target)
     fresh = {k for k, v in sd.items() if v.is_meta}  # absent gates, a classifier of another size
     model = build_deploy_model(arch, mask)
-    sliced = deploy_state_dict(mask, {k: v for k, v in sd.items() if k not in fresh}, arch)
+    slicer = deploy_swin_state_dict if arch.family == "swin" else deploy_state_dict
+    sliced = slicer(mask, {k: v for k, v in sd.items() if k not in fresh}, arch)
     replaced = {k.rsplit(".", 1)[0] for k in fresh if not _is_gate_key(k)}  # keeps its initial weights
     sliced.update({k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] in replaced})
     model.load_state_dict(sliced, strict=True)
     return model
 
 
-def _deploy(checkpoint: dict, state: dict, arch: ViTArch, mask: Optional[PruneMask], path: str,
+def _deploy(checkpoint: dict, state: dict, arch: Arch, mask: Optional[PruneMask], path: str,
             target: str) -> DeployViT:
     """The deploy model of deploy weights: the mask's structure, or the recorded one."""
     if mask is not None:
@@ -141,7 +151,7 @@ def _deploy(checkpoint: dict, state: dict, arch: ViTArch, mask: Optional[PruneMa
     return model
 
 
-def _from_checkpoint(path: str, arch: Optional[ViTArch], trust: Optional[bool], classes_from_checkpoint: bool,
+def _from_checkpoint(path: str, arch: Optional[Arch], trust: Optional[bool], classes_from_checkpoint: bool,
                      size_from_checkpoint: bool, target: str) -> DeployViT:
     if not path or not os.path.isfile(path):
         raise UserError(f"pruned model file not found: {path!r}")
@@ -156,7 +166,7 @@ def _from_checkpoint(path: str, arch: Optional[ViTArch], trust: Optional[bool], 
     if isinstance(version, int) and version > CHECKPOINT_FORMAT_VERSION:
         raise UserError(f"checkpoint {path!r} has format version {version}; this code reads up to "
                         f"{CHECKPOINT_FORMAT_VERSION} (update the code)")
-    gated = GATE_KEY in state
+    gated = is_gated(state)
     if arch is None:  # the file must describe itself
         needed = ("arch",) if "structure" in checkpoint and not gated else ("mask", "arch")
         missing = [k for k in needed if not isinstance(checkpoint.get(k), dict)]
@@ -181,10 +191,10 @@ def _from_checkpoint(path: str, arch: Optional[ViTArch], trust: Optional[bool], 
     return model
 
 
-def load_pruned(path: Optional[str], arch: Optional[ViTArch] = None, weights: Optional[str] = None, *,
+def load_pruned(path: Optional[str], arch: Optional[Arch] = None, weights: Optional[str] = None, *,
                 trust: Optional[bool] = None, classes_from_checkpoint: bool = False,
-                size_from_checkpoint: bool = False, target: str = "the model") -> DeployViT:
-    """The physically pruned ViT (eval mode, on CPU) that a file describes.
+                size_from_checkpoint: bool = False, target: str = "the model", features_only: bool = False):
+    """The physically pruned ViT or Swin (eval mode, on CPU) that a file describes.
 
     Args:
         path: a pruned file (see the module docstring); plain timm/DeiT weights (with `arch`:
@@ -199,18 +209,22 @@ def load_pruned(path: Optional[str], arch: Optional[ViTArch] = None, weights: Op
             checked against it.
         size_from_checkpoint: the input size the file records replaces `arch.img_size`.
         target: what the file must fit, as errors name it.
+        features_only: a Swin's stage feature maps instead (`models.swin_features.SwinFeatures`: NCHW
+            maps of the four stages with their channel counts, as timm's `features_only`).
 
     Returns:
-        the `DeployViT`; `model.arch` is the unpruned architecture (class count, image size),
+        the `DeployViT` (`DeploySwin`); `model.arch` is the unpruned architecture (class count, image size),
         `model.mask` the `PruneMask` (None when the file records only the structure),
         `model.normalization` the recorded {'mean', 'std'} of its inputs (None when not recorded).
 
     Raises:
         UserError: missing, unreadable or foreign file, or weights that do not fit the model.
     """
+    if features_only and arch is not None and arch.family != "swin":
+        raise UserError("features_only=True needs a Swin: a ViT has no stages of feature maps")
     if path is not None and not str(path).endswith(".json"):
         model = _from_checkpoint(path, arch, trust, classes_from_checkpoint, size_from_checkpoint, target)
-        return model.eval()
+        return _as_requested(model.eval(), features_only)
     if path is not None and not weights:
         raise UserError(f"{path!r} is a mask JSON: pass the weights to slice with --finetune")
     if arch is None:
@@ -220,11 +234,19 @@ def load_pruned(path: Optional[str], arch: Optional[ViTArch] = None, weights: Op
         _fits(mask, arch, path, target)
     if weights:
         state = state_dict_of(load_torch_file(weights, "weights", trust=bool(trust), field="finetune"), weights)
-        gates = PruneMask.from_gate_state_dict(state, source=weights) if path is None and GATE_KEY in state else None
+        gates = PruneMask.from_gate_state_dict(state, source=weights) if path is None and is_gated(state) else None
         if gates is not None and gates.kept_counts() != gates.total_counts():
             raise UserError(f"{weights!r} holds a pruned gated model: pass it as the pruned model (--masked_model)")
         model = _sliced(state, arch, mask, weights, target)
     else:
         model = build_deploy_model(arch, mask)
     model.mask, model.normalization = mask, None
-    return model.eval()
+    return _as_requested(model.eval(), features_only)
+
+
+def _as_requested(model, features_only: bool):
+    if not features_only:
+        return model
+    if model.arch.family != "swin":
+        raise UserError("features_only=True needs a Swin: a ViT has no stages of feature maps")
+    return SwinFeatures(model)

@@ -1,4 +1,4 @@
-"""Model names: every supported timm ViT name, the project's tiny test configurations, and
+"""Model names: every supported timm ViT and Swin name, the project's tiny test configurations, and
 `<name>_deploy` for the physically pruned form of each; any other timm model for teachers.
 
 The architecture of a name always comes from timm's own configuration (`timm_arch`): for a
@@ -13,11 +13,11 @@ from typing import Dict, List
 import timm
 import torch.nn as nn
 from timm.models.deit import VisionTransformerDistilled
+from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
-from models.build import build_deploy_model
+from models.build import build_deploy_model, build_gated_model
 from models.vit_arch import ViTArch, timm_arch
-from models.vit_gated import GatedViT
 from utils import UserError
 
 DEPLOY_SUFFIX = "_deploy"
@@ -36,10 +36,18 @@ TEST_CONFIGS: Dict[str, dict] = {
                                    init_values=1e-6),                             # avg pool, no fc_norm
     "vit_test_prenorm_qknorm_patch8_32": dict(_TINY, pre_norm=True, qk_norm=True, eps=1e-5),  # CLIP-like
 }
+# the tiny Swin (timm SwinTransformer kwargs): 4 stages on a 16x16 patch grid, windows of 4 (shifted in
+# stages 0-1; in stages 2-3 one window covers the grid), head dim 16
+SWIN_TEST_CONFIGS: Dict[str, dict] = {
+    "swin_test_patch2_window4_32": dict(img_size=32, patch_size=2, num_classes=10, embed_dim=32,
+                                        depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16), window_size=4),
+}
 
 
 def build_timm_test_model(name: str, **overrides) -> nn.Module:
     """timm's own model for a tiny configuration (random weights): the reference the tests compare to."""
+    if name in SWIN_TEST_CONFIGS:
+        return SwinTransformer(**dict(SWIN_TEST_CONFIGS[name], **overrides))
     kwargs = dict(TEST_CONFIGS[name], **overrides)
     cls = VisionTransformerDistilled if kwargs.pop("distilled", False) else VisionTransformer
     eps = kwargs.pop("eps", None)
@@ -58,12 +66,13 @@ def gated_name_of(name: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _base_arch(name: str) -> ViTArch:
-    if name in TEST_CONFIGS:
+    if name in TEST_CONFIGS or name in SWIN_TEST_CONFIGS:
         return timm_arch(name, build=lambda: build_timm_test_model(name))
     if timm.is_model(name):
         return timm_arch(name)  # a one-line UserError for a model it cannot prune
-    raise UserError(f"unknown model {name!r}: expected a timm ViT name (e.g. vit_base_patch16_224, "
-                    f"deit_small_patch16_224, deit3_base_patch16_224) or one of {', '.join(TEST_CONFIGS)}")
+    raise UserError(f"unknown model {name!r}: expected a timm ViT or Swin name (e.g. vit_base_patch16_224, "
+                    f"deit_small_patch16_224, deit3_base_patch16_224, swin_tiny_patch4_window7_224) "
+                    f"or one of {', '.join(list(TEST_CONFIGS) + list(SWIN_TEST_CONFIGS))}")
 
 
 def arch_of(name: str, **kwargs) -> ViTArch:
@@ -83,7 +92,8 @@ def is_prunable(name: str) -> bool:
 
 def list_models() -> List[str]:
     """The tiny configurations (each also with `_deploy`); timm's ViT names work as well."""
-    return sorted(list(TEST_CONFIGS) + [n + DEPLOY_SUFFIX for n in TEST_CONFIGS])
+    tiny = list(TEST_CONFIGS) + list(SWIN_TEST_CONFIGS)
+    return sorted(tiny + [n + DEPLOY_SUFFIX for n in tiny])
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
@@ -99,7 +109,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
             structure = {k: kwargs.pop(k) for k in ("width", "heads", "hidden") if kwargs.get(k) is not None}
             return build_deploy_model(arch_of(name, **kwargs), structure=structure or None)
         mask_aware_norm = kwargs.pop("mask_aware_norm", False)
-        return GatedViT(arch_of(name, **kwargs), mask_aware_norm=mask_aware_norm)
+        return build_gated_model(arch_of(name, **kwargs), mask_aware_norm=mask_aware_norm)
     if not is_deploy_name(name) and timm.is_model(name):
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         return timm.create_model(name, pretrained=False, **kwargs)

@@ -1,10 +1,11 @@
-"""Gated (or plain ViT) weights -> the weights of the physically smaller ViT (docs/METHOD.md
-sections 1 and 5): pure functions that slice tensors by a `PruneMask` and touch no model."""
+"""Gated (or plain timm) weights -> the weights of the physically smaller ViT or Swin
+(docs/METHOD.md sections 1 and 5): pure functions that slice tensors by a mask and touch no model."""
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from models.mask import PruneMask
+from models.mask import PruneMask, SwinMask
+from models.swin_arch import SwinArch
 from models.vit_arch import ViTArch
 
 Tensor = torch.Tensor
@@ -56,8 +57,8 @@ def _embedding(s: _Slicer, arch: ViTArch, e: Tensor) -> List[str]:
     return ["pos_embed"]
 
 
-def _attention(s: _Slicer, p: str, heads: List[int], mask: PruneMask, e: Tensor) -> None:
-    rows = _qkv_rows(heads, mask.head_dim, mask.num_heads)
+def _attention(s: _Slicer, p: str, heads: List[int], head_dim: int, num_heads: int, e: Tensor) -> None:
+    rows = _qkv_rows(heads, head_dim, num_heads)
     s.take(p + "norm1.weight", {0: e})
     s.take(p + "norm1.bias", {0: e})
     s.take(p + "attn.qkv.weight", {0: rows, 1: e})
@@ -65,7 +66,7 @@ def _attention(s: _Slicer, p: str, heads: List[int], mask: PruneMask, e: Tensor)
     for norm in ("q_norm", "k_norm"):  # over the head dim: unchanged
         s.take(p + f"attn.{norm}.weight", {}, optional=True)
         s.take(p + f"attn.{norm}.bias", {}, optional=True)
-    s.take(p + "attn.proj.weight", {0: e, 1: _head_columns(heads, mask.head_dim)})
+    s.take(p + "attn.proj.weight", {0: e, 1: _head_columns(heads, head_dim)})
     s.take(p + "attn.proj.bias", {0: e})
     s.take(p + "ls1.gamma", {0: e}, optional=True)
 
@@ -131,7 +132,7 @@ def deploy_state_dict(mask: PruneMask, gated: Dict[str, Tensor], arch: ViTArch) 
         p = f"blocks.{i}."
         # in stream order: attention branch, then MLP branch
         if mask.heads[i]:
-            _attention(s, p, mask.heads[i], mask, e)
+            _attention(s, p, mask.heads[i], mask.head_dim, mask.num_heads, e)
             writer = (p + "attn.proj.bias", p + "ls1.gamma")
         else:
             _fold(s.out, _branch_constant(gated, p + "attn.proj.bias", p + "ls1.gamma", e), writer, embedding_writers)
@@ -148,3 +149,64 @@ def deploy_state_dict(mask: PruneMask, gated: Dict[str, Tensor], arch: ViTArch) 
             s.take(head + ".weight", {1: e})
             s.take(head + ".bias", {})
     return s.out
+
+
+def _merging(s: _Slicer, p: str, e_in: Tensor, width_in: int, e: Tensor) -> None:
+    """A patch merging: its input channel j * C + c is copy j of channel c of the previous stage."""
+    copies = torch.cat([j * width_in + e_in for j in range(4)])
+    s.take(p + "downsample.norm.weight", {0: copies})
+    s.take(p + "downsample.norm.bias", {0: copies})
+    s.take(p + "downsample.reduction.weight", {0: e, 1: copies})
+
+
+def deploy_swin_state_dict(mask: SwinMask, gated: Dict[str, Tensor], arch: SwinArch) -> Dict[str, Tensor]:
+    """Slice a gated (or plain timm) Swin state dict down to the kept heads, neurons and channels of
+    every stage, as `deploy_state_dict` does for a ViT (an emptied branch's constant goes to the
+    previous writer of its stage's stream: the last kept branch, else the patch embedding's norm
+    (or conv) bias in stage 0, or a patch merging bias created for it in a later stage)."""
+    e = [torch.tensor(kept, dtype=torch.long) for kept in mask.embed]
+    s = _Slicer(gated)
+    s.take("patch_embed.proj.weight", {0: e[0]})
+    s.take("patch_embed.proj.bias", {0: e[0]})
+    s.take("patch_embed.norm.weight", {0: e[0]}, optional=True)
+    s.take("patch_embed.norm.bias", {0: e[0]}, optional=True)
+    block = 0
+    for st, depth in enumerate(mask.depths):
+        p = f"layers.{st}."
+        if st == 0:
+            stage_writers = ["patch_embed.norm.bias" if arch.patch_norm else "patch_embed.proj.bias"]
+        else:
+            _merging(s, p, e[st - 1], mask.widths[st - 1], e[st])
+            stage_writers = [p + "downsample.reduction.bias"]
+        writer: Optional[Tuple[str, str]] = None
+        for b in range(depth):
+            q = f"{p}blocks.{b}."
+            heads = mask.heads[block]
+            if heads:
+                _attention(s, q, heads, mask.head_dim, mask.num_heads[st], e[st])
+                s.take(q + "attn.relative_position_bias_table", {1: torch.tensor(heads, dtype=torch.long)})
+                writer = (q + "attn.proj.bias", q + "ls1.gamma")
+            else:
+                _fold_in_stage(s, _branch_constant(gated, q + "attn.proj.bias", q + "ls1.gamma", e[st]), writer,
+                               stage_writers)
+            if mask.mlp[block]:
+                _mlp(s, q, mask.mlp[block], e[st])
+                writer = (q + "mlp.fc2.bias", q + "ls2.gamma")
+            else:
+                _fold_in_stage(s, _branch_constant(gated, q + "mlp.fc2.bias", q + "ls2.gamma", e[st]), writer,
+                               stage_writers)
+            block += 1
+    s.take("norm.weight", {0: e[-1]})
+    s.take("norm.bias", {0: e[-1]})
+    if "head.fc.weight" in gated:
+        s.take("head.fc.weight", {1: e[-1]})
+        s.take("head.fc.bias", {})
+    return s.out
+
+
+def _fold_in_stage(s: _Slicer, constant: Tensor, writer: Optional[Tuple[str, str]], stage_writers: List[str]) -> None:
+    """`_fold`, creating the patch merging's bias (zeros) the first time a constant needs it."""
+    for key in stage_writers:
+        if writer is None and key not in s.out:
+            s.out[key] = torch.zeros_like(constant)
+    _fold(s.out, constant, writer, stage_writers)

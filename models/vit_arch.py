@@ -7,15 +7,17 @@ anything that is not made of timm's standard pre-norm `Block`: the gates of SAVi
 for that block only.
 """
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Optional
+from typing import Optional, Union
 
 import timm
 import torch
 import torch.nn as nn
 from timm.layers import LayerScale, Mlp, PatchEmbed
 from timm.models.deit import VisionTransformerDistilled
+from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
+from models.swin_arch import SWIN_V2_MISSING, SwinArch, swin_arch_from_timm
 from utils import UserError
 
 POOLS = ("token", "avg")
@@ -52,6 +54,8 @@ class ViTArch:
     qkv_bias: bool = True
     qk_norm: bool = False
     norm_eps: float = 1e-6
+
+    family = "vit"
 
     def __post_init__(self):
         if self.global_pool not in POOLS:
@@ -142,7 +146,8 @@ def _exactly(module: nn.Module, cls: type) -> bool:
 def _refusal(name: str):
     def refuse(what: str) -> UserError:
         return UserError(f"model {name!r} is not supported: {what}. SAViT here prunes timm VisionTransformers "
-                         f"built from the standard pre-norm Block (ViT, DeiT, DeiT III, register and avg-pool ViTs)")
+                         f"built from the standard pre-norm Block (ViT, DeiT, DeiT III, register and avg-pool ViTs) "
+                         f"and timm's SwinTransformer")
 
     return refuse
 
@@ -249,9 +254,9 @@ def arch_from_timm(model: nn.Module, name: str) -> ViTArch:
     )
 
 
-def timm_arch(name: str, build=None) -> ViTArch:
-    """The `ViTArch` of timm's configuration of `name` (or of the timm model `build()` returns),
-    built on the meta device with `pretrained=False`."""
+def timm_arch(name: str, build=None) -> Union[ViTArch, SwinArch]:
+    """The `ViTArch` (or `SwinArch`) of timm's configuration of `name` (or of the timm model
+    `build()` returns), built on the meta device with `pretrained=False`."""
     def make() -> nn.Module:
         return build() if build is not None else timm.create_model(name, pretrained=False)
 
@@ -260,6 +265,10 @@ def timm_arch(name: str, build=None) -> ViTArch:
             model = make()
     except Exception:  # some timm versions compute values while building (`.item()` fails on meta)
         model = make()
+    if type(model).__name__.startswith("SwinTransformerV2"):
+        raise UserError(SWIN_V2_MISSING.format(name=name))
+    if isinstance(model, SwinTransformer):
+        return swin_arch_from_timm(model, name)
     if any(isinstance(m, LayerScale) and not hasattr(m, "init_values") for m in model.modules()):
         model = make()  # older timm: the LayerScale init value lives only in gamma, which meta tensors lack
     return arch_from_timm(model, name)

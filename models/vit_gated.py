@@ -146,6 +146,9 @@ class GatedViT(ViTBase):
     def mlp_gates(self):
         return [b.mlp.hidden_gate1 for b in self.blocks]
 
+    def embed_gates(self):
+        return [self.res_gate]
+
     def gate_parameters(self):
         """All distinct gate weights: heads per block, MLP per block, then the embedding gate."""
         return [g.weight for g in self.head_gates()] + [g.weight for g in self.mlp_gates()] + [self.res_gate.weight]

@@ -9,7 +9,7 @@ import torch
 from models.vit_arch import ViTArch
 from pruning.flops import mask_macs
 from models.mask import PruneMask
-from pruning.mask import COMPONENTS, component_shapes
+from pruning.mask import COMPONENTS, criteria_shapes
 from pruning.selection import counts_from_ratios, mask_from_counts
 from utils import UserError
 
@@ -76,9 +76,7 @@ def random_mask_with_counts(arch: ViTArch, counts: Mapping[str, int], seed: int,
         model: model name stored in the mask.
     """
     g = torch.Generator().manual_seed(int(seed))
-    scores = {c: torch.rand(blocks, n, generator=g, dtype=torch.float64) for c, (blocks, n) in
-              component_shapes(arch).items()}
-    scores["embed"] = scores["embed"].reshape(-1)
+    scores = {c: torch.rand(shape, generator=g, dtype=torch.float64) for c, shape in criteria_shapes(arch).items()}
     return mask_from_counts(scores, arch, counts, protect, model)
 
 

@@ -18,19 +18,28 @@ class TaylorCapture:
 
     A forward hook on each `Gate` puts a tensor hook on its output; the tensor hook gets
     grad_output and forms t = grad_output * output, summed over a unit's own channels (the
-    head_dim channels of a head). Heads and MLP gates are reduced at once (t is not kept); the
-    shared embedding gate sums t over its 2 * depth + 1 applications first.
+    head_dim channels of a head). Heads and MLP gates are reduced at once (t is not kept); an
+    embedding gate sums t over its applications first (a ViT's shared gate: 2 * depth + 1; a Swin
+    stage's: 2 * its blocks + 1). A Swin's windows and grids are folded back into each image's
+    tokens (n runs over the stage's H * W tokens), and its results are flat (groups in order).
     """
 
     def __init__(self, model: nn.Module, reduce: Callable[[Tensor], Tensor]):
-        self.depth = len(model.blocks)
+        self.depth = len(model.head_gates())
+        self.flat = model.arch.family == "swin"
         self.reduce = reduce
-        self.embed_t: Optional[Tensor] = None  # (B, N, D): summed over the gate's applications
+        self.batch = 0
+        self.embed_t: Dict[int, Tensor] = {}  # stage -> (B, N, width): summed over the gate's applications
         self.stats: Dict[Tuple[str, int], Tensor] = {}  # (component, block) -> [units]
         self._tensor_hooks = []
         gates = [("heads", b, g) for b, g in enumerate(model.head_gates())]
-        gates += [("mlp", b, g) for b, g in enumerate(model.mlp_gates())] + [("embed", 0, model.res_gate)]
+        gates += [("mlp", b, g) for b, g in enumerate(model.mlp_gates())]
+        gates += [("embed", s, g) for s, g in enumerate(model.embed_gates())]
         self._module_hooks = [g.register_forward_hook(self._forward_hook(c, b)) for c, b, g in gates]
+        self._module_hooks.append(model.register_forward_pre_hook(self._batch_hook))
+
+    def _batch_hook(self, module: nn.Module, inputs) -> None:
+        self.batch = inputs[0].shape[0]
 
     def _forward_hook(self, component: str, block: int) -> Callable:
         def hook(module: nn.Module, inputs, output: Tensor) -> None:
@@ -39,16 +48,21 @@ class TaylorCapture:
 
         return hook
 
+    def _tokens(self, t: Tensor) -> Tensor:
+        """(B, N, units): a Swin's (B * windows, N_w, units) or (B, H, W, units) as each image's tokens."""
+        return t.reshape(self.batch, -1, t.shape[-1]) if t.dim() != 3 or t.shape[0] != self.batch else t
+
     def _grad_hook(self, component: str, block: int, output: Tensor) -> Callable:
         def hook(grad: Tensor) -> None:
             with torch.no_grad():
                 t = grad.detach() * output.detach()  # grad_output * output
                 if component == "heads":  # (B, heads, N, head_dim) -> (B, N, heads): sum a head's channels
-                    self.stats[(component, block)] = self.reduce(t.sum(-1).transpose(1, 2))
+                    self.stats[(component, block)] = self.reduce(self._tokens(t.sum(-1).transpose(1, 2)))
                 elif component == "mlp":
-                    self.stats[(component, block)] = self.reduce(t)
+                    self.stats[(component, block)] = self.reduce(self._tokens(t))
                 else:
-                    self.embed_t = t if self.embed_t is None else self.embed_t + t
+                    t = self._tokens(t)
+                    self.embed_t[block] = t if block not in self.embed_t else self.embed_t[block] + t
 
         return hook
 
@@ -65,10 +79,11 @@ class TaylorCapture:
         self._tensor_hooks = []
 
     def result(self, component: str) -> Tensor:
-        """The statistics of a component: [depth, units] for heads/mlp, [D] for embed."""
+        """The statistics of a component: [depth, units] for heads/mlp, [D] for embed (a Swin: flat)."""
         if component == "embed":
-            return self.reduce(self.embed_t)
-        return torch.stack([self.stats[(component, b)] for b in range(self.depth)])
+            return torch.cat([self.reduce(self.embed_t[s]) for s in sorted(self.embed_t)])
+        rows = [self.stats[(component, b)] for b in range(self.depth)]
+        return torch.cat(rows) if self.flat else torch.stack(rows)
 
 
 class Criterion:
@@ -85,23 +100,27 @@ class Criterion:
         return t.double().abs().sum((0, 1))
 
     def chunk_sums(self, capture: Optional[TaylorCapture], gates: Sequence[Tensor],
-                   grads: Sequence[Tensor]) -> Dict[str, Tensor]:
-        """One chunk's per-unit sums per component; a batch's sums are those of its chunks added."""
+                   grads: Sequence[Tensor], depth: int, flat: bool) -> Dict[str, Tensor]:
+        """One chunk's per-unit sums per component; a batch's sums are those of its chunks added.
+        `gates`: heads per block, MLP per block (`depth` blocks), the embedding gates; `flat`: a
+        Swin's flat criteria."""
         return {c: capture.result(c) for c in COMPONENTS}
 
-    def batch_score(self, sums: Tensor, batch: int, tokens: int) -> Tensor:
-        """One batch's per-unit score from its sums."""
+    def batch_score(self, sums: Tensor, batch: int, tokens) -> Tensor:
+        """One batch's per-unit score from its sums; `tokens`: the token count N (a ViT's), or each
+        unit's own (a tensor: a Swin unit's stage's H * W)."""
         return sums
 
-    def batch_weight(self, batch: int, tokens: int) -> int:
-        """What one batch adds to the divisor of the summed scores."""
+    def batch_weight(self, batch: int, tokens) -> int:
+        """What one batch adds to the divisor of the summed scores (`tokens`: a ViT's N, or None
+        when each unit has its own)."""
         return 1
 
 
 class MeanAbsTaylor(Criterion):
     """Method 1: mean_{b,n} |t| per batch."""
 
-    def batch_score(self, sums: Tensor, batch: int, tokens: int) -> Tensor:
+    def batch_score(self, sums: Tensor, batch: int, tokens) -> Tensor:
         return sums / (batch * tokens)
 
 
@@ -111,12 +130,12 @@ class SquaredGateGradient(Criterion):
     uses_taylor = False
 
     def chunk_sums(self, capture: Optional[TaylorCapture], gates: Sequence[Tensor],
-                   grads: Sequence[Tensor]) -> Dict[str, Tensor]:
-        depth = len(gates) // 2  # gates: heads per block, MLP per block, the embedding gate
+                   grads: Sequence[Tensor], depth: int, flat: bool) -> Dict[str, Tensor]:
         gg = [(g.detach() * d.detach()).double() for g, d in zip(gates, grads)]
-        return {"heads": torch.stack(gg[:depth]), "mlp": torch.stack(gg[depth:2 * depth]), "embed": gg[-1]}
+        join = torch.cat if flat else torch.stack
+        return {"heads": join(gg[:depth]), "mlp": join(gg[depth:2 * depth]), "embed": torch.cat(gg[2 * depth:])}
 
-    def batch_score(self, sums: Tensor, batch: int, tokens: int) -> Tensor:
+    def batch_score(self, sums: Tensor, batch: int, tokens) -> Tensor:
         return sums.pow(2)  # squared once the whole batch is in
 
 
@@ -128,10 +147,14 @@ class SquaredTokenSum(Criterion):
 
 
 class SumAbsTaylor(Criterion):
-    """Method 4 (Michel et al. 2019): sum_{b,n} |t|, normalised by all (sample, token) positions seen."""
+    """Method 4 (Michel et al. 2019): sum_{b,n} |t|, normalised by all (sample, token) positions seen
+    (units with their own token counts: each batch's sums divided by them, the divisor counts samples)."""
 
-    def batch_weight(self, batch: int, tokens: int) -> int:
-        return batch * tokens
+    def batch_score(self, sums: Tensor, batch: int, tokens) -> Tensor:
+        return sums / tokens if isinstance(tokens, Tensor) else sums
+
+    def batch_weight(self, batch: int, tokens) -> int:
+        return batch * tokens if tokens is not None else batch
 
 
 CRITERIA: Dict[int, Criterion] = {1: MeanAbsTaylor(), 2: SquaredGateGradient(), 3: SquaredTokenSum(),

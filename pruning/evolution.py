@@ -9,7 +9,6 @@ from typing import Tuple
 import numpy as np
 import torch
 
-from models.vit_arch import ViTArch
 from utils import UserError
 
 # the reference's evolution-strategy constants
@@ -30,31 +29,45 @@ def interaction_matrix(C) -> np.ndarray:
     return m
 
 
-def reference_flops_fraction(arch: ViTArch, a, b, e):
-    """Remaining fraction of the blocks' MACs under the reference's FLOPs model.
+def flops_model(arch) -> Tuple[float, float, float]:
+    """(alpha, beta, gamma) of the search's FLOPs model: the kept fraction of the blocks' MACs is
+    (alpha a + beta a e + gamma b e) / (alpha + beta + gamma), with a, b, e the REMAINING fractions
+    of heads, MLP neurons and embedding dims (each block's MACs / 2: attention matmuls, qkv and proj,
+    fc1 and fc2).
 
-    The reference counts, per block, `2 L D (L a + 2 a e D + 4 b e D)` (L tokens, D embedding dim,
-    a, b, e the REMAINING fractions of heads, MLP neurons and embedding dims). Written per term,
-    with A = num_heads * head_dim (= D in DeiT) and H = mlp_hidden (= 4D): q k^T and attn v cost
-    2 L^2 A a, qkv and proj 4 L D A a e, fc1 and fc2 2 L D H b e; the fraction is
-    (L A a + 2 D A a e + D H b e) / (L A + 2 D A + D H). Depth cancels. a, b, e: floats or arrays
-    (broadcast); returns the remaining fraction of the broadcast shape.
+    A ViT (the reference's model, per block `2 L D (L a + 2 a e D + 4 b e D)`): with L tokens, D the
+    width, A = num_heads * head_dim (= D in DeiT), H = mlp_hidden (= 4D), alpha = L A, beta = 2 D A,
+    gamma = D H; depth cancels. A Swin: the same terms summed over the blocks, each weighted by its
+    stage's token count T and with the window's w^2 tokens in place of L: alpha = sum T w^2 A,
+    beta = sum 2 T C A, gamma = sum T C H (C, A, H of the block's stage).
     """
+    if arch.family == "swin":
+        terms = [(T * w * w * A, 2 * T * C * A, T * C * H) for T, w, C, A, H in (
+            (arch.resolutions[s] ** 2, arch.stage_window(s), arch.widths[s], arch.num_heads[s] * arch.head_dim,
+             arch.stage_hidden(s)) for s in arch.stage_of_block())]
+        return tuple(sum(t[i] for t in terms) for i in range(3))
     L, D = arch.num_tokens, arch.embed_dim
     A, H = arch.num_heads * arch.head_dim, arch.mlp_hidden
+    return L * A, 2 * D * A, D * H
+
+
+def reference_flops_fraction(arch, a, b, e):
+    """Remaining fraction of the blocks' MACs under the search's FLOPs model (`flops_model`).
+    a, b, e: floats or arrays (broadcast); returns the remaining fraction of the broadcast shape."""
+    alpha, beta, gamma = flops_model(arch)
     a, b, e = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), np.asarray(e, dtype=np.float64)
-    return (L * A * a + 2 * D * A * a * e + D * H * b * e) / (L * A + 2 * D * A + D * H)
+    return (alpha * a + beta * a * e + gamma * b * e) / (alpha + beta + gamma)
 
 
-def solve_mlp_ratio(arch: ViTArch, r_head, r_embed, target: float, threshold: float = 1e-4,
+def solve_mlp_ratio(arch, r_head, r_embed, target: float, threshold: float = 1e-4,
                     max_ratio: float = 1.0) -> Tuple[np.ndarray, np.ndarray]:
-    """Pruned MLP fraction that makes the reference FLOPs model remove `target`.
+    """Pruned MLP fraction that makes the search's FLOPs model remove `target`.
 
     The model is linear in the kept MLP fraction b, so the reference's binary search has the
-    closed-form answer b = ((1 - target) Z - L A a - 2 D A a e) / (D H e). A candidate is
-    infeasible when its heads and embedding cuts alone remove more than target + threshold,
-    or when even `max_ratio` of the MLP does not reach target - threshold; inside the
-    threshold r_mlp is clipped to [0, max_ratio].
+    closed-form answer b = ((1 - target) Z - alpha a - beta a e) / (gamma e), Z = alpha + beta + gamma.
+    A candidate is infeasible when its heads and embedding cuts alone remove more than
+    target + threshold, or when even `max_ratio` of the MLP does not reach target - threshold;
+    inside the threshold r_mlp is clipped to [0, max_ratio].
 
     Args:
         arch: the unpruned architecture.
@@ -72,11 +85,10 @@ def solve_mlp_ratio(arch: ViTArch, r_head, r_embed, target: float, threshold: fl
     removed_no_mlp = 1.0 - reference_flops_fraction(arch, a, 1.0, e)
     removed_max_mlp = 1.0 - reference_flops_fraction(arch, a, 1.0 - max_ratio, e)
     feasible = (removed_no_mlp <= target + threshold) & (removed_max_mlp >= target - threshold) & (e > 0)
-    L, D = arch.num_tokens, arch.embed_dim
-    A, H = arch.num_heads * arch.head_dim, arch.mlp_hidden
-    z = L * A + 2 * D * A + D * H
+    alpha, beta, gamma = flops_model(arch)
+    z = alpha + beta + gamma
     with np.errstate(divide="ignore", invalid="ignore"):
-        b = ((1.0 - target) * z - L * A * a - 2 * D * A * a * e) / (D * H * e)
+        b = ((1.0 - target) * z - alpha * a - beta * a * e) / (gamma * e)
     r_mlp = np.clip(1.0 - b, 0.0, max_ratio)
     return np.where(feasible, r_mlp, np.nan), feasible
 
@@ -97,7 +109,7 @@ def objective(C, r_head, r_mlp, r_embed):
     return -np.einsum("...i,ij,...j->...", r, upper, r)
 
 
-def _fitness(C: np.ndarray, arch: ViTArch, target: float, threshold: float, max_mlp: float,
+def _fitness(C: np.ndarray, arch, target: float, threshold: float, max_mlp: float,
              genes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """(F, r_mlp) of each row (r_head, r_embed) of `genes`; F is -inf where infeasible."""
     r_mlp, ok = solve_mlp_ratio(arch, genes[:, 0], genes[:, 1], target, threshold, max_mlp)
@@ -116,7 +128,7 @@ class SearchResult:
     feasible: bool
 
 
-def evolution_search(C, arch: ViTArch, target: float, threshold: float = 1e-4, seed: int = 0,
+def evolution_search(C, arch, target: float, threshold: float = 1e-4, seed: int = 0,
                      max_ratios: Tuple[float, float, float] = (1.0, 1.0, 1.0), population: int = POPULATION,
                      children: int = CHILDREN, generations: int = GENERATIONS) -> SearchResult:
     """The reference's evolution strategy over (r_head, r_embed), vectorised over the population.

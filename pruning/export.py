@@ -1,4 +1,4 @@
-"""Export a pruned ViT to ONNX, TorchScript or a torch.export program.
+"""Export a pruned ViT or Swin to ONNX, TorchScript or a torch.export program.
 
     python -m pruning.export out/checkpoint_pruned_00.pth --format onnx --out deit_pruned.onnx
     python -m pruning.export ft/best_checkpoint.pth --format exported-program --out deit_pruned.pt2

@@ -10,10 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from models.vit_arch import ViTArch
 from pruning.criteria import CRITERIA, TaylorCapture
-from pruning.interactions import ESTIMATORS, add_interactions, block_draw, interaction_normalisers
-from pruning.mask import COMPONENTS, criteria_shapes
+from pruning.interactions import ESTIMATORS, add_interactions, block_draw, block_scales, interaction_normalisers
+from pruning.mask import COMPONENTS, criteria_shapes, group_sizes
 from utils import UserError, format_seconds
 
 METHODS = tuple(CRITERIA)
@@ -22,13 +21,14 @@ _STATE_KEYS = COMPONENTS + ("interactions", "denominator", "batches")
 
 @contextmanager
 def gates_only_grad(model: nn.Module) -> Iterator[List[nn.Parameter]]:
-    """Within the block only the gate weights of `model` (a `GatedViT`) require grad, in eval mode;
-    both are restored after. Yields the gates: heads per block, MLP per block, the embedding gate."""
+    """Within the block only the gate weights of `model` (a `GatedViT` or `GatedSwin`) require grad, in
+    eval mode; both (every module's mode) are restored after. Yields the gates: heads per block, MLP per block, the
+    embedding gate(s)."""
     gates = model.gate_parameters()
     gate_ids = {id(g) for g in gates}
     params = list(model.parameters())
     saved = [p.requires_grad for p in params]
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # per module: a model in mixed modes comes back as it was
     try:
         for p in params:
             p.requires_grad_(id(p) in gate_ids)
@@ -37,7 +37,8 @@ def gates_only_grad(model: nn.Module) -> Iterator[List[nn.Parameter]]:
     finally:
         for p, flag in zip(params, saved):
             p.requires_grad_(flag)
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 class PruningScorer:
@@ -49,8 +50,10 @@ class PruningScorer:
     Hessian-vector product per row of C (2K + 1 with K = `hessian_blocks`). C and the criteria average the SAME batches.
 
     Args:
-        model: a `GatedViT` (any device); its flags and mode are restored after each batch.
-        criterion: `criterion(outputs, targets) -> scalar loss`; targets may be soft (mixup).
+        model: a `GatedViT` or `GatedSwin` (any device); its flags and mode are restored after each batch.
+        criterion: `criterion(outputs, targets) -> scalar loss`; targets may be soft (mixup). A model
+            with `takes_targets = True` is called as `model(images, targets)` (e.g. a detector that
+            returns its training loss; `models.swin_features.DetectorLoss`).
         method: `--pruning_method`, 1..4 (section 2).
         need_hessian: also estimate the 3x3 interaction matrix (section 3).
         hessian_embed: `--hessian_embed`, scales the embedding normaliser.
@@ -78,7 +81,7 @@ class PruningScorer:
         if micro_batch is not None and micro_batch < 0:
             raise UserError(f"must be >= 1 (or 0 for whole batches), got {micro_batch}", field="pruning_micro_batch")
         self.model = model
-        self.arch: ViTArch = model.arch
+        self.arch = model.arch
         self.criterion = criterion
         self.method = method
         self.first_order = CRITERIA[method]
@@ -87,8 +90,12 @@ class PruningScorer:
         self.estimator = estimator
         self.hessian_blocks = hessian_blocks
         self.micro_batch = micro_batch or None
-        self.device = model.res_gate.weight.device
+        self.device = model.patch_embed.proj.weight.device
         self.normalisers = interaction_normalisers(self.arch, hessian_embed).to(self.device)
+        self.scales = block_scales(self.arch).to(self.device)
+        self.embed_gates = len(model.embed_gates())
+        self.flat = self.arch.family == "swin"
+        self.tokens = self.arch.num_tokens if not self.flat else _unit_tokens(self.arch)
         shapes = dict(criteria_shapes(self.arch), interactions=(3, 3), denominator=(), batches=())
         self._state = {k: torch.zeros(shapes[k], dtype=torch.float64, device=self.device) for k in _STATE_KEYS}
         self.last_loss = float("nan")
@@ -123,14 +130,14 @@ class PruningScorer:
                     sums[k] = v if k not in sums else sums[k] + v
                 if draws is not None:
                     add_interactions(self._state["interactions"], self.normalisers, gates, grads, draws,
-                                     self.estimator)
+                                     self.estimator, self.scales, self.embed_gates)
                 del grads
                 loss_total += loss.item()
         with torch.no_grad():
-            tokens = self.arch.num_tokens
             for c in COMPONENTS:
+                tokens = self.tokens[c].to(self.device) if self.flat else self.tokens
                 self._state[c] += self.first_order.batch_score(sums[c], batch, tokens)
-            self._state["denominator"] += self.first_order.batch_weight(batch, tokens)
+            self._state["denominator"] += self.first_order.batch_weight(batch, None if self.flat else self.tokens)
             self._state["batches"] += 1
         self.last_loss = loss_total
         return loss_total
@@ -146,8 +153,8 @@ class PruningScorer:
                   batch_index: int) -> Tuple[torch.Tensor, Sequence[torch.Tensor], Dict[str, torch.Tensor]]:
         """Loss (times `weight`), gate gradients and the criterion's per-unit sums of one chunk."""
         capture = TaylorCapture(self.model, self.first_order.reduce) if self.first_order.uses_taylor else None
-        try:
-            outputs = self.model(images)
+        try:  # a model that needs the targets to give its outputs (a detector's losses) says so
+            outputs = self.model(images, targets) if getattr(self.model, "takes_targets", False) else self.model(images)
             if capture is not None:
                 capture.stop_forward()
             loss = self.criterion(outputs, targets)
@@ -162,7 +169,7 @@ class PruningScorer:
             if capture is not None:
                 capture.stop()
         with torch.no_grad():
-            return loss, grads, self.first_order.chunk_sums(capture, gates, grads)
+            return loss, grads, self.first_order.chunk_sums(capture, gates, grads, self.arch.depth, self.flat)
 
     def score_batches(self, batches: Iterable, num_batches: int, first_index: int = 0, index_stride: int = 1,
                       log: Optional[Callable[[str], None]] = print, log_every: int = 10,
@@ -255,3 +262,12 @@ def all_reduce_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         out[k] = flat[offset:offset + n].view_as(state[k])
         offset += n
     return out
+
+
+def _unit_tokens(arch) -> Dict[str, torch.Tensor]:
+    """A Swin unit's token count: the H * W tokens of its stage, per unit of each component (flat)."""
+    tokens = [float(arch.resolutions[s] ** 2) for s in arch.stage_of_block()]
+    stage_tokens = [float(r * r) for r in arch.resolutions]
+    per_group = {"heads": tokens, "mlp": tokens, "embed": stage_tokens}
+    return {c: torch.cat([torch.full((n,), t, dtype=torch.float64) for n, t in zip(sizes, per_group[c])])
+            for c, sizes in group_sizes(arch).items()}

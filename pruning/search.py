@@ -9,18 +9,18 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from models.vit_arch import ViTArch
+from models.mask import PruneMask
 from pruning.evolution import CHILDREN, GENERATIONS, POPULATION, evolution_search, interaction_matrix, objective
 from pruning.flops import analytic_macs, mask_macs
-from models.mask import PruneMask
-from pruning.mask import COMPONENTS, component_shapes
-from pruning.selection import (block_sequences, component_orders, counts_from_ratios, criteria_blocks,
+from pruning.mask import COMPONENTS, group_of, group_offsets, group_sizes
+from pruning.selection import (block_sequences, component_orders, counts_from_ratios, criteria_flat, group_limits,
                                mask_from_orders, max_prunable)
 from utils import UserError
 
 ACCEPT_TOLERANCE = 0.005  # |achieved - target| of the final mask (absolute fraction of MACs)
 LAYER_CHOICES = {0: "heads", 1: "mlp", 2: "embed", 3: "all"}
 Counts = Dict[str, int]
+Arch = object  # a models.ViTArch or models.SwinArch
 Move = Callable[[int, int, int], Optional[str]]  # (k_head, k_embed, direction) -> component to move, or None
 
 
@@ -64,10 +64,15 @@ def _check_options(target: float, layers: int) -> None:
         raise UserError(f"must be 0 (heads), 1 (MLP), 2 (embedding) or 3 (all), got {layers!r}", field="pruning_layers")
 
 
-def check_round_to(arch: ViTArch, round_to) -> None:
+def check_round_to(arch: Arch, round_to) -> None:
     """Raise `UserError` unless `round_to` is a positive integer dividing the embedding and MLP widths."""
     if isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer)) or round_to < 1:
         raise UserError(f"must be a positive integer (1: no rounding), got {round_to!r}", field="round_to")
+    if arch.family == "swin" and round_to > 1:
+        raise UserError("is not supported for Swin models yet (their stage widths are cut by one order); use 1",
+                        field="round_to")
+    if arch.family == "swin":
+        return
     for what, width in (("embedding width", arch.embed_dim), ("MLP width", arch.mlp_hidden)):
         if round_to > width:
             raise UserError(f"{round_to} is larger than the model's {what} {width}", field="round_to")
@@ -76,35 +81,42 @@ def check_round_to(arch: ViTArch, round_to) -> None:
                             field="round_to")
 
 
-def _aligned_max_prunable(arch: ViTArch, protect: bool, round_to: int) -> Dict[str, int]:
+def _aligned_max_prunable(arch: Arch, protect: bool, round_to: int) -> Dict[str, int]:
     """`max_prunable` when the kept MLP and embedding widths must be multiples of `round_to`."""
     limit = dict(max_prunable(arch, protect))
+    per_group = group_limits(arch, protect)
     for c in ("mlp", "embed"):
-        blocks, n = component_shapes(arch)[c]
-        keep = n - limit[c] // blocks  # the fewest units a block keeps
-        limit[c] = blocks * (n - -(-keep // round_to) * round_to)
+        limit[c] = sum(n - -(-(n - most) // round_to) * round_to for n, most in zip(group_sizes(arch)[c], per_group[c]))
     return limit
 
 
-def _spread(total: int, n: int, depth: int) -> list:
-    """Units kept per block when `total` of the depth * n units go, spread evenly over the blocks."""
-    base, extra = divmod(total, depth)
-    return [n - base - (1 if i < extra else 0) for i in range(depth)]
+def _spread(total: int, sizes: list) -> list:
+    """Units kept per group when `total` units of the groups go, spread over them in proportion to
+    their sizes (equal groups: evenly, the first groups one more)."""
+    whole = sum(sizes)
+    pruned = [total * n // whole for n in sizes]
+    for i in range(total - sum(pruned)):
+        pruned[i] += 1
+    return [n - p for n, p in zip(sizes, pruned)]
 
 
-def _even_macs(arch: ViTArch, k: Mapping[str, int]) -> int:
-    """Exact MACs when the k pruned units of each component are spread evenly over the blocks (the
-    count only depends on the per-block totals: the same for any spread that empties no block)."""
-    depth = arch.depth
-    return analytic_macs(arch, arch.embed_dim - k.get("embed", 0), _spread(k.get("heads", 0), arch.num_heads, depth),
-                         _spread(k.get("mlp", 0), arch.mlp_hidden, depth))["total"]
+def structure_macs(arch: Arch, width: list, heads: list, hidden: list) -> int:
+    """Exact MACs of the kept embedding width of each group (a ViT: one), heads and neurons per block."""
+    return analytic_macs(arch, width if arch.family == "swin" else width[0], heads, hidden)["total"]
 
 
-def _even_reduction(arch: ViTArch, k: Mapping[str, int]) -> float:
+def _even_macs(arch: Arch, k: Mapping[str, int]) -> int:
+    """Exact MACs when the k pruned units of each component are spread evenly over its groups (for a
+    ViT the count only depends on the per-block totals: the same for any spread that empties no block)."""
+    sizes = group_sizes(arch)
+    return structure_macs(arch, *(_spread(k.get(c, 0), sizes[c]) for c in ("embed", "heads", "mlp")))
+
+
+def _even_reduction(arch: Arch, k: Mapping[str, int]) -> float:
     return 1.0 - _even_macs(arch, k) / analytic_macs(arch)["total"]
 
 
-def check_target_reachable(arch: ViTArch, target: float, layers: int = 3, protect: bool = True,
+def check_target_reachable(arch: Arch, target: float, layers: int = 3, protect: bool = True,
                            round_to: int = 1) -> float:
     """Raise `UserError` unless the allowed components can remove `target` of the FLOPs (+-0.5%).
 
@@ -153,26 +165,43 @@ class OrderedCuts:
     The tolerance of the calibration is max(threshold, one MLP neuron's share of the MACs).
     """
 
-    def __init__(self, arch: ViTArch, orders: Mapping[str, np.ndarray], target: float, threshold: float):
+    def __init__(self, arch: Arch, orders: Mapping[str, np.ndarray], target: float, threshold: float):
         self.arch, self.orders, self.target = arch, orders, target
+        self.sizes = group_sizes(arch)
         self.full = analytic_macs(arch)["total"]
         self.k_max = {c: len(orders[c]) for c in COMPONENTS}
-        self.totals = {c: blocks * n for c, (blocks, n) in component_shapes(arch).items()}
+        self.totals = {c: sum(sizes) for c, sizes in self.sizes.items()}
         self.savings = {c: self.full - _even_macs(arch, {c: 1}) for c in COMPONENTS}  # of one unit
-        self.tol = max(threshold, self.savings["mlp"] / self.full)
+        # groups of unequal cost (a Swin's stages): what one unit of each group saves
+        self.group_savings = None if arch.family != "swin" else {
+            c: np.array([self.full - self._macs_with_one_less(c, g) for g in range(len(sizes))], dtype=np.float64)
+            for c, sizes in self.sizes.items()}
+        mlp_step = self.savings["mlp"] if self.group_savings is None else self.group_savings["mlp"].max()
+        self.tol = max(threshold, mlp_step / self.full)
+
+    def _macs_with_one_less(self, component: str, group: int) -> int:
+        kept = {c: list(sizes) for c, sizes in self.sizes.items()}
+        kept[component][group] -= 1
+        return structure_macs(self.arch, kept["embed"], kept["heads"], kept["mlp"])
+
+    def unit_savings(self, component: str):
+        """What pruning each unit of the component's order saves (a scalar when all units save the same)."""
+        if self.group_savings is None:
+            return self.savings[component]
+        return self.group_savings[component][group_of(self.orders[component], self.sizes[component])]
 
     def kept_per_block(self, component: str, k: int) -> list:
-        blocks, n = component_shapes(self.arch)[component]
-        pruned = np.bincount(self.orders[component][:k] // n, minlength=blocks)
-        return (n - pruned).tolist()
+        sizes = self.sizes[component]
+        pruned = np.bincount(group_of(self.orders[component][:k], sizes), minlength=len(sizes))
+        return (np.array(sizes) - pruned).tolist()
 
     def reduction(self, heads: int = 0, mlp: int = 0, embed: int = 0) -> float:
         return self.reduction_per_block(heads, self.kept_per_block("mlp", mlp), embed)
 
     def reduction_per_block(self, heads: int, mlp_kept: list, embed: int) -> float:
         """As `reduction`, with the kept MLP width of each block given."""
-        macs = analytic_macs(self.arch, self.arch.embed_dim - embed, self.kept_per_block("heads", heads),
-                             mlp_kept)["total"]
+        macs = structure_macs(self.arch, self.kept_per_block("embed", embed), self.kept_per_block("heads", heads),
+                              mlp_kept)
         return 1.0 - macs / self.full
 
     def closest(self, reduction: Callable[[int], float], k_max: int) -> int:
@@ -232,7 +261,7 @@ def _first_order_start(cuts: OrderedCuts, crit: Mapping[str, np.ndarray]) -> Tup
     """First-order mode: all prunable units ranked by criterion per MAC saved, one global cut.
     Returns the start counts (the cut closest to the target), the repair move (the next unit by
     that score) and the report's entries."""
-    score = {c: crit[c].ravel()[cuts.orders[c]] / cuts.savings[c] for c in COMPONENTS}
+    score = {c: crit[c][cuts.orders[c]] / cuts.unit_savings(c) for c in COMPONENTS}
     merged = np.concatenate([score[c] for c in COMPONENTS])
     which = np.concatenate([np.full(cuts.k_max[c], i) for i, c in enumerate(COMPONENTS)])
     ranked = which[np.argsort(merged, kind="stable")]  # stable: each component keeps its own order
@@ -292,20 +321,20 @@ class _MlpGroups:
 
     def __init__(self, cuts: OrderedCuts, crit: Mapping[str, np.ndarray], n: int):
         self.cuts, self.n = cuts, n
-        seqs = block_sequences(cuts.orders["mlp"], cuts.arch.depth, cuts.arch.mlp_hidden)
+        self.widths = cuts.sizes["mlp"]
+        seqs = block_sequences(cuts.orders["mlp"], self.widths)
         self.limit = [len(s) // n for s in seqs]
         # criterion lost with each group: sum over its n neurons
-        self.score = [[float(crit["mlp"][b, s[g * n:(g + 1) * n]].sum()) for g in range(self.limit[b])]
-                      for b, s in enumerate(seqs)]
+        self.score = [[float(crit["mlp"][start + s[g * n:(g + 1) * n]].sum()) for g in range(self.limit[b])]
+                      for b, (start, s) in enumerate(zip(group_offsets(self.widths), seqs))]
 
     def nearest(self, k_mlp: int) -> list:
         """Groups per block closest to the per-block counts of the first k_mlp units of the order."""
-        pruned = self.cuts.arch.mlp_hidden - np.array(self.cuts.kept_per_block("mlp", k_mlp))
+        pruned = np.array(self.widths) - np.array(self.cuts.kept_per_block("mlp", k_mlp))
         return [min(int(np.floor(x / self.n + 0.5)), lim) for x, lim in zip(pruned, self.limit)]
 
     def reduction(self, k_head: int, j: list, k_embed: int) -> float:
-        m = self.cuts.arch.mlp_hidden
-        return self.cuts.reduction_per_block(k_head, [m - self.n * g for g in j], k_embed)
+        return self.cuts.reduction_per_block(k_head, [m - self.n * g for m, g in zip(self.widths, j)], k_embed)
 
     def calibrate(self, k_head: int, j: list, k_embed: int) -> Tuple[list, float]:
         """Move one group at a time -- the least important next group to prune more, the most important
@@ -377,7 +406,7 @@ def _allocate(cuts: OrderedCuts, crit: Mapping[str, np.ndarray], matrix: np.ndar
     return (*_calibrate(cuts, start, move), info)
 
 
-def prune(criteria: Mapping[str, torch.Tensor], C, arch: ViTArch, options: SearchOptions,
+def prune(criteria: Mapping[str, torch.Tensor], C, arch: Arch, options: SearchOptions,
           model_name: str = "") -> Tuple[PruneMask, dict]:
     """Choose the pruned units (docs/METHOD.md section 4).
 
@@ -389,8 +418,8 @@ def prune(criteria: Mapping[str, torch.Tensor], C, arch: ViTArch, options: Searc
     by whole groups. The mask's exact reduction must be within 0.5% of the target.
 
     Args:
-        criteria: {'heads': [depth, num_heads], 'mlp': [depth, mlp_hidden], 'embed': [embed_dim]};
-            larger = more important.
+        criteria: {'heads': [depth, num_heads], 'mlp': [depth, mlp_hidden], 'embed': [embed_dim]} (a
+            Swin's: flat, `pruning.mask.criteria_shapes`); larger = more important.
         C: 3x3 interaction matrix (heads, MLP, embedding), or None; unused in first-order mode.
         arch: the unpruned architecture.
         options: target, threshold, layers, protection, interactions, seed.
@@ -404,8 +433,8 @@ def prune(criteria: Mapping[str, torch.Tensor], C, arch: ViTArch, options: Searc
     check_target_reachable(arch, target, layers, options.protect, options.round_to)
     if options.flops_threshold < 0 or not np.isfinite(options.flops_threshold):
         raise UserError(f"must be >= 0, got {options.flops_threshold!r}", field="pruning_flops_threshold")
-    crit = criteria_blocks(criteria, arch)
-    cuts = OrderedCuts(arch, component_orders(crit, options.protect), target, options.flops_threshold)
+    crit = criteria_flat(criteria, arch)
+    cuts = OrderedCuts(arch, component_orders(crit, arch, options.protect), target, options.flops_threshold)
     matrix = interaction_matrix(C) if C is not None else np.zeros((3, 3))
     k, steps, info = _allocate(cuts, crit, matrix, options)
     if options.round_to > 1:

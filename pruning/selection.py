@@ -1,15 +1,16 @@
-"""Which units go (docs/METHOD.md section 4): per component one order over all blocks, lowest
-criterion first, each block's top 5% protected by identity; pruning k units = the first k of the
-order. Shared by the search (`pruning.search`) and the baselines (`pruning.baselines`).
+"""Which units go (docs/METHOD.md section 4): per component one order over all groups (blocks;
+a Swin's embedding stages), lowest criterion first, each group's top 5% protected by identity;
+pruning k units = the first k of the order. Shared by the search (`pruning.search`) and the
+baselines (`pruning.baselines`).
 """
-from typing import Dict, List, Mapping, Sequence, Union
+from dataclasses import replace
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from models.vit_arch import ViTArch
 from models.mask import PruneMask
-from pruning.mask import COMPONENTS, component_shapes
+from pruning.mask import COMPONENTS, criteria_shapes, group_offsets, group_sizes
 from utils import UserError
 
 PROTECT_FRACTION = 0.05
@@ -25,13 +26,22 @@ def _kept_per_block(n: int, protect: bool, min_keep: int) -> int:
     return max(protected_count(n) if protect else 0, min_keep)
 
 
-def max_prunable(arch: ViTArch, protect: bool = True) -> Dict[str, int]:
+def group_limits(arch, protect: bool = True) -> Dict[str, List[int]]:
+    """Largest number of units of each group of each component that may be pruned."""
+    return {c: [n - _kept_per_block(n, protect, ALWAYS_KEPT[c]) for n in sizes] for c, sizes in group_sizes(arch).items()}
+
+
+def max_prunable(arch, protect: bool = True) -> Dict[str, int]:
     """Largest number of units of each component that may be pruned."""
-    shapes = component_shapes(arch)
-    return {c: blocks * (n - _kept_per_block(n, protect, ALWAYS_KEPT[c])) for c, (blocks, n) in shapes.items()}
+    return {c: sum(limits) for c, limits in group_limits(arch, protect).items()}
 
 
-def counts_from_ratios(arch: ViTArch, ratios: Mapping[str, float], protect: bool = True) -> Dict[str, int]:
+def _total_factors(sizes: List[int]):
+    """(groups, units per group) when the groups are equal (a ViT's blocks), else (1, all units)."""
+    return (len(sizes), sizes[0]) if len(set(sizes)) == 1 else (1, sum(sizes))
+
+
+def counts_from_ratios(arch, ratios: Mapping[str, float], protect: bool = True) -> Dict[str, int]:
     """Number of units to prune per component: round(ratio * total), clipped to what is prunable.
 
     Args:
@@ -41,30 +51,40 @@ def counts_from_ratios(arch: ViTArch, ratios: Mapping[str, float], protect: bool
     """
     limit = max_prunable(arch, protect)
     out = {}
-    for c, (blocks, n) in component_shapes(arch).items():
+    for c, sizes in group_sizes(arch).items():
+        blocks, n = _total_factors(sizes)
         k = int(np.floor(float(ratios.get(c, 0.0)) * blocks * n + 0.5))
         out[c] = min(max(k, 0), limit[c])
     return out
 
 
-def normalize_by_layer(criteria: Mapping[str, torch.Tensor], norm_type: int) -> Dict[str, torch.Tensor]:
+def _normalized(rows: torch.Tensor, norm_type: int) -> torch.Tensor:
+    norm = rows.abs().sum(dim=1, keepdim=True) if norm_type == 1 else rows.pow(2).sum(dim=1, keepdim=True).sqrt()
+    return rows / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def normalize_by_layer(criteria: Mapping[str, torch.Tensor], norm_type: int, arch=None) -> Dict[str, torch.Tensor]:
     """Divide each block's scores by their L1 (type 1) or L2 (type 2) norm (`--pruning_normalize_by_layer`).
 
-    The embedding vector counts as one block. Blocks whose norm is 0 are left unchanged.
+    The embedding vector counts as one block (a Swin's: one per stage). Blocks whose norm is 0 are
+    left unchanged.
 
     Args:
-        criteria: {'heads': [depth, H], 'mlp': [depth, M], 'embed': [D]}.
+        criteria: {'heads': [depth, H], 'mlp': [depth, M], 'embed': [D]} (a Swin's: flat vectors).
         norm_type: 1 or 2 (`--pruning_normalize_type`).
+        arch: needed for a Swin's flat criteria (where its groups begin).
     """
     if norm_type not in (1, 2):
         raise UserError(f"must be 1 (L1) or 2 (L2), got {norm_type!r}", field="pruning_normalize_type")
+    sizes = group_sizes(arch) if arch is not None and arch.family == "swin" else None
     out = {}
     for name, value in criteria.items():
         t = torch.as_tensor(value)
-        rows = t.reshape(1, -1) if t.dim() == 1 else t
-        norm = rows.abs().sum(dim=1, keepdim=True) if norm_type == 1 else rows.pow(2).sum(dim=1, keepdim=True).sqrt()
-        norm = torch.where(norm > 0, norm, torch.ones_like(norm))
-        out[name] = (rows / norm).reshape(t.shape)
+        if sizes is not None:
+            out[name] = torch.cat([_normalized(g.reshape(1, -1), norm_type).reshape(-1)
+                                   for g in t.split(sizes[name])])
+        else:
+            out[name] = _normalized(t.reshape(1, -1) if t.dim() == 1 else t, norm_type).reshape(t.shape)
     return out
 
 
@@ -75,48 +95,55 @@ def _as_blocks(scores) -> np.ndarray:
     return s.reshape(1, -1) if s.ndim == 1 else s
 
 
-def criteria_blocks(criteria: Mapping[str, torch.Tensor], arch: ViTArch) -> Dict[str, np.ndarray]:
-    """Each component's criteria as a float64 [blocks, n] array, checked against `arch` (shape, finite)."""
+def criteria_flat(criteria: Mapping[str, torch.Tensor], arch) -> Dict[str, np.ndarray]:
+    """Each component's criteria as one flat float64 array (groups in order), checked against `arch`
+    (shape, finite)."""
     out = {}
-    for c, (blocks, n) in component_shapes(arch).items():
+    for c, shape in criteria_shapes(arch).items():
         if c not in criteria:
             raise UserError(f"criteria have no entry '{c}' (expected keys {', '.join(COMPONENTS)})")
-        s = _as_blocks(criteria[c])
-        if s.shape != (blocks, n) or (c == "embed" and np.ndim(criteria[c]) != 1):
-            expected = f"[{arch.depth}, {n}]" if c != "embed" else f"[{n}]"
-            raise UserError(f"criteria '{c}' have shape {list(np.shape(criteria[c]))}, the model needs {expected}")
+        value = criteria[c]
+        if isinstance(value, torch.Tensor):
+            value = value.detach().to("cpu", torch.float64).numpy()
+        s = np.array(value, dtype=np.float64)
+        if s.shape != tuple(shape):
+            raise UserError(f"criteria '{c}' have shape {list(s.shape)}, the model needs {list(shape)}")
         if not np.all(np.isfinite(s)):
             raise UserError(f"criteria '{c}' contain non-finite values")
-        out[c] = s.reshape(blocks, n)
+        out[c] = s.reshape(-1)
     return out
 
 
-def pruning_order(scores, protect: bool = True, min_keep: int = 0) -> np.ndarray:
-    """Flat indices (block * n + unit) of the prunable units, lowest criterion first.
+def pruning_order(scores, protect: bool = True, min_keep: int = 0, sizes: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Flat indices of the prunable units, lowest criterion first.
 
-    Protection removes from the order the top max(1, int(0.05 n)) units of every block BY
+    Protection removes from the order the top max(1, int(0.05 n)) units of every group (block) BY
     IDENTITY (they get +inf; ties protect the lower index); ties in the order go to the lower
-    flat index. `min_keep` units per block are kept even without protection.
+    flat index. `min_keep` units per group are kept even without protection.
 
     Args:
-        scores: criteria, [blocks, n] or [n] (one block).
-        protect: whether to protect the top 5% of every block.
-        min_keep: units per block never pruned regardless of `protect`.
+        scores: criteria, [blocks, n] (flat index block * n + unit), or flat [units].
+        protect: whether to protect the top 5% of every group.
+        min_keep: units per group never pruned regardless of `protect`.
+        sizes: units of each group of flat `scores` (default: one group).
     """
     s = _as_blocks(scores)
-    blocks, n = s.shape
-    keep = _kept_per_block(n, protect, min_keep)
-    if keep:
-        top = np.argsort(-s, axis=1, kind="stable")[:, :keep]
-        s = s.copy()
-        np.put_along_axis(s, top, np.inf, axis=1)
-    order = np.argsort(s.ravel(), kind="stable")
-    return order[: blocks * (n - keep)]
+    if sizes is None:
+        sizes = [s.shape[1]] * s.shape[0]
+    s = s.reshape(-1).copy()
+    offsets, prunable = group_offsets(list(sizes)), 0
+    for start, n in zip(offsets, sizes):
+        keep = _kept_per_block(n, protect, min_keep)
+        if keep:
+            s[start + np.argsort(-s[start:start + n], kind="stable")[:keep]] = np.inf
+        prunable += n - keep
+    return np.argsort(s, kind="stable")[:prunable]
 
 
-def component_orders(blocks: Mapping[str, np.ndarray], protect: bool) -> Dict[str, np.ndarray]:
-    """`pruning_order` of each component's [blocks, n] criteria."""
-    return {c: pruning_order(blocks[c], protect, ALWAYS_KEPT[c]) for c in COMPONENTS}
+def component_orders(criteria: Mapping[str, np.ndarray], arch, protect: bool) -> Dict[str, np.ndarray]:
+    """`pruning_order` of each component's flat criteria (`criteria_flat`)."""
+    sizes = group_sizes(arch)
+    return {c: pruning_order(criteria[c], protect, ALWAYS_KEPT[c], sizes[c]) for c in COMPONENTS}
 
 
 def select_units(scores, k: int, protect: bool = True, min_keep: int = 0) -> np.ndarray:
@@ -137,46 +164,47 @@ def select_units(scores, k: int, protect: bool = True, min_keep: int = 0) -> np.
     return pruned.reshape(shape)
 
 
-def block_sequences(order: np.ndarray, blocks: int, n: int) -> List[np.ndarray]:
-    """Each block's part of a component's order: its prunable units (indices within the block),
-    lowest criterion first. Pruning the first k_b of block b's sequence prunes by criterion in that block."""
-    order = np.asarray(order)
-    return [order[order // n == b] % n for b in range(blocks)]
+def block_sequences(order: np.ndarray, sizes: Sequence[int]) -> List[np.ndarray]:
+    """Each group's part of a component's order: its prunable units (indices within the group),
+    lowest criterion first. Pruning the first k_b of group b's sequence prunes by criterion in it."""
+    order, offsets = np.asarray(order), group_offsets(list(sizes))
+    return [order[(order >= start) & (order < start + n)] - start for start, n in zip(offsets, sizes)]
 
 
-def mask_from_orders(arch: ViTArch, orders: Mapping[str, np.ndarray], counts: Mapping[str, Union[int, Sequence[int]]],
+def mask_from_orders(arch, orders: Mapping[str, np.ndarray], counts: Mapping[str, Union[int, Sequence[int]]],
                      model: str = "") -> PruneMask:
     """The mask that prunes the first `counts[c]` units of each component's order (missing = 0).
 
-    A count may also be a list, one count per block: the first `counts[c][b]` units of block
+    A count may also be a list, one count per group: the first `counts[c][b]` units of group
     b's part of the order (`block_sequences`), as the hardware-aligned widths need."""
     kept = {}
-    for c, (blocks, n) in component_shapes(arch).items():
-        pruned = np.zeros((blocks, n), dtype=bool)
+    for c, sizes in group_sizes(arch).items():
+        pruned = np.zeros(sum(sizes), dtype=bool)
         count = counts.get(c, 0)
         if np.ndim(count) == 0:
-            pruned.reshape(-1)[orders[c][: int(count)]] = True
+            pruned[orders[c][: int(count)]] = True
         else:
-            for b, seq in enumerate(block_sequences(orders[c], blocks, n)):
-                pruned[b, seq[: int(count[b])]] = True
-        kept[c] = [np.flatnonzero(~row).tolist() for row in pruned]
-    return PruneMask(embed_dim=arch.embed_dim, depth=arch.depth, num_heads=arch.num_heads, head_dim=arch.head_dim,
-                     mlp_hidden=arch.mlp_hidden, heads=kept["heads"], mlp=kept["mlp"], embed=kept["embed"][0],
-                     model=model)
+            for b, (start, seq) in enumerate(zip(group_offsets(sizes), block_sequences(orders[c], sizes))):
+                pruned[start + seq[: int(count[b])]] = True
+        kept[c] = [np.flatnonzero(~row).tolist() for row in np.split(pruned, group_offsets(sizes)[1:-1])]
+    full = PruneMask.full(arch, model)
+    return replace(full, heads=kept["heads"], mlp=kept["mlp"],
+                   embed=kept["embed"] if arch.family == "swin" else kept["embed"][0])
 
 
-def mask_from_counts(scores: Mapping[str, torch.Tensor], arch: ViTArch, counts: Mapping[str, int],
+def mask_from_counts(scores: Mapping[str, torch.Tensor], arch, counts: Mapping[str, int],
                      protect: bool = True, model: str = "") -> PruneMask:
     """Prune `counts[c]` units of each component c: the lowest scores, one global threshold per component.
 
     Args:
-        scores: {'heads': [depth, heads], 'mlp': [depth, hidden], 'embed': [D]}; larger = more important.
+        scores: {'heads': [depth, heads], 'mlp': [depth, hidden], 'embed': [D]} (a Swin's: flat);
+            larger = more important.
         arch: the unpruned architecture.
         counts: units to prune per component (missing = 0).
-        protect: never prune the top max(1, int(0.05 n)) units of a block (embedding: of the vector).
+        protect: never prune the top max(1, int(0.05 n)) units of a group (embedding: of the vector, or stage).
         model: model name stored in the mask.
     """
-    orders = component_orders(criteria_blocks(scores, arch), protect)
+    orders = component_orders(criteria_flat(scores, arch), arch, protect)
     for c in COMPONENTS:
         k = int(counts.get(c, 0))
         if not 0 <= k <= len(orders[c]):

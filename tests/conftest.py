@@ -6,6 +6,7 @@ in-process checks; `slow` marks tests that build full-size models. The fast subs
 """
 import gc
 import glob
+from dataclasses import replace
 import os
 import socket
 import sys
@@ -43,7 +44,8 @@ MASK_CASES = {
 def random_subset_mask(arch: ViTArch, seed: int, embed: bool = False,
                        empty: Union[str, Iterable[Tuple[int, str]]] = ()) -> PruneMask:
     """A seeded random mask: per block a random sorted subset (possibly empty) of heads and of
-    neurons; a random non-empty subset of embedding channels when `embed`, else all of them.
+    neurons; a random non-empty subset of embedding channels (a Swin: of every stage) when `embed`,
+    else all of them.
 
     Args:
         arch: the unpruned architecture.
@@ -57,15 +59,16 @@ def random_subset_mask(arch: ViTArch, seed: int, embed: bool = False,
         k = int(torch.randint(least, n + 1, (1,), generator=g))
         return sorted(torch.randperm(n, generator=g)[:k].tolist())
 
-    heads = [subset(arch.num_heads, 0) for _ in range(arch.depth)]
-    mlp = [subset(arch.mlp_hidden, 0) for _ in range(arch.depth)]
-    channels = subset(arch.embed_dim, 1) if embed else list(range(arch.embed_dim))
+    full = PruneMask.full(arch)
+    sizes = {c: n for c, (n, _) in full.groups().items()}  # units per block (embedding: per stage)
+    heads = [subset(n, 0) for n in sizes["heads"]]
+    mlp = [subset(n, 0) for n in sizes["mlp"]]
+    channels = [subset(n, 1) if embed else list(range(n)) for n in sizes["embed"]]
     if empty == "all":
         empty = [(b, c) for b in range(arch.depth) for c in ("heads", "mlp")]
     for block, component in empty:
         {"heads": heads, "mlp": mlp}[component][block] = []
-    mask = PruneMask(embed_dim=arch.embed_dim, depth=arch.depth, num_heads=arch.num_heads, head_dim=arch.head_dim,
-                     mlp_hidden=arch.mlp_hidden, heads=heads, mlp=mlp, embed=channels)
+    mask = replace(full, heads=heads, mlp=mlp, embed=channels if arch.family == "swin" else channels[0])
     mask.validate()
     return mask
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from conftest import free_port
 from utils import UserError
-from utils.distributed import detect_launch, first_host, slurm_port
+from utils.distributed import detect_launch, first_host, guard_intervals, slurm_port
 from utils.job_guard import JobGuard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,14 +38,12 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
 
 # runs main.py or main_deploy.py, with a fault on FAULT_RANK: "raise" or "kill" when the pruning pass
 # reaches batch FAULT_BATCH (main.py) or at the FAULT_AT_CALL-th training step (main_deploy.py, in epoch
-# FAULT_EPOCH); the job's guard gets the test's intervals
+# FAULT_EPOCH)
 WRAPPER = """
 import os, signal, sys, time
 sys.path.insert(0, {repo!r})
 import torch.distributed as dist
-from utils.job_guard import JobGuard
 
-JobGuard.__init__.__kwdefaults__.update(beat_s={beat_s}, lost_after_s={lost_after_s})
 kind, script = os.environ["FAULT"], sys.argv.pop(1)
 
 
@@ -88,7 +86,8 @@ entry.main(entry.get_args_parser().parse_args())
 
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", SAVIT_GUARD_BEAT_S=str(BEAT_S),
+               SAVIT_GUARD_LOST_AFTER_S=str(LOST_AFTER_S), **extra)
     return env
 
 
@@ -100,7 +99,7 @@ def _start(cmd, env, log_path):
 def _launch(tmp_path, how, script, flags, fault_env):
     """Start the job: one torchrun, or two processes by hand ("env": RANK/..., "slurm": SLURM_*)."""
     wrapper = tmp_path / "faulty.py"
-    wrapper.write_text(WRAPPER.format(repo=REPO, beat_s=BEAT_S, lost_after_s=LOST_AFTER_S))
+    wrapper.write_text(WRAPPER.format(repo=REPO))
     port = free_port()
     if how == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
@@ -309,3 +308,14 @@ def test_guard_leaves_when_the_store_is_gone_unless_finishing():
             time.sleep(0.02)
         assert exits == expected
         guard.stop()
+
+
+def test_guard_intervals_come_from_the_environment():
+    assert guard_intervals({}) == {}
+    assert guard_intervals({"SAVIT_GUARD_BEAT_S": "2", "SAVIT_GUARD_LOST_AFTER_S": "60"}) == dict(
+        beat_s=2.0, lost_after_s=60.0)
+    for env, named in (({"SAVIT_GUARD_BEAT_S": "soon"}, "SAVIT_GUARD_BEAT_S='soon'"),
+                       ({"SAVIT_GUARD_LOST_AFTER_S": "0"}, "SAVIT_GUARD_LOST_AFTER_S='0'"),
+                       ({"SAVIT_GUARD_BEAT_S": "15"}, "SAVIT_GUARD_LOST_AFTER_S=20 must be more than twice")):
+        with pytest.raises(UserError, match=re.escape(named)):
+            guard_intervals(env)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from benchmarks import gpu_check
+from benchmarks import common, gpu_check
 from test_readme_commands import readme_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,22 +100,37 @@ def test_a_spent_budget_fails_the_remaining_steps(tmp_path, monkeypatch):
 def test_two_ranks_are_skipped_with_one_visible_gpu(monkeypatch):
     import argparse
 
+    step, full = gpu_check.deploy_step("two_ranks"), gpu_check.settings(False)
     monkeypatch.setattr(gpu_check.torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(gpu_check, "deploy_run", lambda *a, **k: pytest.fail("no run with one GPU"))
-    result = gpu_check.step_two_ranks(argparse.Namespace(device="cuda"), gpu_check.settings(False), 60)
+    result = step(argparse.Namespace(device="cuda"), full, 60)
     assert result["status"] == "skipped: 1 GPU visible (two ranks need two)"
     calls = []
     monkeypatch.setattr(gpu_check.torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(gpu_check, "deploy_run", lambda *a, **k: calls.append(k) or
+    monkeypatch.setattr(gpu_check, "deploy_run", lambda args, cfg, timeout, run: calls.append(run) or
                         {"problems": [], "summary": "ok", "details": []})
-    assert gpu_check.step_two_ranks(argparse.Namespace(device="cuda"), gpu_check.settings(False), 60)["status"] == \
-        "passed"
-    assert [(c["nproc"], c["student"], c["steps"]) for c in calls] == [(2, "deit_base_patch16_224", 3)]
+    assert step(argparse.Namespace(device="cuda"), full, 60)["status"] == "passed"
+    assert [(run.nproc, full[run.student], full[run.steps]) for run in calls] == [(2, "deit_base_patch16_224", 3)]
+
+
+def test_the_distilled_student_runs_without_then_with_a_teacher_in_one_budget(monkeypatch):
+    import argparse
+
+    calls = []
+    monkeypatch.setattr(gpu_check, "deploy_run", lambda args, cfg, timeout, run: calls.append((run, timeout)) or
+                        {"problems": ["bad"] if run.distillation == "none" else [], "summary": run.distillation,
+                         "details": []})
+    tiny = gpu_check.settings(True)
+    result = gpu_check.deploy_step("distilled_student")(argparse.Namespace(device="cpu"), tiny, 100)
+    assert [(tiny[run.student], run.distillation, run.nproc) for run, _ in calls] == [
+        ("deit_test_distilled_patch8_32", "none", 1), ("deit_test_distilled_patch8_32", "hard", 1)]
+    assert calls[0][1] == pytest.approx(50, abs=1) and calls[1][1] == pytest.approx(100, abs=1)  # half, then the rest
+    assert result["status"] == "failed: bad" and result["summary"] == "none / hard"
 
 
 def test_run_streaming_stops_a_hanging_command():
     start = time.monotonic()
-    rc, lines = gpu_check.run_streaming(
+    rc, lines = common.run_streaming(
         [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"], timeout=1)
     assert rc is None and lines == ["started"]
     assert time.monotonic() - start < 30

@@ -338,13 +338,14 @@ def test_masked_model_keys_are_checked_on_the_meta_device(tmp_path, monkeypatch,
     import models.pruned
 
     devices = []
+    real_build = models.pruned.build_gated_model
 
-    class Spy(GatedViT):
-        def __init__(self, a):
-            super().__init__(a)
-            devices.append(self.pos_embed.device.type)
+    def spy(a):
+        model = real_build(a)
+        devices.append(model.pos_embed.device.type)
+        return model
 
-    monkeypatch.setattr(models.pruned, "GatedViT", Spy)
+    monkeypatch.setattr(models.pruned, "build_gated_model", spy)
     torch.manual_seed(3)
     deploy = load_pruned(str(tmp_path / "mask.json"), arch, str(tmp_path / "w.pth"))
     # no full-size model is built, not even for a classifier of another size

@@ -272,7 +272,9 @@ def test_no_weight_gradient_and_flags_restored():
     model = make_model(dtype=torch.float32)
     model.patch_embed.proj.weight.requires_grad_(False)  # a user-frozen weight stays frozen
     model.train()
+    model.blocks[1].eval()  # mixed modes come back as they were
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    modes = [m.training for m in model.modules()]
     images, targets = make_batches(model.arch, [2], seed=5)[0]
     for method in (2, 3):
         scorer = PruningScorer(model, soft_cross_entropy, method=method, need_hessian=True)
@@ -280,7 +282,7 @@ def test_no_weight_gradient_and_flags_restored():
     assert all(p.grad is None for p in model.parameters())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert not any(p.requires_grad for p in model.gate_parameters())
-    assert model.training
+    assert [m.training for m in model.modules()] == modes and model.training and not model.blocks[1].training
     # no hooks left on the gates
     assert all(not g._forward_hooks for g in model.head_gates() + model.mlp_gates() + [model.res_gate])
 

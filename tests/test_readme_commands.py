@@ -78,11 +78,16 @@ RUNNERS: List[Tuple[str, str, str]] = [
     (r"python main\.py --model=vit_base_patch16_224 ", "prune_vit", "runs (the tiny timm ViT, 32x32)"),
     (r"torchrun --nproc_per_node=8 main_deploy\.py --model=vit_base_patch16_224_deploy ", "finetune_vit",
      "runs (the tiny timm ViT, 1 CPU process, 1 epoch)"),
+    (r"python main\.py --model=swin_tiny_patch4_window7_224 ", "prune_swin", "runs (the tiny timm Swin, 32x32)"),
+    (r"torchrun --nproc_per_node=8 main_deploy\.py --model=swin_tiny_patch4_window7_224_deploy ", "finetune_swin",
+     "runs (the tiny timm Swin, 1 CPU process, 1 epoch)"),
+    (r"import models\nimport pruning\.search\n", "detector_snippet",
+     "= tests/test_swin_detection_scoring.py::test_readme_snippet_scores_prunes_and_rebuilds_the_detector"),
 ]
 # runner -> the runner whose files it reads (run after it; the others run two at a time)
 NEEDS = {"demo_spread": "demo", "eval_pruned": "prune", "finetune": "prune", "python_snippet": "prune",
          "export": "prune", "flops": "prune", "finetune_nodes": "prune", "submitit": "prune",
-         "finetune_vit": "prune_vit"}
+         "finetune_vit": "prune_vit", "finetune_swin": "prune_swin"}
 # the longest runners (the demo; bench_pass, 4 processes in a row) start first: no core idles while the last one runs
 START_FIRST = ("demo", "bench_pass")
 
@@ -319,6 +324,10 @@ def run_flops(command: str, world: dict) -> None:
     assert float(counted.group(2)) == pytest.approx(float(params_after), abs=2e-3)
 
 
+def run_detector_snippet(command: str, world: dict) -> None:
+    _runs_elsewhere("test_swin_detection_scoring.py", 'readme_command("detector_snippet")')
+
+
 def run_ablation(command: str, world: dict) -> None:
     _runs_elsewhere("test_ablation_cli.py", 'readme_command("ablation")')
 
@@ -401,15 +410,16 @@ def run_submitit(command: str, world: dict) -> None:
     assert proc.returncode == 2 and proc.stderr.startswith("error: cannot submit to SLURM here"), proc.stderr
 
 
-def _tiny_vit_weights(path: str) -> None:
-    """timm's own tiny ViT (the ImageFolder's 3 classes) saved where the command expects timm's model.safetensors."""
+def _tiny_timm_weights(path: str, name: str) -> None:
+    """timm's own tiny model `name` (the ImageFolder's 3 classes) saved where the command expects timm's
+    model.safetensors."""
     import safetensors.torch
 
     from models.registry import build_timm_test_model
 
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        net = build_timm_test_model("vit_test_patch8_32", num_classes=3)
+        net = build_timm_test_model(name, num_classes=3)
         safetensors.torch.save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
 
 
@@ -422,11 +432,11 @@ def _check_supported(command: str) -> None:
     assert is_deploy_name(name) == ("main_deploy.py" in command)
 
 
-def run_prune_vit(command: str, world: dict) -> None:
-    # the full-size ViT-B replaced by the tiny timm ViT of the same family (appended --model), at 32x32
+def _prune_family(command: str, world: dict, tiny: str) -> None:
+    # the full-size model replaced by the tiny timm model of the same family (appended --model), at 32x32
     _check_supported(command)
-    _tiny_vit_weights(_substitute(_flag_value(command, "--finetune"), world))
-    proc = _run(command, world, ["--model", "vit_test_patch8_32", "--input-size", "32", "--batch-size", "4",
+    _tiny_timm_weights(_substitute(_flag_value(command, "--finetune"), world), tiny)
+    proc = _run(command, world, ["--model", tiny, "--input-size", "32", "--batch-size", "4",
                                  "--pruning_feed_percent", "1.0", *CPU])
     _assert_reduction(proc.stdout, r"FLOPs reduction \(deploy model, ptflops\): ([\d.]+)%",
                       float(_flag_value(command, "--pruning_flops_percentage")))
@@ -435,20 +445,36 @@ def run_prune_vit(command: str, world: dict) -> None:
         assert os.path.isfile(os.path.join(out, name)), name
 
 
-def run_finetune_vit(command: str, world: dict) -> None:
-    # one CPU process instead of 8 GPUs, the tiny ViT (student and teacher), one short epoch at 32x32
+def _finetune_family(command: str, world: dict, tiny: str, prune_runner: str) -> None:
+    # one CPU process instead of 8 GPUs, the tiny model (student and teacher), one short epoch at 32x32
     _check_supported(command)
     short = command.replace("--nproc_per_node=8 ", "--nproc_per_node=1 ")
-    _tiny_vit_weights(_substitute(_flag_value(command, "--teacher-path"), world))
-    proc = _run(short, world, ["--model", "vit_test_patch8_32_deploy", "--teacher-model", "vit_test_patch8_32",
+    _tiny_timm_weights(_substitute(_flag_value(command, "--teacher-path"), world), tiny)
+    proc = _run(short, world, ["--model", tiny + "_deploy", "--teacher-model", tiny,
                                "--epochs", "1", "--input-size", "32", "--batch-size", "2", *CPU])
     _assert_reduction(proc.stdout, r"deploy model: .* FLOPs reduction ([\d.]+)%",
-                      float(_flag_value(readme_command("prune_vit"), "--pruning_flops_percentage")))
+                      float(_flag_value(readme_command(prune_runner), "--pruning_flops_percentage")))
     out = _substitute(_flag_value(command, "--output_dir"), world)
     assert os.path.isfile(os.path.join(out, "checkpoint.pth"))
     logged = _epochs_logged(out)
     assert [e["epoch"] for e in logged] == [0]
     _assert_accuracy(logged[0]["test_acc1"])
+
+
+def run_prune_vit(command: str, world: dict) -> None:
+    _prune_family(command, world, "vit_test_patch8_32")
+
+
+def run_finetune_vit(command: str, world: dict) -> None:
+    _finetune_family(command, world, "vit_test_patch8_32", "prune_vit")
+
+
+def run_prune_swin(command: str, world: dict) -> None:
+    _prune_family(command, world, "swin_test_patch2_window4_32")
+
+
+def run_finetune_swin(command: str, world: dict) -> None:
+    _finetune_family(command, world, "swin_test_patch2_window4_32", "prune_swin")
 
 
 RUN: Dict[str, Callable[[str, dict], None]] = {name[4:]: fn for name, fn in globals().items()

@@ -1,17 +1,17 @@
-"""End to end on timm ViTs other than DeiT: timm weights in a `.safetensors` file -> `main.py`
+"""End to end on timm ViTs other than DeiT and on the Swin: timm weights in a `.safetensors` file -> `main.py`
 (SAViT, 50% FLOPs) -> `main_deploy.py --eval` of the physically smaller model, on the DIGITS data
 at 32x32: the first family as a user runs them (subprocesses, one thread each), the others
 meanwhile through the same entry points (and `cli_entry`) called in this process.
 
-Families: plain ViT (AugReg layout), DeiT III (no_embed_class + LayerScale) and a register ViT
-without class token (avg pool + fc_norm). Each starts from timm's own tiny model trained here
+Families: plain ViT (AugReg layout), DeiT III (no_embed_class + LayerScale), a register ViT
+without class token (avg pool + fc_norm) and the tiny Swin (4 stages, shifted windows). Each starts from timm's own tiny model trained here
 for two short epochs (above chance, so that the accuracies compared below mean something).
 Every result is checked against an independent computation: the timm model's logits, the
 FLOPs counted by ptflops on the deploy model, the accuracy recomputed from the saved weights
 (up to near-ties that round-off may flip). Which units a data-driven run prunes depends on
 the CPU's round-off: only what any mask meeting the target satisfies is asserted.
 
-A model SAViT cannot prune (Swin, EVA, ResPostBlock, parallel blocks, ...) is refused by both
+A model SAViT cannot prune (Swin V2, EVA, ResPostBlock, parallel blocks, ...) is refused by both
 entry points in one line naming --model, before any data is read.
 """
 import io
@@ -33,14 +33,13 @@ import main_deploy
 from args import data_config
 from conftest import assert_accuracy, topk_accuracy_bounds
 from datasets import DigitsDataset, build_transform
-from models import arch_of, create_model, load_pruned
+from models import arch_of, build_gated_model, create_model, load_pruned
 from models.registry import build_timm_test_model
-from models.vit_gated import GatedViT
 from pruning.flops import ptflops_macs
 from models.mask import PruneMask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = ["vit_test_patch8_32", "deit3_test_patch8_32", "vit_test_reg4_gap_patch8_32"]
+FAMILIES = ["vit_test_patch8_32", "deit3_test_patch8_32", "vit_test_reg4_gap_patch8_32", "swin_test_patch2_window4_32"]
 CHECKPOINT = "checkpoint_pruned_00.pth"
 TARGET = 0.5
 DATA = ["--data-set", "DIGITS", "--input-size", "32", "--device", "cpu", "--batch-size", "16", "--num_workers", "0"]
@@ -188,7 +187,7 @@ def test_pruning_starts_from_the_safetensors_weights_and_changes_only_gates(name
     assert sum(mask.kept_counts().values()) < sum(mask.total_counts().values())
     # the gated model with every gate open again is timm's model (logits of order 1-10)
     arch = arch_of(name, num_classes=10, img_size=32)
-    gated = GatedViT(arch)
+    gated = build_gated_model(arch)
     gated.load_state_dict({k: (torch.ones_like(v) if "gate" in k else v) for k, v in sd.items()})
     images = val_set[0][:64]
     with torch.no_grad():
@@ -229,7 +228,7 @@ def test_deploy_accuracy_equals_mask_aware_gated_accuracy(name, runs, val_set):
     images, labels = val_set
     checkpoint = os.path.join(runs[name]["out"], CHECKPOINT)
     deploy = load_pruned(checkpoint)
-    gated = GatedViT(deploy.arch, mask_aware_norm=True)
+    gated = build_gated_model(deploy.arch, mask_aware_norm=True)
     gated.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"])
     with torch.no_grad():
         logits = deploy.eval()(images)
@@ -256,7 +255,7 @@ MISSING_DATA = ["--data-set", "IMNET", "--data-path", "{tmp}/no_imagenet_here", 
                 "--output_dir", "{tmp}/out"]
 # (timm name, what the line must name)
 UNSUPPORTED = [
-    ("swin_tiny_patch4_window7_224", "SwinTransformer"),
+    ("swinv2_tiny_window8_256", "cosine attention"),
     ("eva02_tiny_patch14_224", "Eva"),
     ("vit_base_patch16_rpn_224", "ResPostBlock"),
     ("vit_small_patch16_18x2_224", "ParallelThingsBlock"),
@@ -293,12 +292,12 @@ def test_a_supported_model_with_the_same_flags_fails_on_the_data(tmp_path):
 
 @pytest.mark.e2e
 def test_unsupported_model_on_the_command_line(tmp_path):
-    name = "swin_tiny_patch4_window7_224"
+    name = "swinv2_tiny_window8_256"
     missing_data = [a.format(tmp=tmp_path) for a in MISSING_DATA]
     with ThreadPoolExecutor(2) as pool:
         jobs = [pool.submit(_run, script, ["--model", model, *missing_data], 120)
                 for script, model in (("main.py", name), ("main_deploy.py", name + "_deploy"))]
         for job in jobs:
             proc = job.result()
-            _check_refused(proc, name, "SwinTransformer", tmp_path)
+            _check_refused(proc, name, "cosine attention", tmp_path)
             assert proc.stdout == ""

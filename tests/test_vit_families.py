@@ -274,7 +274,8 @@ def test_embedding_gate_placement(name):
 # -- 6. what is (not) supported ---------------------------------------------------------------
 
 @pytest.mark.parametrize("name, what", [
-    ("swin_tiny_patch4_window7_224", "SwinTransformer"),
+    ("swinv2_tiny_window8_256", "cosine attention"),      # Swin V2 (Swin V1 is supported)
+    ("swinv2_cr_tiny_ns_224", "cosine attention"),
     ("eva02_tiny_patch14_224", "Eva"),
     ("vit_small_patch16_18x2_224", "ParallelThingsBlock"),
     ("vit_base_patch16_xp_224", "ParallelScalingBlock"),

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from utils.errors import FAILURE_HOOKS, UserError
-from utils.job_guard import JobGuard
+from utils.job_guard import BEAT_S, LOST_AFTER_S, JobGuard
 
 
 def is_dist_avail_and_initialized() -> bool:
@@ -202,14 +202,37 @@ def _store_address(dist_url: str) -> Optional[Tuple[str, int]]:
 def start_guard(dist_url: str, rank: int, world_size: int) -> JobGuard:
     """Start this rank's `JobGuard` on the job's rendezvous store (see utils/job_guard.py)."""
     global _guard
+    intervals = guard_intervals(os.environ)
     address = _store_address(dist_url)
     if address is not None:
-        _guard = JobGuard.connect(*address, rank=rank, world_size=world_size)
+        _guard = JobGuard.connect(*address, rank=rank, world_size=world_size, **intervals)
     else:  # file://: every process opens the same file
-        _guard = JobGuard(dist.FileStore(urlparse(dist_url).path, world_size), rank, world_size)
+        _guard = JobGuard(dist.FileStore(urlparse(dist_url).path, world_size), rank, world_size, **intervals)
     _guard.start()
     FAILURE_HOOKS.append(report_failure)
     return _guard
+
+
+GUARD_VARS = {"SAVIT_GUARD_BEAT_S": "beat_s", "SAVIT_GUARD_LOST_AFTER_S": "lost_after_s"}
+
+
+def guard_intervals(environ: Mapping[str, str]) -> dict:
+    """The guard's heartbeat period and lost-rank timeout from SAVIT_GUARD_BEAT_S / SAVIT_GUARD_LOST_AFTER_S,
+    where set (the defaults are utils/job_guard.py's BEAT_S, LOST_AFTER_S)."""
+    intervals = {}
+    for var, name in GUARD_VARS.items():
+        if environ.get(var, "") == "":
+            continue
+        try:
+            intervals[name] = float(environ[var])
+        except ValueError:
+            intervals[name] = -1.0
+        if not intervals[name] > 0:
+            raise UserError(f"{var}={environ[var]!r}: expected a number of seconds > 0")
+    beat, lost = intervals.get("beat_s", BEAT_S), intervals.get("lost_after_s", LOST_AFTER_S)
+    if lost <= 2 * beat:
+        raise UserError(f"SAVIT_GUARD_LOST_AFTER_S={lost:g} must be more than twice SAVIT_GUARD_BEAT_S={beat:g}")
+    return intervals
 
 
 def job_guard() -> Optional[JobGuard]:
