@@ -1,4 +1,4 @@
-"""Throughput of the pruned deploy DeiT next to the unpruned one, side by side in one run.
+"""Throughput of the pruned deploy model (DeiT, any timm ViT or Swin) next to the unpruned one, side by side in one run.
 
 For every model in `--models` and mask (`--masks` glob; default `{model}_*.json` in `--masks-dir`, made
 by `benchmarks/make_masks.py`, the hardware-aligned `*_r{N}.json` included), the unpruned and the pruned
@@ -61,7 +61,7 @@ MIN_CPU_SHARE = 0.9  # below this share of its cores the process was competing w
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(description="Deploy (pruned) vs unpruned DeiT throughput, side by side.")
+    p = Parser(description="Deploy (pruned) vs unpruned model throughput, side by side.")
     p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated DeiT names (default: T, S, B)")
     p.add_argument("--masks-dir", default=os.path.join(REPO, "logs", "masks"),
                    help="folder with {model}_*.json masks (default: logs/masks)")
@@ -400,7 +400,7 @@ def render(args: argparse.Namespace, rows: List[dict], warnings: List[str], comm
     if "torch" not in args.runtimes:
         runtimes = runtimes[1:]
     precision = "fp32" + (" and bfloat16 autocast" if args.amp else "")
-    lines = ["# Deploy (pruned) vs unpruned DeiT throughput", "",
+    lines = ["# Deploy (pruned) vs unpruned model throughput", "",
              "Command (from the repository root):", "", f"    {command}", "",
              f"- when: {started}; took {total_s:.0f} s",
              f"- device: {device_line(device, args.threads)}" + (f", malloc: {args.malloc}" if cpu else ""),

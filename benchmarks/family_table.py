@@ -41,7 +41,7 @@ FAMILIES = [
     ("pre-norm (CLIP), qk_norm (tiny)", ["vit_test_prenorm_qknorm_patch8_32"], ["vit_base_patch16_clip_224"]),
     ("Swin (V1)", ["swin_test_patch2_window4_32"],
      ["swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224", "swin_base_patch4_window7_224",
-      "swin_base_patch4_window12_384"]),
+      "swin_base_patch4_window12_384", "swin_large_patch4_window7_224", "swin_s3_tiny_224"]),
 ]
 TINY = {**TEST_CONFIGS, **SWIN_TEST_CONFIGS}
 
@@ -53,7 +53,10 @@ def randomized_timm_model(name: str, seed: int, scale: float) -> torch.nn.Module
     else:
         with torch.device("meta"):  # timm's own init is skipped: every value is overwritten
             model = timm.create_model(name, pretrained=False)
-        model = model.to_empty(device="cpu")
+        if any(True for _ in model.buffers()):  # buffers (Swin's index and shift mask) are computed: a real build
+            model = timm.create_model(name, pretrained=False)
+        else:
+            model = model.to_empty(device="cpu")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for key, p in model.named_parameters():

@@ -251,7 +251,8 @@ def swin_checkpoint(tmp_path_factory):
     return path, gated
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "exported-program"])
+@pytest.mark.parametrize("fmt", [pytest.param("onnx", marks=pytest.mark.e2e), "torchscript",
+                                 pytest.param("exported-program", marks=pytest.mark.e2e)])  # e2e: seconds each
 def test_a_pruned_swin_exports_and_runs_as_pytorch_does(swin_checkpoint, tmp_path, fmt):
     from pruning.export import main as export_main
 
