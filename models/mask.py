@@ -4,7 +4,7 @@ channels are kept, in one explicit JSON format validated on load.
 import json
 import os
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -33,6 +33,20 @@ class _MaskCommon:
     def groups(self) -> Dict[str, Tuple[List[int], List[List[int]]]]:
         """Per component: (units in each group, kept indices of each group)."""
         raise NotImplementedError
+
+    @classmethod
+    def _built(cls, d: dict, source: str, fields: Callable[[], dict]):
+        """`cls(**fields(), ...)` plus the fields both families store, validated; a missing or
+        ill-typed entry of the dict `d` is a one-line UserError."""
+        where = source or "mask"
+        try:
+            mask = cls(**fields(), model=str(d.get("model", "")), source=source,
+                       num_classes=_optional_positive(d, "num_classes", where),
+                       img_size=_optional_positive(d, "img_size", where))
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{where}: malformed mask ({type(err).__name__}: {err})")
+        mask.validate()
+        return mask
 
     @classmethod
     def load(cls, path: str, trust: bool = False):
@@ -211,17 +225,10 @@ class PruneMask(_MaskCommon):
             raise UserError(f"{where}: mask version {d.get('version')!r} is not supported (expected {MASK_VERSION})")
         if d.get("family", "vit") == "swin":
             return SwinMask.from_dict(d, source)
-        try:
-            mask = cls(embed_dim=int(d["embed_dim"]), depth=int(d["depth"]), num_heads=int(d["num_heads"]),
-                       head_dim=int(d["head_dim"]), mlp_hidden=int(d["mlp_hidden"]),
-                       heads=[[int(i) for i in b] for b in d["heads"]], mlp=[[int(i) for i in b] for b in d["mlp"]],
-                       embed=[int(i) for i in d["embed"]], model=str(d.get("model", "")), source=source,
-                       num_classes=_optional_positive(d, "num_classes", where),
-                       img_size=_optional_positive(d, "img_size", where))
-        except (KeyError, TypeError, ValueError) as err:
-            raise UserError(f"{where}: malformed mask ({type(err).__name__}: {err})")
-        mask.validate()
-        return mask
+        return cls._built(d, source, lambda: dict(
+            embed_dim=int(d["embed_dim"]), depth=int(d["depth"]), num_heads=int(d["num_heads"]),
+            head_dim=int(d["head_dim"]), mlp_hidden=int(d["mlp_hidden"]), heads=[[int(i) for i in b] for b in d["heads"]],
+            mlp=[[int(i) for i in b] for b in d["mlp"]], embed=[int(i) for i in d["embed"]]))
 
     # -- output ------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -341,24 +348,15 @@ class SwinMask(_MaskCommon):
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "") -> "SwinMask":
-        where = source or "mask"
-
         def ints(key: str) -> List[int]:
             return [int(v) for v in d[key]]
 
         def lists(key: str) -> List[List[int]]:
             return [[int(i) for i in b] for b in d[key]]
 
-        try:
-            mask = cls(depths=ints("depths"), widths=ints("widths"), num_heads=ints("num_heads"),
-                       head_dim=int(d["head_dim"]), mlp_hidden=ints("mlp_hidden"), heads=lists("heads"),
-                       mlp=lists("mlp"), embed=lists("embed"), model=str(d.get("model", "")), source=source,
-                       num_classes=_optional_positive(d, "num_classes", where),
-                       img_size=_optional_positive(d, "img_size", where))
-        except (KeyError, TypeError, ValueError) as err:
-            raise UserError(f"{where}: malformed mask ({type(err).__name__}: {err})")
-        mask.validate()
-        return mask
+        return cls._built(d, source, lambda: dict(
+            depths=ints("depths"), widths=ints("widths"), num_heads=ints("num_heads"), head_dim=int(d["head_dim"]),
+            mlp_hidden=ints("mlp_hidden"), heads=lists("heads"), mlp=lists("mlp"), embed=lists("embed")))
 
     def to_dict(self) -> dict:
         d = {"format": MASK_FORMAT, "version": MASK_VERSION, "family": self.family, "model": str(self.model),

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from models.swin_arch import SwinArch
-from models.vit_base import AttentionProjections, layer_norm
+from models.vit_base import AttentionProjections, init_linears_and_norms, layer_norm
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -155,15 +155,9 @@ class SwinBase(nn.Module):
 
     def init_weights(self) -> None:
         """timm's initialisation: truncated normal 0.02 for linears and the bias tables."""
+        init_linears_and_norms(self)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, WindowAttentionProjections):
+            if isinstance(m, WindowAttentionProjections):
                 trunc_normal_(m.relative_position_bias_table, std=0.02)
 
     @torch.jit.ignore

@@ -14,6 +14,17 @@ from timm.layers import DropPath, trunc_normal_
 from models.vit_arch import ViTArch
 
 
+def init_linears_and_norms(root: nn.Module) -> None:
+    """timm's initialisation of every Linear (truncated normal 0.02, zero bias) and LayerNorm (1, 0) in `root`."""
+    for m in root.modules():
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patches -> tokens, as timm's PatchEmbed (`proj` is the conv)."""
 
@@ -128,14 +139,7 @@ class ViTBase(nn.Module):
         for token in (self.cls_token, self.dist_token, self.reg_token):
             if token is not None:
                 trunc_normal_(token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears_and_norms(self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:

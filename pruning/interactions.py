@@ -12,7 +12,6 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 
-
 def _unit_counts(arch, hessian_embed: float) -> List[List[float]]:
     """n per block: heads n = its width, MLP n = its hidden width; embedding n = the widths of all
     blocks summed, times hessian_embed (one value). A ViT's are the same in every block."""
