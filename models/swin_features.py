@@ -10,7 +10,7 @@ resizes every image to `arch.img_size` x `arch.img_size` (torchvision's `fixed_s
 not kept; boxes are mapped back to the original image sizes in eval mode).
 
 Pruning such a detector's Swin on its own loss: `PruningScorer(DetectorLoss(detector), lambda loss,
-targets: loss, ...)`, then `pruned_detector(detector, mask)` (README, "Pruning a Swin detection backbone").
+targets: loss, ...)`, then `pruned_detector(detector, mask)` (README, "A Swin backbone in a detector, pruned on your own data").
 """
 import copy
 import math
