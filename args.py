@@ -420,6 +420,11 @@ def check_input_size(ns: argparse.Namespace, arch) -> None:
         ns.input_size = arch.img_size
     _check(ns.input_size % arch.patch_size == 0, f"--input-size {ns.input_size} is not a multiple of the patch "
                                                  f"size {arch.patch_size} of --model {ns.model}")
+    if arch.family == "swin":  # the stage grids must also fit the windows
+        try:
+            arch.with_options(img_size=ns.input_size)
+        except UserError as err:
+            raise UserError(f"--input-size {ns.input_size} does not fit --model {ns.model}: {err}") from None
 
 
 def check_common(ns: argparse.Namespace) -> None:

@@ -164,7 +164,7 @@ def run_variant(variant: str, argv) -> dict:
     """`measure` of `variant` in a fresh process (its peak RSS is its own)."""
     rc, lines, result = run_worker(__file__, [*argv, "--worker", variant], echo=print)
     if result is None:
-        raise UserError(f"variant {variant!r} failed (exit status {rc}):\n" + "\n".join(lines[-20:]))
+        raise UserError(f"variant {variant!r} failed (exit status {rc}); its output is above")
     return result
 
 

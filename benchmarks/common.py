@@ -317,8 +317,8 @@ class Runner:
             # the same process group: an interrupt of the benchmark reaches the run too
             rc, lines = run_streaming(cmd, echo=lambda line: log.write(line + "\n"), new_session=False, env=self.env)
         if rc != 0:
-            tail = "\n".join(lines)[-3000:]
-            raise UserError(f"{what} failed (exit {rc}); end of {out_dir}/run.out:\n{tail}")
+            print("\n".join(lines[-20:]), flush=True)
+            raise UserError(f"{what} failed (exit {rc}); the end of its output is above, all of it in {out_dir}/run.out")
         self.say(f"{what}: finished in {time.time() - t0:.0f} s")
 
 

@@ -14,14 +14,15 @@ from models.vit_deploy import DeployViT
 from models.vit_gated import GatedViT
 
 Tensor = torch.Tensor
+Arch = Union[ViTArch, SwinArch]  # the architecture record of either family
 
 
-def build_gated_model(arch: Union[ViTArch, SwinArch], mask_aware_norm: bool = False) -> Union[GatedViT, GatedSwin]:
+def build_gated_model(arch: Arch, mask_aware_norm: bool = False) -> Union[GatedViT, GatedSwin]:
     """The gated model (all gates 1) of `arch`, random timm-style initial weights."""
     return (GatedSwin if arch.family == "swin" else GatedViT)(arch, mask_aware_norm=mask_aware_norm)
 
 
-def build_deploy_model(arch: Union[ViTArch, SwinArch], mask: Optional[Union[PruneMask, SwinMask]] = None, *,
+def build_deploy_model(arch: Arch, mask: Optional[Union[PruneMask, SwinMask]] = None, *,
                        weights: Optional[Dict[str, Tensor]] = None,
                        structure: Optional[dict] = None) -> Union[DeployViT, DeploySwin]:
     """The deploy model of `arch` pruned by `mask`.

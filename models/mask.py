@@ -393,7 +393,9 @@ class SwinMask(_MaskCommon):
         where = self.source or "mask"
         stages = len(self.depths)
         if not (len(self.widths) == len(self.num_heads) == len(self.mlp_hidden) == stages):
-            raise UserError(f"{where}: Swin mask needs one width, head count and MLP width per stage")
+            raise UserError(f"{where}: Swin mask needs one width, head count and MLP width per stage: {stages} "
+                            f"stages, {len(self.widths)} widths, {len(self.num_heads)} head counts, "
+                            f"{len(self.mlp_hidden)} MLP widths")
         if len(self.embed) != stages:
             raise UserError(f"{where}: mask has {len(self.embed)} embed lists for {stages} stages")
         super().validate()

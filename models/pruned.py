@@ -12,11 +12,11 @@ import json
 import os
 import pickle
 from dataclasses import replace
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
-from models.build import build_deploy_model, build_gated_model
+from models.build import Arch, build_deploy_model, build_gated_model
 from models.loading import _is_gate_key, adapt_state_dict, timm_names
 from models.mask import EMBED_GATE_KEY, SWIN_EMBED_GATE_KEY, PruneMask
 from models.slicing import deploy_state_dict, deploy_swin_state_dict
@@ -24,8 +24,6 @@ from models.swin_arch import SwinArch
 from models.swin_features import SwinFeatures
 from models.vit_arch import ViTArch
 from models.vit_deploy import DeployViT
-
-Arch = Union[ViTArch, SwinArch]
 from utils import CHECKPOINT_FORMAT_VERSION, SAFETENSORS_FORMAT, UserError, check_keys, load_torch_file, state_dict_of
 
 GATE_KEYS = (EMBED_GATE_KEY, SWIN_EMBED_GATE_KEY.format(0))  # in gated weights only (the embedding gates)
@@ -88,7 +86,7 @@ def _recorded_arch(checkpoint: dict, path: str) -> Optional[Arch]:
         return None
     try:
         return (SwinArch if d.get("family") == "swin" else ViTArch).from_dict(d, f"checkpoint {path!r}")
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise UserError(f"checkpoint {path!r}: malformed 'arch' entry ({err})") from None
 
 

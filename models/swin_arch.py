@@ -49,13 +49,13 @@ class SwinArch:
         dims = {w // h for w, h in zip(self.widths, self.num_heads)}
         if any(w % h for w, h in zip(self.widths, self.num_heads)) or len(dims) != 1:
             raise UserError(f"Swin widths {self.widths} and heads {self.num_heads} do not share one head dim")
+        if self.img_size % self.patch_size or any(r % 2 for r in self.resolutions[:-1]):
+            raise UserError(f"input size {self.img_size} must be a multiple of patch size x 2^(stages-1) = "
+                            f"{self.patch_size * 2 ** (stages - 1)} (patch merging halves the grid)")
         for s, (res, window) in enumerate(zip(self.resolutions, self.window_sizes)):
             if res % self.stage_window(s):
                 raise UserError(f"input size {self.img_size} gives stage {s} a {res}x{res} grid, not a multiple "
                                 f"of its window {window} (choose an input size where every stage's grid is)")
-        if self.img_size % self.patch_size or any(r % 2 for r in self.resolutions[:-1]):
-            raise UserError(f"input size {self.img_size} must be a multiple of patch size x 2^(stages-1) = "
-                            f"{self.patch_size * 2 ** (stages - 1)} (patch merging halves the grid)")
 
     # -- derived shapes ----------------------------------------------------------
     @property
@@ -68,12 +68,8 @@ class SwinArch:
         return self.widths[0] // self.num_heads[0]
 
     @property
-    def embed_dim(self) -> int:
+    def embed_dim(self) -> int:  # timm's name for the first stage's width
         return self.widths[0]
-
-    @property
-    def num_features(self) -> int:
-        return self.widths[-1]
 
     @property
     def resolutions(self) -> List[int]:
@@ -163,6 +159,8 @@ def _check_stage(s: int, stage: nn.Module, refuse) -> None:
             raise refuse(f"{where} is a {type(block).__name__}, not timm's SwinTransformerBlock")
         if type(block.mlp) is not Mlp or type(block.mlp.act) is not nn.GELU or block.mlp.act.approximate != "none":
             raise refuse(f"{where} MLP is not timm's Mlp with exact GELU")
+        if block.attn.qkv.out_features != 3 * block.norm1.normalized_shape[0]:
+            raise refuse(f"{where} has a head dim other than its width / heads (timm's head_dim=)")
         if getattr(block, "always_partition", False) or getattr(block, "dynamic_mask", False):
             raise refuse(f"{where} uses always_partition or dynamic masks")
 
@@ -182,7 +180,9 @@ def swin_arch_from_timm(model: nn.Module, name: str) -> SwinArch:
     for s, stage in enumerate(stages):
         _check_stage(s, stage, refuse)
     first = [stage.blocks[0] for stage in stages]
-    norms = [model.norm] + [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    norms = [model.norm] + [m for stage in stages for b in stage.blocks for m in (b.norm1, b.norm2)]
+    norms += [stage.downsample.norm for stage in stages[1:]]
+    norms += [] if isinstance(model.patch_embed.norm, nn.Identity) else [model.patch_embed.norm]
     if not all(type(m) is nn.LayerNorm and m.elementwise_affine and m.bias is not None for m in norms):
         raise refuse("a norm other than an affine LayerNorm with bias")
     eps = {m.eps for m in norms}

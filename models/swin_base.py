@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from models.swin_arch import SwinArch
-from models.vit_base import AttentionProjections, init_linears_and_norms, layer_norm
+from models.vit_base import AttentionProjections, explicit_attention, init_linears_and_norms, layer_norm
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -193,8 +193,7 @@ def scaled_dot_attention(q, k, v, bias: torch.Tensor, dropout: float = 0.0) -> t
     """softmax(q k^T / sqrt(d) + bias) v: fused, except while torch.export traces it (its ONNX
     decomposition of SDPA with an additive mask fails on the window batch), where it is written out."""
     if _is_compiling():
-        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + bias.to(q.dtype)
-        return F.dropout(attn.softmax(dim=-1), dropout) @ v
+        return explicit_attention(q, k, v, q.shape[-1] ** -0.5, lambda a: F.dropout(a, dropout), bias.to(q.dtype))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout)
 
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 from models.swin_arch import SwinArch
 from models.swin_base import (PatchMerging, SwinBase, SwinStage, WindowAttentionProjections, block_layout,
                               merge_neighbours, scaled_dot_attention, shift_mask, windowed)
-from models.vit_base import layer_norm, optional_drop_path, stochastic_depth_rates
+from models.vit_base import explicit_attention, layer_norm, optional_drop_path, stochastic_depth_rates
 from models.vit_gated import Gate, GatedMlp, layer_norm_over_kept
 
 
@@ -33,7 +33,7 @@ class GatedWindowAttention(WindowAttentionProjections):
         q, k, v = self.heads_qkv(x)
         bias = self.logits_bias(x.shape[0], mask)
         if torch.is_grad_enabled():  # explicit form: twice differentiable, for the gate Hessian
-            out = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)) @ v
+            out = explicit_attention(q, k, v, self.scale, self.attn_drop, bias)
         else:
             out = scaled_dot_attention(q, k, v, bias, self.attn_drop.p if self.training else 0.0)
         return self.project(self.attn_gate(out))

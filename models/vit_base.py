@@ -5,7 +5,7 @@ Parameter names follow timm's `VisionTransformer` / `VisionTransformerDistilled`
 `blocks.N.*`, `norm`, `fc_norm`, `head`, `head_dist`) so that timm and official DeiT
 checkpoints load unchanged.
 """
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,16 @@ def init_linears_and_norms(root: nn.Module) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                       dropout: Callable[[torch.Tensor], torch.Tensor], bias: Optional[torch.Tensor] = None):
+    """softmax(q k^T * scale (+ bias)) v written out: twice differentiable (the gate Hessian needs
+    it; SDPA's backward is not), and exportable where SDPA with an additive mask is not."""
+    attn = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        attn = attn + bias
+    return dropout(attn.softmax(dim=-1)) @ v
+
 
 class PatchEmbed(nn.Module):
     """Non-overlapping patches -> tokens, as timm's PatchEmbed (`proj` is the conv)."""

@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.vit_arch import ViTArch
-from models.vit_base import AttentionProjections, ViTBase, layer_norm, optional_drop_path, optional_layer_scale, stochastic_depth_rates
+from models.vit_base import (AttentionProjections, ViTBase, explicit_attention, layer_norm, optional_drop_path,
+                             optional_layer_scale, stochastic_depth_rates)
 
 
 class Gate(nn.Module):
@@ -66,9 +67,7 @@ class GatedAttention(AttentionProjections):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.heads_qkv(x)
         if torch.is_grad_enabled():
-            # explicit form: twice differentiable, needed for the gate Hessian
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            out = self.attn_drop(attn.softmax(dim=-1)) @ v
+            out = explicit_attention(q, k, v, self.scale, self.attn_drop)
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
         return self.project(self.attn_gate(out))  # (B, heads, N, head_dim): one gate per head

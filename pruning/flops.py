@@ -31,15 +31,13 @@ import torch
 from models.swin_arch import SwinArch
 from models.swin_base import ClassifierHead, block_layout
 from models.swin_deploy import WindowAttentionCore, merge_bias_stages
-from models.vit_arch import ViTArch
-from models import arch_of, build_deploy_model, gated_name_of
+from models import Arch, arch_of, build_deploy_model, gated_name_of
 from models.vit_base import LayerScale, TokenPool
 from models.vit_deploy import AttentionCore
 from models.mask import PruneMask, SwinMask
 from utils import Parser, UserError, cli_entry, error_line, option_flags
 
 
-Arch = Union[ViTArch, SwinArch]
 Width = Optional[Union[int, List[int]]]  # a ViT's width, or a Swin's width per stage
 
 

@@ -9,6 +9,7 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
+from models.build import Arch
 from models.mask import PruneMask
 from pruning.evolution import CHILDREN, GENERATIONS, POPULATION, evolution_search, interaction_matrix, objective
 from pruning.flops import analytic_macs, mask_macs
@@ -20,7 +21,6 @@ from utils import UserError
 ACCEPT_TOLERANCE = 0.005  # |achieved - target| of the final mask (absolute fraction of MACs)
 LAYER_CHOICES = {0: "heads", 1: "mlp", 2: "embed", 3: "all"}
 Counts = Dict[str, int]
-Arch = object  # a models.ViTArch or models.SwinArch
 Move = Callable[[int, int, int], Optional[str]]  # (k_head, k_embed, direction) -> component to move, or None
 
 
@@ -68,10 +68,10 @@ def check_round_to(arch: Arch, round_to) -> None:
     """Raise `UserError` unless `round_to` is a positive integer dividing the embedding and MLP widths."""
     if isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer)) or round_to < 1:
         raise UserError(f"must be a positive integer (1: no rounding), got {round_to!r}", field="round_to")
-    if arch.family == "swin" and round_to > 1:
-        raise UserError("is not supported for Swin models yet (their stage widths are cut by one order); use 1",
-                        field="round_to")
     if arch.family == "swin":
+        if round_to > 1:
+            raise UserError("is not supported for Swin models yet (their stage widths are cut by one order); use 1",
+                            field="round_to")
         return
     for what, width in (("embedding width", arch.embed_dim), ("MLP width", arch.mlp_hidden)):
         if round_to > width:
@@ -90,13 +90,20 @@ def _aligned_max_prunable(arch: Arch, protect: bool, round_to: int) -> Dict[str,
     return limit
 
 
-def _spread(total: int, sizes: list) -> list:
-    """Units kept per group when `total` units of the groups go, spread over them in proportion to
-    their sizes (equal groups: evenly, the first groups one more)."""
+def _spread(total: int, sizes: list, limits: list) -> list:
+    """Units kept per group when `total` units of the groups go: in proportion to the group sizes
+    (equal groups: evenly, the first groups one more), none beyond its group's prunable `limits`
+    (what a group cannot take goes to the first groups with room)."""
     whole = sum(sizes)
-    pruned = [total * n // whole for n in sizes]
-    for i in range(total - sum(pruned)):
-        pruned[i] += 1
+    pruned = [min(total * n // whole, limit) for n, limit in zip(sizes, limits)]
+    left = total - sum(pruned)
+    while left > 0:
+        room = [i for i, (p, limit) in enumerate(zip(pruned, limits)) if p < limit][:left]
+        if not room:
+            break
+        for i in room:
+            pruned[i] += 1
+        left -= len(room)
     return [n - p for n, p in zip(sizes, pruned)]
 
 
@@ -105,15 +112,16 @@ def structure_macs(arch: Arch, width: list, heads: list, hidden: list) -> int:
     return analytic_macs(arch, width if arch.family == "swin" else width[0], heads, hidden)["total"]
 
 
-def _even_macs(arch: Arch, k: Mapping[str, int]) -> int:
-    """Exact MACs when the k pruned units of each component are spread evenly over its groups (for a
-    ViT the count only depends on the per-block totals: the same for any spread that empties no block)."""
-    sizes = group_sizes(arch)
-    return structure_macs(arch, *(_spread(k.get(c, 0), sizes[c]) for c in ("embed", "heads", "mlp")))
+def _even_macs(arch: Arch, k: Mapping[str, int], protect: bool = True) -> int:
+    """Exact MACs when the k pruned units of each component are spread evenly over its groups, each
+    within what protection lets it lose (for a ViT the count only depends on the per-block totals:
+    the same for any spread that empties no block)."""
+    sizes, limits = group_sizes(arch), group_limits(arch, protect)
+    return structure_macs(arch, *(_spread(k.get(c, 0), sizes[c], limits[c]) for c in ("embed", "heads", "mlp")))
 
 
-def _even_reduction(arch: Arch, k: Mapping[str, int]) -> float:
-    return 1.0 - _even_macs(arch, k) / analytic_macs(arch)["total"]
+def _even_reduction(arch: Arch, k: Mapping[str, int], protect: bool = True) -> float:
+    return 1.0 - _even_macs(arch, k, protect) / analytic_macs(arch)["total"]
 
 
 def check_target_reachable(arch: Arch, target: float, layers: int = 3, protect: bool = True,
@@ -139,7 +147,7 @@ def check_target_reachable(arch: Arch, target: float, layers: int = 3, protect: 
     allowed = COMPONENTS if layers == 3 else (COMPONENTS[layers],)
     limit = max_prunable(arch, protect) if round_to == 1 else _aligned_max_prunable(arch, protect, round_to)
     k_max = {c: limit[c] for c in allowed}
-    best = _even_reduction(arch, k_max)
+    best = _even_reduction(arch, k_max, protect)
     what = "all components" if layers == 3 else f"the {LAYER_CHOICES[layers]} alone"
     if best < target - ACCEPT_TOLERANCE:
         raise UserError(f"{target} is unreachable with --pruning_layers {layers}: pruning everything "
@@ -148,7 +156,7 @@ def check_target_reachable(arch: Arch, target: float, layers: int = 3, protect: 
     if layers in (0, 2):  # coarse units: is some count close enough?
         c = allowed[0]
         step = round_to if c == "embed" else 1
-        reductions = np.array([_even_reduction(arch, {c: k}) for k in range(0, limit[c] + 1, step)])
+        reductions = np.array([_even_reduction(arch, {c: k}, protect) for k in range(0, limit[c] + 1, step)])
         closest = reductions[np.argmin(np.abs(reductions - target))]
         if abs(closest - target) > ACCEPT_TOLERANCE:
             raise UserError(f"{target} cannot be met within 0.5% with --pruning_layers {layers}: pruning {c} "

@@ -76,6 +76,8 @@ def normalize_by_layer(criteria: Mapping[str, torch.Tensor], norm_type: int, arc
     """
     if norm_type not in (1, 2):
         raise UserError(f"must be 1 (L1) or 2 (L2), got {norm_type!r}", field="pruning_normalize_type")
+    if arch is None and any(torch.as_tensor(criteria[c]).dim() == 1 for c in ("heads", "mlp") if c in criteria):
+        raise ValueError("flat (Swin) criteria need the `arch` that says where their groups begin")
     sizes = group_sizes(arch) if arch is not None and arch.family == "swin" else None
     out = {}
     for name, value in criteria.items():

@@ -129,7 +129,8 @@ def test_flops_command_on_swin_tiny(capsys):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--model", TINY, "--input-size", "36"], ["--input-size 36", "18x18", "window 4"]),
+    (["--model", TINY, "--input-size", "48"], ["--input-size 48", "6x6", "window 4"]),
+    (["--model", TINY, "--input-size", "36"], ["--input-size 36", "2^(stages-1) = 16"]),
     (["--model", TINY, "--input-size", "31"], ["--input-size", "patch size 2", "got 31"]),
 ])
 def test_flops_command_swin_input_size(argv, words, capsys):

@@ -1,6 +1,7 @@
 """The Swin family: gated (all gates 1) == timm's SwinTransformer, deploy == gated with mask-aware
 norms, the mask, the architecture read from timm's names, and timm / official weight files.
 Random weights; one full-size forward per required name (marked slow)."""
+import argparse
 import json
 
 import pytest
@@ -57,13 +58,26 @@ def test_tiny_layout_clamps_windows_as_timm_does():
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(img_size=200), ["input size 200", "window 7"]),
+    (dict(img_size=200), ["input size 200", "2^(stages-1) = 32"]),  # a 25x25 stage-1 grid cannot be merged
+    (dict(img_size=256), ["input size 256", "64x64 grid", "window 7"]),
     (dict(img_size=240), ["input size 240", "stage"]),
 ])
 def test_input_sizes_that_break_the_windows_are_one_line_errors(kwargs, words):
     with pytest.raises(UserError) as err:
         arch_of("swin_tiny_patch4_window7_224", **kwargs)
     assert "\n" not in str(err.value) and all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_the_input_size_flag_is_checked_against_the_windows_before_any_run():
+    from args import check_input_size
+
+    ns = argparse.Namespace(model="swin_tiny_patch4_window7_224", input_size=256)
+    with pytest.raises(UserError) as err:
+        check_input_size(ns, arch_of(ns.model))
+    assert str(err.value).startswith("--input-size 256 does not fit --model swin_tiny_patch4_window7_224: ")
+    ns.input_size = None
+    check_input_size(ns, arch_of(ns.model))
+    assert ns.input_size == 224
 
 
 def test_swin_v2_is_refused_naming_what_is_missing():

@@ -15,10 +15,11 @@ from torch.func import functional_call
 from models import arch_of, create_model
 from pruning import scoring
 from pruning.interactions import BlockDraw
-from pruning.mask import criteria_shapes
+from pruning.flops import mask_macs
+from pruning.mask import criteria_shapes, group_sizes
 from pruning.scoring import PruningScorer
-from pruning.search import SearchOptions, prune
-from pruning.selection import mask_from_counts, max_prunable
+from pruning.search import SearchOptions, check_target_reachable, prune
+from pruning.selection import mask_from_counts, max_prunable, normalize_by_layer
 from conftest import randomize_
 from utils import UserError
 
@@ -370,3 +371,27 @@ def test_embedding_only_search_meets_its_target(target):
     assert abs(achieved - target) <= 0.005
     assert report["achieved_reduction"] == pytest.approx(achieved, abs=1e-12)
     assert all(w >= p for w, p in zip(kept_widths(mask), PROTECTED)) and sum(kept_widths(mask)) < sum(WIDTHS)
+
+
+@pytest.mark.parametrize("norm_type", [1, 2])
+def test_normalize_by_layer_normalises_each_block_and_stage_of_flat_criteria(norm_type):
+    arch = arch_of(NAME)
+    crit = swin_criteria(arch, seed=4)
+    out = normalize_by_layer(crit, norm_type, arch)
+    for c, sizes in group_sizes(arch).items():
+        for group in out[c].split(sizes):  # every block (heads, MLP) and every stage (embedding): norm 1
+            assert float(group.abs().sum() if norm_type == 1 else group.pow(2).sum().sqrt()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="need the `arch`"):
+        normalize_by_layer(crit, norm_type)
+
+
+def test_largest_reachable_reduction_is_the_one_of_every_group_at_its_limit():
+    """A heads-only target: what check_target_reachable calls reachable is what the mask pruning every
+    prunable head (each block keeping its protected ones) removes, exactly."""
+    arch = arch_of("swin_tiny_patch4_window7_224")
+    best = check_target_reachable(arch, 0.05, layers=0)
+    scores = {c: torch.rand(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+              for c, shape in criteria_shapes(arch).items()}
+    mask = mask_from_counts(scores, arch, {"heads": max_prunable(arch)["heads"], "mlp": 0, "embed": 0})
+    assert best == pytest.approx(1 - mask_macs(arch, mask)["total"] / mask_macs(arch)["total"], abs=1e-12)
+    assert all(len(h) >= 1 for h in mask.heads)  # protection keeps a head in every block
