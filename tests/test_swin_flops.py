@@ -7,10 +7,9 @@ import pytest
 
 from models import DeploySwin, arch_of
 from models.swin_deploy import merge_bias_stages
-from pruning import flops
 from pruning.flops import analytic_macs, mask_macs, mask_param_parts, mask_params, ptflops_macs
 from conftest import MASK_CASES, mask_case, one_error_line, random_subset_mask
-from utils import cli_entry
+from test_flops import run_main  # the command's entry, as `__main__` calls it
 
 TINY = "swin_test_patch2_window4_32"
 FULL_SIZE = ["swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224", "swin_base_patch4_window7_224",
@@ -94,17 +93,6 @@ def test_unpruned_totals_match_the_paper(name, gflops, mparams):
 
 
 # -- the command ---------------------------------------------------------------------------------------------
-
-def run_main(capsys, *argv: str):
-    """(exit status, stdout, stderr) of the command's entry, as `__main__` calls it."""
-    try:
-        cli_entry(flops._main)(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
 
 def test_flops_command_on_a_swin_mask(tmp_path, capsys):
     arch = arch_of(TINY)
