@@ -292,6 +292,16 @@ def add_pruning_args(parser: argparse.ArgumentParser) -> None:
                    help="never prune the top 5%% units of each block and component (default: on)")
     g.add_argument("--no_pruning_protect", action="store_false", dest="pruning_protect", help=argparse.SUPPRESS)
     g.add_argument("--pruning_silent", action="store_true", help="no per-block listing in the output")
+    g.add_argument("--compensate", default="none", choices=["none", "bias", "ls"],
+                   help="after the search, refit the kept weights in closed form on calibration batches: bias "
+                        "(removed units' mean into the output bias) or ls (ridge refit of attn.proj and mlp.fc2, "
+                        "block by block; docs/METHOD.md section 5.1). Default: none")
+    g.add_argument("--compensation_batches", type=positive_int, default=16,
+                   help="calibration batches of --batch-size for --compensate: the first of the pruning pass's "
+                        "permutation, without augmentation (default: 16)")
+    g.add_argument("--compensation_ridge", type=non_negative_float, default=1e-2,
+                   help="--compensate ls: ridge, relative to the mean second moment of the kept inputs "
+                        "(default: 0.01)")
     g.add_argument("--mask_aware_norm", action="store_true",
                    help="with --eval: LayerNorm statistics over the kept embedding channels only (the exact "
                         "pruned network); default is the reference's LayerNorm over all channels")
@@ -508,6 +518,9 @@ class PruneConfig:
     silent: bool
     mask_aware_norm: bool
     search: SearchOptions
+    compensate: str = "none"
+    compensation_batches: int = 16
+    compensation_ridge: float = 1e-2
 
     @property
     def flops_percentage(self) -> float:
@@ -558,7 +571,9 @@ def prune_config(ns) -> PruneConfig:
                        hessian_estimator=ns.hessian_estimator, hessian_blocks=ns.hessian_blocks,
                        micro_batch=ns.pruning_micro_batch, pickle_from=ns.pruning_pickle_from,
                        normalize_by_layer=ns.pruning_normalize_by_layer, normalize_type=ns.pruning_normalize_type,
-                       silent=ns.pruning_silent, mask_aware_norm=ns.mask_aware_norm, search=search)
+                       silent=ns.pruning_silent, mask_aware_norm=ns.mask_aware_norm, search=search,
+                       compensate=ns.compensate, compensation_batches=ns.compensation_batches,
+                       compensation_ridge=ns.compensation_ridge)
 
 
 def train_config(ns, world_size: int, start_epoch: Optional[int] = None) -> Tuple[TrainConfig, List[str]]:

@@ -279,7 +279,8 @@ def _cifar100(data_path: str, is_train: bool, transform: Callable):
                         f"nothing is downloaded)", field="data_path") from None
 
 
-def build_dataset(is_train: bool, cfg: DataConfig, what: Optional[str] = None) -> Tuple[Dataset, int]:
+def build_dataset(is_train: bool, cfg: DataConfig, what: Optional[str] = None,
+                  augment: Optional[bool] = None) -> Tuple[Dataset, int]:
     """The training or validation set named by `--data-set`, with DeiT's transforms.
 
     Args:
@@ -294,8 +295,10 @@ def build_dataset(is_train: bool, cfg: DataConfig, what: Optional[str] = None) -
     Raises:
         UserError: missing or empty folders or files, naming them (and, when read, an
             unreadable image).
+        augment: training transforms (default: `is_train`); False gives the training split with
+            the evaluation transform (compensation's calibration images).
     """
-    transform = build_transform(is_train, cfg)
+    transform = build_transform(is_train if augment is None else augment, cfg)
     what = what or ("training set" if is_train else "validation set")
     name = cfg.data_set
     if name == "IMNET":

@@ -26,6 +26,7 @@ from engine import evaluate
 from losses import build_base_criterion
 from models import PruneMask, ViTArch, arch_of, build_deploy_model, build_gated_model, is_deploy_name
 from models.loading import load_pretrained
+from pruning.compensate import compensate
 from pruning.feed import feed_batches
 from pruning.flops import format_table, mask_macs, mask_params, ptflops_macs
 from pruning.scoring import PruningScorer, all_reduce_state
@@ -147,6 +148,29 @@ def copy_pickles(src: str, dst: str, method: int) -> list:
     return copied
 
 
+def compensate_kept_weights(cfg: PruneRun, model, mask, report: dict, log) -> None:
+    """--compensate: refit the kept weights of the gated model (mask applied) on calibration batches,
+    the first --compensation_batches of the pass's permutation without augmentation; every rank
+    takes its share and the moments are all-reduced. Records what was done in `report`."""
+    prune_cfg, data = cfg.prune, cfg.data
+    calibration, _ = build_dataset(True, data, what="training set (compensation's calibration images)",
+                                   augment=False)
+    batches, mine, total = feed_batches(calibration, data.batch_size, 1.0, cfg.run.seed, cfg.dist.rank,
+                                        cfg.dist.world_size, None, data.num_workers, data.pin_memory,
+                                        count=prune_cfg.compensation_batches)
+    images = [x for x, _ in batches]
+    log(f"compensation {prune_cfg.compensate}: {total} calibration batches of {data.batch_size} "
+        f"({mine} on this process), no augmentation")
+    mask.apply_to(model)
+    start = time.time()
+    layers = compensate(model, images, prune_cfg.compensate, prune_cfg.compensation_ridge, log=log)
+    seconds = time.time() - start
+    report["compensation"] = {"method": prune_cfg.compensate, "batches": total, "images": total * data.batch_size,
+                              "ridge": prune_cfg.compensation_ridge if prune_cfg.compensate == "ls" else None,
+                              "seconds": seconds, "layers": layers}
+    log(f"compensation {prune_cfg.compensate} done in {seconds:.1f} s ({len(layers)} layers refit)")
+
+
 def write_outputs(cfg: PruneRun, model, mask, report, criteria, interactions, log) -> None:
     """Rank 0: pickles, mask JSON, report, and the gated checkpoint with 0/1 gates (all atomic).
 
@@ -165,7 +189,10 @@ def write_outputs(cfg: PruneRun, model, mask, report, criteria, interactions, lo
     atomic_write_json(report, os.path.join(out, REPORT_NAME))
     mask.apply_to(model)
     model.normalization = dict(zip(("mean", "std"), mean_std(cfg.data.inception_mean_std)))
-    atomic_torch_save(model_checkpoint(model, mask, cfg.record), os.path.join(out, CHECKPOINT_NAME))
+    checkpoint = model_checkpoint(model, mask, cfg.record)
+    if "compensation" in report:  # which refit the kept weights carry (pruning/compensate.py)
+        checkpoint["compensation"] = {k: v for k, v in report["compensation"].items() if k != "layers"}
+    atomic_torch_save(checkpoint, os.path.join(out, CHECKPOINT_NAME))
     log(f"wrote {os.path.join(out, CHECKPOINT_NAME)} (gated model, 0/1 gates) and {os.path.join(out, MASK_NAME)}")
 
 
@@ -188,6 +215,8 @@ def run_pruning(cfg: PruneRun, model, dataset_train, num_classes, device, log, p
         log(line)
     for line in format_table(arch, mask):
         log(line)
+    if prune_cfg.compensate != "none":  # every rank: the moments are all-reduced
+        compensate_kept_weights(cfg, model, mask, report, log)
     if not is_main_process():  # the count (a forward pass of the deploy model) and the outputs are rank 0's
         return
     deploy = build_deploy_model(arch, mask)

@@ -48,7 +48,7 @@ def num_feed_batches(dataset_size: int, batch_size: int, feed_percent: float) ->
 
 def feed_batches(dataset: Dataset, batch_size: int, feed_percent: float, seed: int, rank: int = 0,
                  world_size: int = 1, mixup_fn: Optional[Callable] = None, num_workers: int = 0,
-                 pin_memory: bool = False) -> Tuple[Iterator, int, int]:
+                 pin_memory: bool = False, count: Optional[int] = None) -> Tuple[Iterator, int, int]:
     """This rank's share of the pruning-pass batches.
 
     Args:
@@ -61,11 +61,14 @@ def feed_batches(dataset: Dataset, batch_size: int, feed_percent: float, seed: i
         mixup_fn: timm `Mixup` or None.
         num_workers: data-loading workers.
         pin_memory: pin host memory.
+        count: the first `count` global batches of the permutation instead of `feed_percent` of them.
 
     Returns:
         (iterator of (images, targets), number of batches of this rank, total number of batches).
     """
     total = num_feed_batches(len(dataset), batch_size, feed_percent)
+    if count is not None:
+        total = min(count, num_feed_batches(len(dataset), batch_size, 1.0))
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     mine = list(range(rank, total, world_size))
     batch_indices: List[List[int]] = [order[k * batch_size:(k + 1) * batch_size] for k in mine]
