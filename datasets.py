@@ -288,6 +288,8 @@ def build_dataset(is_train: bool, cfg: DataConfig, what: Optional[str] = None,
         cfg: the data set, its path and the transforms' settings.
         what: how an unreadable image's error names the set (default "training set" /
             "validation set").
+        augment: training transforms (default: `is_train`); False gives the training split with
+            the evaluation transform (compensation's calibration images).
 
     Returns:
         `(dataset, num_classes)`; for IMNET the class count is that of train/.
@@ -295,8 +297,6 @@ def build_dataset(is_train: bool, cfg: DataConfig, what: Optional[str] = None,
     Raises:
         UserError: missing or empty folders or files, naming them (and, when read, an
             unreadable image).
-        augment: training transforms (default: `is_train`); False gives the training split with
-            the evaluation transform (compensation's calibration images).
     """
     transform = build_transform(is_train if augment is None else augment, cfg)
     what = what or ("training set" if is_train else "validation set")

@@ -66,9 +66,8 @@ def feed_batches(dataset: Dataset, batch_size: int, feed_percent: float, seed: i
     Returns:
         (iterator of (images, targets), number of batches of this rank, total number of batches).
     """
-    total = num_feed_batches(len(dataset), batch_size, feed_percent)
-    if count is not None:
-        total = min(count, num_feed_batches(len(dataset), batch_size, 1.0))
+    total = (num_feed_batches(len(dataset), batch_size, feed_percent) if count is None
+             else min(count, num_feed_batches(len(dataset), batch_size, 1.0)))
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     mine = list(range(rank, total, world_size))
     batch_indices: List[List[int]] = [order[k * batch_size:(k + 1) * batch_size] for k in mine]
